@@ -22,6 +22,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -165,7 +166,7 @@ class Sim:
 
 def start_simulator(args: argparse.Namespace, tmp: Path, count: int, latency_ms: int = 0) -> Sim:
     first = loadlib.free_port_range(count)
-    argv = [loadlib.venv_bin("dlms2amqp-sim"), "-p", str(first), "-N", str(count)]
+    argv = shlex.split(args.sim_cmd) + ["-p", str(first), "-N", str(count)]
     argv += ["-i", "HDLC" if args.hdlc else "WRAPPER", "-t", "Error"]
     if args.sim_procs > 1:
         argv += ["--procs", str(args.sim_procs)]
@@ -289,7 +290,7 @@ def run_daemon_scenario(
     try:
         daemon = loadlib.start_child(
             "daemon",
-            [loadlib.venv_bin("dlms2amqpd"), "-c", str(cfg_path)],
+            [*shlex.split(args.daemon_cmd), "-c", str(cfg_path)],
             tmp / f"daemon-{tag}.out",
         )
         wait_consuming(daemon, cfg["InQueue"], cfg["OutQueue"])
@@ -323,8 +324,9 @@ def run_daemon_scenario(
             collector.stop()
         if daemon is not None:
             rc = daemon.stop()
-            if rc not in (0, None, -15):
-                st.errors.append(f"daemon exited with {rc}: {daemon.log_tail(600)}")
+            st.config["daemon_exit"] = rc
+            if rc != 0:
+                log(f"[{name}] daemon exited with {rc} after SIGTERM: {daemon.log_tail(600)}")
         with contextlib.suppress(Exception):
             loadlib.delete_queues(queues + dead_letter_names(cfg), dead_letter_exchanges(cfg))
 
@@ -698,7 +700,7 @@ def chart(path: Path, runs: dict[str, RunStats]) -> Optional[str]:
         bins = [0] * end
         for t in s.reply_times:
             bins[min(end - 1, int(t))] += 1
-        ax1.plot(range(end), bins, label=name, drawstyle="steps-post")
+        ax1.stairs(bins, range(end + 1), label=name)
         if s.latencies:
             ax2.hist(s.latencies, bins=50, histtype="step", label=name)
     ax1.set_xlabel("seconds since first send")
@@ -744,6 +746,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         type=float,
         default=60.0,
         help="daemon IdleSessionTimeout for the main run and pool-on",
+    )
+    p.add_argument(
+        "--sim-cmd",
+        default=loadlib.venv_bin("dlms2amqp-sim"),
+        help="simulator command (default: dlms2amqp-sim beside this Python)",
+    )
+    p.add_argument(
+        "--daemon-cmd",
+        default=loadlib.venv_bin("dlms2amqpd"),
+        help="daemon command (default: dlms2amqpd beside this Python)",
     )
     p.add_argument("--sim-procs", type=int, default=1, help="simulator --procs")
     p.add_argument("--baseline-meters", type=int, default=200)

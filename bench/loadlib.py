@@ -246,8 +246,9 @@ class Child:
     def stop(self, grace: float = 15.0) -> Optional[int]:
         """Stop the whole process group; returns the exit code."""
         if self.proc.poll() is None:
+            # the master stops its own children; the group is killed only if it does not
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                os.kill(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
