@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -205,6 +206,66 @@ def daemon_config(
     }
 
 
+def start_profiler(
+    args: argparse.Namespace, tmp: Path, name: str, daemon: Child
+) -> Optional[tuple[Child, Path]]:
+    """py-spy on the daemon and its workers during the main run (``--profile SECONDS``).
+
+    Sampling costs CPU of its own: figures of a profiled run are perturbed, use it to see
+    where the time goes, not for the targets.
+    """
+    if not args.profile or name != "main":
+        return None
+    spy_bin = loadlib.venv_bin("py-spy")
+    if not shutil.which(spy_bin):
+        log("py-spy not found: pip install py-spy (no profile)")
+        return None
+    out = tmp / "profile.txt"
+    argv = [spy_bin, "record", "--subprocesses", "--nonblocking", "-r", "50", "-f", "raw"]
+    argv += ["-d", str(int(args.profile)), "-p", str(daemon.pid), "-o", str(out)]
+    time.sleep(2.0)  # let the workers start reading
+    return loadlib.start_child("py-spy", argv, tmp / "py-spy.log"), out
+
+
+def finish_profiler(args: argparse.Namespace, spy: tuple[Child, Path]) -> dict[str, Any]:
+    """Stop py-spy, keep its collapsed stacks and return the top functions (self and total)."""
+    child, out = spy
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.proc.wait(max(5.0, args.profile + 10.0))
+    child.stop()
+    if not out.exists():
+        return {"error": child.log_tail(500)}
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    kept = args.results_dir / f"profile-{time.strftime('%Y%m%dT%H%M%S')}.txt"
+    shutil.copy(out, kept)
+    self_n: dict[str, int] = {}
+    total_n: dict[str, int] = {}
+    samples = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f for f in stack.split(";") if "(" in f]
+        if not frames:
+            continue
+        samples += n
+        self_n[frames[-1]] = self_n.get(frames[-1], 0) + n
+        for f in set(frames):
+            total_n[f] = total_n.get(f, 0) + n
+    top = sorted(self_n.items(), key=lambda kv: -kv[1])[:20]
+    top_total = sorted(total_n.items(), key=lambda kv: -kv[1])[:40]
+    log(f"profile: {samples} samples, collapsed stacks in {kept}; top self time:")
+    for f, n in top[:15]:
+        log(f"  {100.0 * n / samples:5.1f} %  {f}")
+    return {
+        "samples": samples,
+        "stacks": str(kept),
+        "top_self": [(f, round(100.0 * n / samples, 1)) for f, n in top],
+        "top_total": [(f, round(100.0 * n / samples, 1)) for f, n in top_total],
+    }
+
+
 def scrape_metrics(port: int) -> dict[str, float]:
     """The daemon's counters worth keeping (summed over labels); empty when unreachable."""
     try:
@@ -287,6 +348,7 @@ def run_daemon_scenario(
     daemon: Optional[Child] = None
     collector: Optional[loadlib.Collector] = None
     publisher: Optional[loadlib.Publisher] = None
+    spy: Optional[tuple[Child, Path]] = None
     try:
         daemon = loadlib.start_child(
             "daemon",
@@ -309,15 +371,20 @@ def run_daemon_scenario(
             publisher = loadlib.Publisher(cfg["InQueue"], messages, on_sent, rate=args.rate)
             t_first = time.monotonic()
             publisher.start()
+            spy = start_profiler(args, tmp, name, daemon)
             wait_replies(st, publisher, collector, daemon, replies, lock, args)
             cpu1 = sampler.snapshot()
             peaks = sampler.peaks()
+        if spy is not None:
+            st.config["profile"] = finish_profiler(args, spy)
         st.errors += [e for e in (publisher.error, collector.error) if e]
         st.publish_failed = len(publisher.failed)
         metrics = scrape_metrics(cfg["MetricsPort"])
         if metrics:
             st.config["metrics"] = metrics
     finally:
+        if spy is not None:
+            spy[0].stop()
         if publisher is not None:
             publisher.abort()
         if collector is not None:
@@ -775,6 +842,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--stall", type=float, default=90.0, help="give up when no reply came for this many seconds"
     )
     p.add_argument("--results-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument(
+        "--profile",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="py-spy the daemon for SECONDS of the main run (perturbs figures)",
+    )
     p.add_argument("--strict", action="store_true", help=f"exit {EXIT_MISS} on a missed target")
     p.add_argument("--keep-tmp", action="store_true", help="keep logs and configs")
     args = p.parse_args(argv)
