@@ -97,7 +97,8 @@ class Oracle:
     def expected_profile(self, k: int) -> dict[tuple[int, str], str]:
         assert self.spec.dt_from is not None and self.spec.dt_to is not None
         exp: dict[tuple[int, str], str] = {}
-        for row in model.load_profile_rows(k, self.spec.dt_from, self.spec.dt_to):
+        start, end = _epoch(self.spec.dt_from), _epoch(self.spec.dt_to)
+        for row in model.load_profile_rows(k, start, end):
             t = _epoch(row[0])
             for code, value in zip(PROFILE_COLUMNS, row[1:]):
                 exp[(t, code)] = str(value)
