@@ -1,0 +1,307 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Gurux XML device templates: parsing, errors that name the line, warnings."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from dlms2amqp.simulator import template as tpl
+from dlms2amqp.simulator.template import TemplateError, load_template, parse_template
+
+DATA = Path(__file__).parent / "data"
+EXAMPLE = DATA / "gurux-template-example-LN-v3-Low.xml"
+
+#: A small template in the format Gurux.DLMS.Simulator.Net writes; the secret is "S3cr3t!!".
+SMALL = """\ufeff<?xml version="1.0" encoding="utf-8"?>
+<Objects>
+  <GXDLMSData>
+    <LN>0.0.96.1.0.255</LN>
+    <Access>11</Access>
+    <Value Type="10">SIM-0001</Value>
+  </GXDLMSData>
+  <GXDLMSData>
+    <LN>0.0.42.0.0.255</LN>
+    <Value Type="9">47 52 58 33</Value>
+  </GXDLMSData>
+  <GXDLMSRegister>
+    <LN>1.0.32.7.0.255</LN>
+    <Access3>800180018001</Access3>
+    <Unit>35</Unit>
+    <Scaler>0.1</Scaler>
+    <Value Type="18">2301</Value>
+  </GXDLMSRegister>
+  <GXDLMSRegister>
+    <LN>1.0.1.8.0.255</LN>
+    <Unit>30</Unit>
+    <Scaler>1000</Scaler>
+    <Value Type="6">123456</Value>
+  </GXDLMSRegister>
+  <GXDLMSClock>
+    <LN>0.0.1.0.0.255</LN>
+    <Time>01/05/2024 10:00:00</Time>
+    <TimeZone>-60</TimeZone>
+    <Status>0</Status>
+    <Begin>03/*/* 02:00:00</Begin>
+    <End/>
+    <Deviation>60</Deviation>
+    <Enabled>1</Enabled>
+    <ClockBase>1</ClockBase>
+  </GXDLMSClock>
+  <GXDLMSProfileGeneric>
+    <LN>1.0.99.1.0.255</LN>
+    <Version>1</Version>
+    <Buffer>
+      <Row>
+        <Cell Type="9" UIType="25">01/05/2024 10:00:00</Cell>
+        <Cell Type="6">100</Cell>
+      </Row>
+      <Row>
+        <Cell Type="9" UIType="25">01/05/2024 10:15:00</Cell>
+        <Cell Type="6">105</Cell>
+      </Row>
+      <Row>
+        <Cell Type="9" UIType="25">01/05/2024 10:30:00</Cell>
+        <Cell Type="6">111</Cell>
+      </Row>
+    </Buffer>
+    <CaptureObjects>
+      <Item><ObjectType>8</ObjectType><LN>0.0.1.0.0.255</LN><Attribute>2</Attribute><Data>0</Data></Item>
+      <Item><ObjectType>3</ObjectType><LN>1.0.1.8.0.255</LN><Attribute>2</Attribute><Data>0</Data></Item>
+    </CaptureObjects>
+    <CapturePeriod>900</CapturePeriod>
+    <SortMethod>1</SortMethod>
+    <EntriesInUse>3</EntriesInUse>
+    <ProfileEntries>100</ProfileEntries>
+  </GXDLMSProfileGeneric>
+  <GXDLMSCredit>
+    <LN>0.0.19.10.0.255</LN>
+  </GXDLMSCredit>
+  <GXDLMSAssociationLogicalName>
+    <LN>0.0.40.0.0.255</LN>
+    <Version>2</Version>
+    <ClientSAP>16</ClientSAP>
+    <ServerSAP>1</ServerSAP>
+    <AuthenticationMechanismName>
+      <MechanismId>0</MechanismId>
+    </AuthenticationMechanismName>
+  </GXDLMSAssociationLogicalName>
+  <GXDLMSAssociationLogicalName>
+    <LN>0.0.40.0.2.255</LN>
+    <Version>2</Version>
+    <ClientSAP>32</ClientSAP>
+    <ServerSAP>1</ServerSAP>
+    <AuthenticationMechanismName>
+      <JointIsoCtt>2</JointIsoCtt>
+      <Country>16</Country>
+      <CountryName>756</CountryName>
+      <IdentifiedOrganization>5</IdentifiedOrganization>
+      <DlmsUA>8</DlmsUA>
+      <AuthenticationMechanismName>2</AuthenticationMechanismName>
+      <MechanismId>1</MechanismId>
+    </AuthenticationMechanismName>
+    <Secret>53 33 63 72 33 74 21 21</Secret>
+    <AssociationStatus>0</AssociationStatus>
+  </GXDLMSAssociationLogicalName>
+  <GXDLMSAssociationLogicalName>
+    <LN>0.0.40.0.3.255</LN>
+    <ClientSAP>1</ClientSAP>
+    <AuthenticationMechanismName>
+      <MechanismId>5</MechanismId>
+    </AuthenticationMechanismName>
+    <Secret>30 31 32 33</Secret>
+  </GXDLMSAssociationLogicalName>
+</Objects>
+"""
+SMALL_SECRET = b"S3cr3t!!"
+
+
+def _dt(year: int, mon: int, day: int, h: int, m: int, s: int) -> bytes:
+    import datetime
+
+    dow = datetime.date(year, mon, day).isoweekday()
+    return struct.pack(">HBBBBBBBhB", year, mon, day, dow, h, m, s, 0, -0x8000, 0)
+
+
+# --------------------------------------------------------------------- parsing
+def test_example_from_gurux_is_read() -> None:
+    # Given the template from Gurux's public repository (UTF-8 BOM, Access3 rights)
+    t = load_template(EXAMPLE)
+    # Then both Data objects and the Low association are there with their values
+    ldn = t.find("0.0.42.0.0.255", 1)
+    assert ldn is not None and ldn.attributes[2] == (tpl.OCTET_STRING, b"GRX3")
+    ic = t.find("0.0.43.1.1.255", 1)
+    assert ic is not None and ic.attributes[2] == (tpl.UINT32, 149)
+    assert ic.access == {1: 3, 2: 3}
+    (assoc,) = t.associations
+    assert (assoc.client_sap, assoc.server_sap, assoc.mechanism_id) == (18, 1, 1)
+    assert assoc.secret is not None and assoc.secret.reveal() == b"Gurux"
+    assert assoc.object_list == [(1, "0.0.42.0.0.255")]
+    assert "Gurux" not in repr(assoc) and "4775727578" not in repr(assoc).lower()
+    # the association object itself is served with its stored attributes
+    ao = t.find("0.0.40.0.1.255", 15)
+    assert ao is not None and ao.version == 3
+    assert ao.attributes[3] == (tpl.STRUCTURE, [(tpl.INT8, 18), (tpl.UINT16, 1)])
+    assert ao.attributes[6] == (tpl.OCTET_STRING, bytes.fromhex("60857405080201"))
+    assert 7 not in ao.attributes  # the secret is never readable
+    # and the one thing not enforced is said
+    assert t.warnings == [
+        "0.0.40.0.1.255 class 15: client 18 object list and access rights not enforced"
+        " (every client reads every object)"
+    ]
+
+
+def test_small_template_values_and_warnings() -> None:
+    t = parse_template(SMALL, "small.xml")
+    assert t.find("0.0.96.1.0.255").attributes[2] == (tpl.STRING, "SIM-0001")
+    volt = t.find("1.0.32.7.0.255", 3)
+    assert volt.attributes == {
+        2: (tpl.UINT16, 2301),
+        3: (tpl.STRUCTURE, [(tpl.INT8, -1), (tpl.ENUM, 35)]),
+    }
+    assert volt.access == {1: 1, 2: 1, 3: 1}
+    energy = t.find("1.0.1.8.0.255", 3)
+    assert energy.attributes[3] == (tpl.STRUCTURE, [(tpl.INT8, 3), (tpl.ENUM, 30)])
+    clock = t.find("0.0.1.0.0.255", 8)
+    assert clock.attributes[3] == (tpl.INT16, -60)
+    assert clock.attributes[5] == (
+        tpl.OCTET_STRING,
+        struct.pack(">HBBBBBBBhB", 0xFFFF, 3, 0xFF, 0xFF, 2, 0, 0, 0, -0x8000, 0),
+    )
+    assert clock.attributes[8] == (tpl.BOOLEAN, True)
+    assert 2 not in clock.attributes  # the clock runs: time is served live
+    pg = t.find("1.0.99.1.0.255", 7)
+    assert [(c.class_id, c.ln, c.attribute) for c in pg.capture_objects] == [
+        (8, "0.0.1.0.0.255", 2),
+        (3, "1.0.1.8.0.255", 2),
+    ]
+    assert pg.buffer[1] == [(tpl.OCTET_STRING, _dt(2024, 1, 5, 10, 15, 0)), (tpl.UINT32, 105)]
+    assert pg.attributes[4] == (tpl.UINT32, 900)
+    assert pg.attributes[7] == (tpl.UINT32, 3)
+    assert pg.attributes[8] == (tpl.UINT32, 100)
+    assert [(a.client_sap, a.mechanism_id) for a in t.associations] == [(16, 0), (32, 1)]
+    assert t.associations[1].secret.reveal() == SMALL_SECRET
+    assert t.warnings == [
+        "0.0.19.10.0.255 class 112 (Credit): not served",
+        "0.0.40.0.3.255 class 15: client 1 with HighGMAC authentication: not served",
+    ]
+
+
+def test_template_saved_by_gurux_is_read(tmp_path: Path) -> None:
+    # Given a template written by Gurux's own GXDLMSObjectCollection.save()
+    from gurux_dlms import GXDateTime
+    from gurux_dlms.enums import Authentication, DataType, Unit
+    from gurux_dlms.objects import (
+        GXDLMSAssociationLogicalName,
+        GXDLMSCaptureObject,
+        GXDLMSClock,
+        GXDLMSData,
+        GXDLMSObjectCollection,
+        GXDLMSProfileGeneric,
+        GXDLMSRegister,
+    )
+
+    objs = GXDLMSObjectCollection()
+    d = GXDLMSData("0.0.96.1.0.255")
+    d.value = "SIM-0001"
+    d.setDataType(2, DataType.STRING)
+    r = GXDLMSRegister("1.0.1.8.0.255")
+    r.value = 123456
+    r.setDataType(2, DataType.UINT32)
+    r.scaler = 0.01
+    r.unit = Unit.ACTIVE_ENERGY
+    clk = GXDLMSClock()
+    clk.timeZone = 60
+    a = GXDLMSAssociationLogicalName()
+    a.clientSAP = 32
+    a.authenticationMechanismName.mechanismId = Authentication.LOW
+    a.secret = b"ABCDEFGH"
+    pg = GXDLMSProfileGeneric("1.0.99.1.0.255")
+    pg.captureObjects.append((clk, GXDLMSCaptureObject(2, 0)))
+    pg.captureObjects.append((r, GXDLMSCaptureObject(2, 0)))
+    pg.capturePeriod = 900
+    pg.buffer = [[GXDateTime("01/05/2024 10:00:00"), 100], [GXDateTime("01/05/2024 10:15:00"), 105]]
+    for o in (d, r, clk, a, pg):
+        objs.append(o)
+    path = tmp_path / "gurux-saved.xml"
+    objs.save(str(path))
+    # When read
+    t = load_template(path)
+    # Then Gurux's values come back
+    assert t.find("0.0.96.1.0.255").attributes[2] == (tpl.STRING, "SIM-0001")
+    assert t.find("1.0.1.8.0.255").attributes == {
+        2: (tpl.UINT32, 123456),
+        3: (tpl.STRUCTURE, [(tpl.INT8, -2), (tpl.ENUM, 30)]),
+    }
+    assert t.find("0.0.1.0.0.255").attributes[3] == (tpl.INT16, 60)
+    buf = t.find("1.0.99.1.0.255").buffer
+    assert buf == [
+        [(tpl.DATETIME, _dt(2024, 1, 5, 10, 0, 0)), (tpl.INT32, 100)],
+        [(tpl.DATETIME, _dt(2024, 1, 5, 10, 15, 0)), (tpl.INT32, 105)],
+    ]
+    (assoc,) = t.associations
+    assert (assoc.client_sap, assoc.mechanism_id, assoc.secret.reveal()) == (32, 1, b"ABCDEFGH")
+    assert t.warnings == []
+
+
+# ---------------------------------------------------------------------- errors
+def _error(text: str) -> str:
+    with pytest.raises(TemplateError) as info:
+        parse_template(text, "meter.xml")
+    return str(info.value)
+
+
+def test_malformed_xml_names_file_and_line() -> None:
+    bad = SMALL.replace("</GXDLMSRegister>", "</GXDLMSRegistr>", 1)
+    line = SMALL[: SMALL.index("</GXDLMSRegister>")].count("\n") + 1
+    msg = _error(bad)
+    assert msg.startswith(f"template meter.xml, line {line}, column ")
+    assert "mismatched tag" in msg
+
+
+def test_bad_value_names_the_line() -> None:
+    bad = SMALL.replace('<Value Type="18">2301</Value>', '<Value Type="18">230,1 V</Value>')
+    line = SMALL[: SMALL.index('<Value Type="18">')].count("\n") + 1
+    assert _error(bad) == f"template meter.xml, line {line}: <Value> '230,1 V' is not a number"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            '<Value Type="18">2301</Value>',
+            '<Value Type="18">70000</Value>',
+            "out of range 0..65535",
+        ),
+        ("<Scaler>0.1</Scaler>", "<Scaler>0.3</Scaler>", "is not a power of ten"),
+        ("<LN>1.0.32.7.0.255</LN>", "<LN>1.0.32.7.0</LN>", "is not six numbers 0..255"),
+        ('<Value Type="9">47 52 58 33</Value>', '<Value Type="9">GRX3</Value>', "not hex bytes"),
+        ("<Begin>03/*/* 02:00:00</Begin>", "<Begin>13/01/2024 02:00:00</Begin>", "out of range"),
+    ],
+)
+def test_value_errors_are_explained(old: str, new: str, expected: str) -> None:
+    bad = SMALL.replace(old, new, 1)
+    assert bad != SMALL
+    msg = _error(bad)
+    assert msg.startswith("template meter.xml, line ")
+    assert expected in msg
+
+
+def test_wrong_root_element() -> None:
+    msg = _error('<?xml version="1.0"?>\n<Meter>\n</Meter>\n')
+    assert msg == "template meter.xml, line 2: the root element is <Meter>, expected <Objects>"
+
+
+def test_bad_secret_error_does_not_show_it() -> None:
+    bad = SMALL.replace("53 33 63 72 33 74 21 21", "S3cr3t!!")
+    msg = _error(bad)
+    assert "Secret" in msg and "not shown" in msg
+    assert "S3cr3t" not in msg
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(TemplateError) as info:
+        load_template(tmp_path / "nope.xml")
+    assert str(info.value).startswith(f"template {tmp_path / 'nope.xml'}: cannot read the file")
