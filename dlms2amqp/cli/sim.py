@@ -1,0 +1,244 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""``dlms2amqp-sim``: serve N simulated DLMS/COSEM meters on consecutive ports.
+
+Options follow Gurux.DLMS.Simulator.Net where they overlap (``-p -N -i -x -t``).
+Prints ``ready N meters on PORT-LAST`` once every port listens; exits 0 on
+SIGTERM/SIGINT; 2 on bad arguments; 1 when it cannot start (port busy, limits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import signal
+import sys
+from typing import Optional
+
+EXIT_OK = 0
+EXIT_START = 1
+EXIT_USAGE = 2
+
+_LEVELS = {
+    "error": logging.ERROR,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "verbose": logging.DEBUG,
+}
+
+
+def _rate(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1") from e
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
+    return v
+
+
+def _trace(text: str) -> str:
+    if text.lower() not in _LEVELS:
+        raise argparse.ArgumentTypeError("use Error, Warning, Info or Verbose")
+    return text.lower()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dlms2amqp-sim",
+        description="Serve N simulated DLMS/COSEM meters on consecutive TCP ports.",
+    )
+    p.add_argument("-p", "--port", type=int, default=4060, help="first port (meter k on PORT+k)")
+    p.add_argument("-N", "--count", type=int, default=1, help="number of meters")
+    p.add_argument(
+        "-i", "--interface", default="WRAPPER", type=str.upper, choices=["WRAPPER", "HDLC"]
+    )
+    p.add_argument(
+        "-x", "--template", help="Gurux XML device template instead of the built-in meter"
+    )
+    p.add_argument(
+        "-t", "--trace", type=_trace, default="warning", help="Error|Warning|Info|Verbose"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("-P", "--password", help="Low-level secret of client 32 (default 00000000)")
+    p.add_argument("--serial", help="serve one meter (HDLC) on this serial device or pty")
+    p.add_argument("--utc-offset", type=int, default=0, help="meter local time offset, minutes")
+    p.add_argument("--latency", type=float, default=0.0, metavar="MS", help="delay per reply frame")
+    for name, what in (
+        ("silent", "accept the connection, never answer"),
+        ("garbage", "answer with bytes that are not a DLMS frame"),
+        ("reset", "close the connection mid-session"),
+        ("reject-auth", "reject authenticated associations"),
+    ):
+        p.add_argument(
+            f"--{name}", type=_rate, nargs="?", const=1.0, default=0.0, metavar="RATE",
+            help=f"{what} (fraction of connections; bare flag = 1)",
+        )  # fmt: skip
+    p.add_argument("--procs", type=int, default=1, help="split the meters over K processes")
+    p.add_argument("--seed", type=int, help="random seed for the fault rates")
+    return p
+
+
+def raise_nofile(needed: int) -> Optional[str]:
+    """Raise RLIMIT_NOFILE to ``needed``; returns an error message if impossible."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return None
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+            return None
+        except (ValueError, OSError):
+            return (
+                f"the open-files limit is {soft} (hard {hard}) but {needed} are needed: "
+                f"run 'ulimit -n {needed}' as root or raise 'nofile' in "
+                f"/etc/security/limits.conf, or use fewer meters (-N)"
+            )
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    except (ValueError, OSError) as e:
+        return f"cannot raise the open-files limit to {needed}: {e}"
+    return None
+
+
+def _device(args: argparse.Namespace):
+    from dlms2amqp.simulator import cosem
+
+    if args.template:
+        from dlms2amqp.simulator import template
+
+        return template.load_template(args.template)
+    password = (args.password if args.password is not None else "00000000").encode()
+    return cosem.builtin_device(password)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=_LEVELS[args.trace],
+        stream=sys.stderr,
+        format="%(asctime)s sim %(levelname)s %(message)s",
+    )
+    if args.count < 1 or args.procs < 1 or not 0 < args.port < 65536:
+        print("dlms2amqp-sim: -N and --procs must be >= 1 and -p a port", file=sys.stderr)
+        return EXIT_USAGE
+    last = args.port + args.count - 1
+    if last > 65535:
+        print(f"dlms2amqp-sim: ports {args.port}-{last} go beyond 65535", file=sys.stderr)
+        return EXIT_USAGE
+    from dlms2amqp.simulator.server import Server, SimOptions
+
+    opts = SimOptions(
+        utc_offset=args.utc_offset,
+        latency_ms=args.latency,
+        silent=args.silent,
+        garbage=args.garbage,
+        reset=args.reset,
+        reject_auth=args.reject_auth,
+        interface=args.interface,
+        seed=args.seed,
+    )
+    try:
+        device = _device(args)
+    except Exception as e:  # template errors are reported, not traced
+        print(f"dlms2amqp-sim: {e}", file=sys.stderr)
+        return EXIT_START
+    if args.serial:
+        from dlms2amqp.simulator.server import serve_serial
+
+        return serve_serial(device, args.serial, opts)
+    procs = min(args.procs, args.count)
+    per_proc = (args.count + procs - 1) // procs
+    msg = raise_nofile(per_proc + 256)
+    if msg:
+        print(f"dlms2amqp-sim: {msg}", file=sys.stderr)
+        return EXIT_START
+    if procs > 1:
+        return _run_procs(device, args, opts, procs, per_proc)
+    server = Server(device, args.host, args.port, args.count, opts)
+    try:
+        server.listen()
+    except OSError as e:
+        print(f"dlms2amqp-sim: {e.strerror or e}", file=sys.stderr)
+        return EXIT_START
+    server.install_signals()
+    print(f"ready {args.count} meters on {args.port}-{last}", flush=True)
+    server.run()
+    return EXIT_OK
+
+
+def _run_procs(device, args: argparse.Namespace, opts, procs: int, per_proc: int) -> int:
+    """Fork K children, each serving a port range; one ready line when all are ready."""
+    from dlms2amqp.simulator.server import Server
+
+    children = []
+    ready_r, ready_w = os.pipe()
+    for i in range(procs):
+        first_k = i * per_proc
+        n = min(per_proc, args.count - first_k)
+        if n <= 0:
+            break
+        pid = os.fork()
+        if pid == 0:
+            os.close(ready_r)
+            code = EXIT_OK
+            try:
+                server = Server(device, args.host, args.port + first_k, n, opts, first_k=first_k)
+                server.listen()
+                server.install_signals()
+                os.write(ready_w, b"r")
+                server.run()
+            except OSError as e:
+                print(f"dlms2amqp-sim: {e.strerror or e}", file=sys.stderr)
+                code = EXIT_START
+            finally:
+                os._exit(code)
+        children.append(pid)
+    os.close(ready_w)
+    stop = {"sig": False}
+
+    def on_signal(signum, frame) -> None:
+        stop["sig"] = True
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    got = 0
+    while got < len(children):
+        try:
+            chunk = os.read(ready_r, 64)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        got += len(chunk)
+    os.close(ready_r)
+    code = EXIT_OK
+    if got == len(children):
+        print(f"ready {args.count} meters on {args.port}-{args.port + args.count - 1}", flush=True)
+    else:
+        on_signal(signal.SIGTERM, None)
+        code = EXIT_START
+    for pid in children:
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                status = 0
+                break
+        if not stop["sig"] and os.waitstatus_to_exitcode(status) != 0:
+            code = EXIT_START
+            on_signal(signal.SIGTERM, None)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

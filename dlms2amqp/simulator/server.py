@@ -1,0 +1,743 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The simulator's server: one selectors event loop, N listening ports.
+
+``Session`` is the DLMS application layer of one connection (AARQ/AARE, GET
+normal/next with block transfer, ACTION for HLS pass 3/4, RLRQ/RLRE, ciphering),
+free of I/O: APDU in, APDUs out.  ``Server`` owns the sockets: one listening
+socket per meter, one ``Conn`` per accepted connection (its own framing decoder
+and Session), replies delayed by timers in the loop (never by sleeping), and the
+fault options applied per connection.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import random
+import selectors
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from dlms2amqp.simulator import axdr_enc as ax
+from dlms2amqp.simulator import cosem, framing, model
+from dlms2amqp.simulator.cosem import Association, DataAccessError, Device, MeterState, ReadContext
+
+log = logging.getLogger("dlms2amqp.sim")
+
+# APDU tags
+AARQ = 0x60
+AARE = 0x61
+RLRQ = 0x62
+RLRE = 0x63
+GET_REQUEST = 0xC0
+ACTION_REQUEST = 0xC3
+GET_RESPONSE = 0xC4
+ACTION_RESPONSE = 0xC7
+GLO_GET_REQUEST = 0xC8
+GLO_ACTION_REQUEST = 0xCB
+GLO_GET_RESPONSE = 0xCC
+GLO_ACTION_RESPONSE = 0xCF
+GLO_INITIATE_REQUEST = 0x21
+GLO_INITIATE_RESPONSE = 0x28
+EXCEPTION_RESPONSE = 0xD8
+INITIATE_REQUEST = 0x01
+INITIATE_RESPONSE = 0x08
+CONFIRMED_SERVICE_ERROR = 0x0E
+
+# AARE diagnostics (acse-service-user)
+DIAG_NULL = 0
+DIAG_NO_REASON = 1
+DIAG_CONTEXT_NOT_SUPPORTED = 2
+DIAG_MECH_NOT_RECOGNISED = 11
+DIAG_MECH_REQUIRED = 12
+DIAG_AUTH_FAILURE = 13
+DIAG_AUTH_REQUIRED = 14
+
+CTX_LN = 1
+CTX_LN_CIPHERED = 3
+
+# conformance bits (wire order) the simulator implements
+CONF_BLOCK_GET = 0x001000
+CONF_GET = 0x000010
+CONF_SELECTIVE = 0x000004
+CONF_ACTION = 0x000001
+SUPPORTED_CONFORMANCE = CONF_BLOCK_GET | CONF_GET | CONF_SELECTIVE | CONF_ACTION
+SERVER_MAX_PDU = 0xFFFF
+
+_APP_CTX_PREFIX = b"\x60\x85\x74\x05\x08\x01"
+_MECH_PREFIX = b"\x60\x85\x74\x05\x08\x02"
+
+
+class ApduError(ValueError):
+    """The client sent an APDU the simulator cannot parse."""
+
+
+def ber_len(n: int) -> bytes:
+    """BER length (AARQ/AARE)."""
+    return ax.enc_len(n)
+
+
+def _ber_items(buf: bytes, pos: int, end: int):
+    """Yield (tag, content) of consecutive BER TLVs."""
+    while pos < end:
+        tag = buf[pos]
+        n, pos = ax.dec_len(buf, pos + 1)
+        if pos + n > end:
+            raise ApduError("truncated BER item")
+        yield tag, buf[pos : pos + n]
+        pos += n
+
+
+@dataclass
+class SimOptions:
+    """Per-simulator settings; rates are fractions of connections (0..1)."""
+
+    utc_offset: int = 0
+    latency_ms: float = 0.0
+    silent: float = 0.0
+    garbage: float = 0.0
+    reset: float = 0.0
+    reject_auth: float = 0.0
+    interface: str = "WRAPPER"
+    seed: Optional[int] = None
+
+
+def _aare(
+    ctx_id: int,
+    result: int,
+    diag: int,
+    user_info: bytes = b"",
+    hls: Optional[tuple[bytes, bytes]] = None,
+) -> bytes:
+    body = b"\xa1\x09\x06\x07" + _APP_CTX_PREFIX + bytes((ctx_id,))
+    body += b"\xa2\x03\x02\x01" + bytes((result,))
+    body += b"\xa3\x05\xa1\x03\x02\x01" + bytes((diag,))
+    if hls is not None:
+        st, challenge = hls
+        body += b"\xa4" + ber_len(len(st) + 2) + b"\x04" + ber_len(len(st)) + st
+        body += b"\x88\x02\x07\x80"
+        body += b"\x89\x07" + _MECH_PREFIX + bytes((cosem.MECH_HLS_GMAC,))
+        body += (
+            b"\xaa" + ber_len(len(challenge) + 2) + b"\x80" + ber_len(len(challenge)) + challenge
+        )
+    if user_info:
+        body += (
+            b"\xbe" + ber_len(len(user_info) + 2) + b"\x04" + ber_len(len(user_info)) + user_info
+        )
+    return bytes((AARE,)) + ber_len(len(body)) + body
+
+
+def _initiate_response(conformance: int, max_pdu: int) -> bytes:
+    return (
+        b"\x08\x00\x06\x5f\x1f\x04\x00"
+        + conformance.to_bytes(3, "big")
+        + max_pdu.to_bytes(2, "big")
+        + b"\x00\x07"
+    )
+
+
+def parse_initiate_request(buf: bytes) -> tuple[int, int]:
+    """xDLMS InitiateRequest -> (conformance, client max receive PDU size)."""
+    try:
+        if buf[0] != INITIATE_REQUEST:
+            raise ApduError("not an InitiateRequest")
+        pos = 1
+        if buf[pos]:  # dedicated-key
+            pos += 2 + buf[pos + 1]
+        else:
+            pos += 1
+        pos += 2 if buf[pos] else 1  # response-allowed
+        pos += 2 if buf[pos] else 1  # proposed-quality-of-service
+        if buf[pos] < 6:
+            raise ApduError("DLMS version below 6")
+        pos += 1
+        if buf[pos : pos + 3] != b"\x5f\x1f\x04":
+            raise ApduError("bad conformance block")
+        conformance = int.from_bytes(buf[pos + 4 : pos + 7], "big")
+        max_pdu = int.from_bytes(buf[pos + 7 : pos + 9], "big")
+        return conformance, max_pdu
+    except IndexError as e:
+        raise ApduError("truncated InitiateRequest") from e
+
+
+class Session:
+    """DLMS application layer of one connection: APDU in, APDUs out."""
+
+    __slots__ = (
+        "device",
+        "meter",
+        "opts",
+        "client_sap",
+        "assoc",
+        "associated",
+        "authenticated",
+        "client_max_pdu",
+        "conformance",
+        "blocks",
+        "block_no",
+        "block_invoke",
+        "ciphered",
+        "stoc",
+        "ctos",
+        "reject_auth",
+        "security",
+    )
+
+    def __init__(
+        self, device: Device, meter: MeterState, opts: SimOptions, reject_auth: bool = False
+    ):
+        self.device = device
+        self.meter = meter
+        self.opts = opts
+        self.client_sap = 0
+        self.assoc: Optional[Association] = None
+        self.associated = False
+        self.authenticated = False
+        self.client_max_pdu = SERVER_MAX_PDU
+        self.conformance = 0
+        self.blocks: list[bytes] = []
+        self.block_no = 0
+        self.block_invoke = 0
+        self.ciphered = False
+        self.stoc = b""
+        self.ctos = b""
+        self.reject_auth = reject_auth
+        self.security = None
+
+    # -- entry point -------------------------------------------------------
+    def handle(self, client_sap: int, apdu: bytes) -> Optional[bytes]:
+        """One request APDU -> one response APDU (None: no answer)."""
+        if not apdu:
+            return None
+        tag = apdu[0]
+        if tag == AARQ:
+            return self._aarq(client_sap, apdu)
+        if tag == RLRQ:
+            return self._rlrq(apdu)
+        if not self.associated or client_sap != self.client_sap:
+            return b"\xd8\x01\x01"  # service-not-allowed, operation-not-possible
+        if self.ciphered:
+            return self._ciphered(apdu)
+        if self.assoc is not None and self.assoc.security:
+            return b"\xd8\x01\x01"  # plain APDU on a ciphered association
+        return self._plain(apdu)
+
+    def _plain(self, apdu: bytes) -> Optional[bytes]:
+        tag = apdu[0]
+        if tag == GET_REQUEST and self.authenticated:
+            return self._get(apdu)
+        if tag == ACTION_REQUEST:
+            return self._action(apdu)
+        if tag == GET_REQUEST:
+            return b"\xd8\x01\x01"
+        return b"\xd8\x02\x02"  # service-unknown, service-not-supported
+
+    def _ciphered(self, apdu: bytes) -> Optional[bytes]:
+        from dlms2amqp.simulator import security as sec  # written in parallel
+
+        tag = apdu[0]
+        if tag not in (GLO_GET_REQUEST, GLO_ACTION_REQUEST):
+            return b"\xd8\x01\x01"
+        assoc = self.assoc
+        assert assoc is not None
+        try:
+            n, pos = ax.dec_len(apdu, 1)
+            sc, ic, plain = sec.decrypt(
+                assoc.client_system_title, assoc.block_key, assoc.auth_key, apdu[pos : pos + n]
+            )
+        except Exception:  # bad tag, truncated: a deciphering error
+            return b"\xd8\x01\x05"
+        if ic <= self.meter.last_ic:
+            return b"\xd8\x01\x06" + struct.pack(">I", self.meter.last_ic + 1)
+        self.meter.last_ic = ic
+        reply = self._plain(plain)
+        if reply is None:
+            return None
+        if reply[0] == GET_RESPONSE:
+            out_tag = GLO_GET_RESPONSE
+        elif reply[0] == ACTION_RESPONSE:
+            out_tag = GLO_ACTION_RESPONSE
+        else:
+            return reply
+        return self._encrypt(out_tag, reply)
+
+    def _encrypt(self, out_tag: int, plain: bytes) -> bytes:
+        from dlms2amqp.simulator import security as sec
+
+        assoc = self.assoc
+        assert assoc is not None
+        self.meter.server_ic += 1
+        body = sec.encrypt(
+            0x30,
+            self.meter.system_title,
+            self.meter.server_ic,
+            assoc.block_key,
+            assoc.auth_key,
+            plain,
+        )
+        return bytes((out_tag,)) + ax.enc_len(len(body)) + body
+
+    # -- association ---------------------------------------------------------
+    def _reset(self) -> None:
+        self.associated = False
+        self.authenticated = False
+        self.ciphered = False
+        self.assoc = None
+        self.blocks = []
+        self.stoc = b""
+
+    def _aarq(self, client_sap: int, apdu: bytes) -> bytes:
+        self._reset()
+        try:
+            n, pos = ax.dec_len(apdu, 1)
+            ctx_id = CTX_LN
+            mech = cosem.MECH_NONE
+            password = b""
+            calling_title = b""
+            user_info = b""
+            for tag, content in _ber_items(apdu, pos, pos + n):
+                if tag == 0xA1:
+                    ctx_id = content[-1]
+                    if content[2:-1] != _APP_CTX_PREFIX:
+                        return _aare(CTX_LN, 1, DIAG_CONTEXT_NOT_SUPPORTED)
+                elif tag == 0xA6:
+                    calling_title = bytes(content[2:])
+                elif tag == 0x8B:
+                    mech = content[-1]
+                elif tag == 0xAC:
+                    password = bytes(content[2:])
+                elif tag == 0xBE:
+                    user_info = bytes(content[2:])
+        except (IndexError, ValueError, ax.DecodeError):
+            return _aare(CTX_LN, 1, DIAG_NO_REASON)
+        assoc = self.device.associations.get(client_sap)
+        if assoc is None:
+            return _aare(ctx_id, 1, DIAG_NO_REASON)
+        want_ctx = CTX_LN_CIPHERED if assoc.security else CTX_LN
+        if ctx_id != want_ctx:
+            return _aare(ctx_id, 1, DIAG_CONTEXT_NOT_SUPPORTED)
+        if mech != assoc.mechanism:
+            if assoc.mechanism == cosem.MECH_NONE:
+                return _aare(ctx_id, 1, DIAG_MECH_NOT_RECOGNISED)
+            return _aare(ctx_id, 1, DIAG_MECH_REQUIRED if mech == 0 else DIAG_MECH_NOT_RECOGNISED)
+        if self.reject_auth and assoc.mechanism != cosem.MECH_NONE:
+            return _aare(ctx_id, 1, DIAG_AUTH_FAILURE)
+        if assoc.mechanism == cosem.MECH_LOW and password != assoc.secret:
+            return _aare(ctx_id, 1, DIAG_AUTH_FAILURE)
+        # user information: InitiateRequest, ciphered or not
+        try:
+            if assoc.security:
+                if not user_info or user_info[0] != GLO_INITIATE_REQUEST:
+                    return _aare(ctx_id, 1, DIAG_NO_REASON)
+                if calling_title != assoc.client_system_title:
+                    return _aare(ctx_id, 1, DIAG_AUTH_FAILURE)
+                from dlms2amqp.simulator import security as sec
+
+                ln_, p = ax.dec_len(user_info, 1)
+                try:
+                    _sc, ic, plain = sec.decrypt(
+                        calling_title, assoc.block_key, assoc.auth_key, user_info[p : p + ln_]
+                    )
+                except Exception:
+                    return _aare(ctx_id, 1, DIAG_AUTH_FAILURE)
+                if ic <= self.meter.last_ic:
+                    return _aare(ctx_id, 1, DIAG_AUTH_FAILURE)
+                self.meter.last_ic = ic
+                conformance, max_pdu = parse_initiate_request(plain)
+            else:
+                conformance, max_pdu = parse_initiate_request(user_info)
+        except (ApduError, IndexError, ax.DecodeError):
+            return _aare(ctx_id, 1, DIAG_NO_REASON)
+        self.conformance = conformance & SUPPORTED_CONFORMANCE
+        self.client_max_pdu = max(64, min(max_pdu or SERVER_MAX_PDU, SERVER_MAX_PDU))
+        self.client_sap = client_sap
+        self.assoc = assoc
+        self.associated = True
+        init = _initiate_response(self.conformance, SERVER_MAX_PDU)
+        if assoc.mechanism == cosem.MECH_HLS_GMAC:
+            self.authenticated = False
+            self.ctos = password
+            self.stoc = os.urandom(16)
+            glo = self._encrypt(GLO_INITIATE_RESPONSE, init)
+            self.ciphered = True
+            return _aare(
+                ctx_id, 0, DIAG_AUTH_REQUIRED, glo, hls=(self.meter.system_title, self.stoc)
+            )
+        self.authenticated = True
+        return _aare(ctx_id, 0, DIAG_NULL, init)
+
+    def _rlrq(self, apdu: bytes) -> bytes:
+        self._reset()
+        return b"\x63\x03\x80\x01\x00"
+
+    # -- ACTION (HLS pass 3/4) ------------------------------------------------
+    def _action(self, apdu: bytes) -> bytes:
+        if len(apdu) < 13 or apdu[1] != 1:
+            return b"\xd8\x02\x02"
+        invoke = apdu[2]
+        class_id = int.from_bytes(apdu[3:5], "big")
+        ln = bytes(apdu[5:11])
+        method = apdu[11]
+        head = bytes((ACTION_RESPONSE, 1, invoke))
+        assoc = self.assoc
+        if (
+            class_id != 15
+            or ln != self.device.association_ln
+            or method != 1
+            or assoc is None
+            or assoc.mechanism != cosem.MECH_HLS_GMAC
+            or not self.stoc
+        ):
+            return head + b"\x0b\x00"  # object-unavailable
+        try:
+            value, _ = ax.decode(apdu, 13) if apdu[12] else (None, 0)
+        except ax.DecodeError:
+            return head + b"\x0c\x00"  # type-unmatched
+        from dlms2amqp.simulator import security as sec
+
+        ok = False
+        if isinstance(value, bytes) and len(value) == 17 and value[0] == 0x10:
+            ic = int.from_bytes(value[1:5], "big")
+            expected = sec.gmac_tag(
+                assoc.client_system_title, ic, assoc.block_key, assoc.auth_key, self.stoc
+            )
+            ok = expected == value[5:]
+        self.stoc = b""
+        if not ok:
+            self._reset()
+            return head + b"\x03\x00"  # read-write-denied (authentication failed)
+        self.authenticated = True
+        return head + b"\x00\x01\x00" + ax.octet_string(self._ctos_reply())
+
+    def _ctos_reply(self) -> bytes:
+        """f(CtoS) of HLS pass 4: SC || IC || GMAC tag under the meter's system title."""
+        from dlms2amqp.simulator import security as sec
+
+        assoc = self.assoc
+        assert assoc is not None
+        self.meter.server_ic += 1
+        ic = self.meter.server_ic
+        tag = sec.gmac_tag(self.meter.system_title, ic, assoc.block_key, assoc.auth_key, self.ctos)
+        return b"\x10" + ic.to_bytes(4, "big") + tag
+
+    # -- GET -------------------------------------------------------------------
+    def _get(self, apdu: bytes) -> bytes:
+        kind = apdu[1] if len(apdu) > 1 else 0
+        if kind == 1:
+            return self._get_normal(apdu)
+        if kind == 2:
+            return self._get_next(apdu)
+        invoke = apdu[2] if len(apdu) > 2 else 0
+        return bytes((GET_RESPONSE, 1, invoke, 1, cosem.OTHER_REASON))
+
+    def _get_normal(self, apdu: bytes) -> bytes:
+        if len(apdu) < 13:
+            return b"\xd8\x02\x02"
+        invoke = apdu[2]
+        class_id = int.from_bytes(apdu[3:5], "big")
+        ln = bytes(apdu[5:11])
+        attr = apdu[11]
+        self.blocks = []
+        ctx = ReadContext(self.meter, int(time.time()), self.opts.utc_offset, self.client_sap)
+        try:
+            if apdu[12]:
+                ctx.selector = apdu[13]
+                ctx.params, _ = ax.decode(apdu, 14)
+            data = self.device.read(ctx, class_id, ln, attr)
+        except DataAccessError as e:
+            return bytes((GET_RESPONSE, 1, invoke, 1, e.code))
+        except (ax.DecodeError, IndexError):
+            return bytes((GET_RESPONSE, 1, invoke, 1, cosem.OTHER_REASON))
+        limit = self.client_max_pdu - (40 if self.ciphered else 0)
+        if len(data) + 4 <= limit or not (self.conformance & CONF_BLOCK_GET):
+            return bytes((GET_RESPONSE, 1, invoke, 0)) + data
+        size = limit - 12
+        self.blocks = [data[i : i + size] for i in range(0, len(data), size)]
+        self.block_no = 0
+        self.block_invoke = invoke
+        return self._next_block()
+
+    def _next_block(self) -> bytes:
+        chunk = self.blocks[self.block_no]
+        self.block_no += 1
+        last = 1 if self.block_no == len(self.blocks) else 0
+        out = (
+            bytes((GET_RESPONSE, 2, self.block_invoke, last))
+            + self.block_no.to_bytes(4, "big")
+            + b"\x00"
+            + ax.enc_len(len(chunk))
+            + chunk
+        )
+        if last:
+            self.blocks = []
+        return out
+
+    def _get_next(self, apdu: bytes) -> bytes:
+        invoke = apdu[2] if len(apdu) > 2 else 0
+        if len(apdu) < 7 or not self.blocks:
+            # no-long-get-in-progress
+            return (
+                bytes((GET_RESPONSE, 2, invoke, 1)) + self.block_no.to_bytes(4, "big") + b"\x01\x10"
+            )
+        acked = int.from_bytes(apdu[3:7], "big")
+        if acked != self.block_no:
+            self.blocks = []
+            # data-block-number-invalid
+            return bytes((GET_RESPONSE, 2, invoke, 1)) + acked.to_bytes(4, "big") + b"\x01\x13"
+        self.block_invoke = invoke
+        return self._next_block()
+
+
+# --- the event loop ----------------------------------------------------------------
+class Conn:
+    """One accepted connection."""
+
+    __slots__ = (
+        "sock",
+        "k",
+        "decoder",
+        "session",
+        "out",
+        "silent",
+        "garbage",
+        "reset_after",
+        "closed",
+    )
+
+    def __init__(self, sock: socket.socket, k: int, session: Session):
+        self.sock = sock
+        self.k = k
+        self.decoder = framing.WrapperDecoder()
+        self.session = session
+        self.out = bytearray()
+        self.silent = False
+        self.garbage = False
+        self.reset_after = 0
+        self.closed = False
+
+
+class Server:
+    """N meters on consecutive ports in one selectors loop."""
+
+    def __init__(
+        self,
+        device: Device,
+        host: str,
+        first_port: int,
+        count: int,
+        opts: SimOptions,
+        first_k: int = 0,
+    ):
+        self.device = device
+        self.host = host
+        self.first_port = first_port
+        self.count = count
+        self.opts = opts
+        self.first_k = first_k
+        self.sel = selectors.DefaultSelector()
+        self.meters: dict[int, MeterState] = {}
+        self.listeners: list[socket.socket] = []
+        self.timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self.stopping = False
+        self.rng = random.Random(opts.seed)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def meter(self, k: int) -> MeterState:
+        m = self.meters.get(k)
+        if m is None:
+            m = MeterState(k, model.system_title(k))
+            self.meters[k] = m
+        return m
+
+    def listen(self) -> None:
+        """Bind every port (raises OSError naming the port that failed)."""
+        for i in range(self.count):
+            port = self.first_port + i
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((self.host, port))
+            except OSError as e:
+                s.close()
+                raise OSError(e.errno, f"cannot listen on {self.host}:{port}: {e.strerror}") from e
+            s.listen(64)
+            s.setblocking(False)
+            self.listeners.append(s)
+            self.sel.register(s, selectors.EVENT_READ, self.first_k + i)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+
+    def stop(self) -> None:
+        """Ask the loop to stop (safe from a signal handler)."""
+        self.stopping = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, lambda *_: setattr(self, "stopping", True))
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self.timers, (time.monotonic() + delay, next(self._seq), fn))
+
+    def run(self) -> None:
+        """Serve until stop()."""
+        sel = self.sel
+        while not self.stopping:
+            timeout = None
+            if self.timers:
+                timeout = max(0.0, self.timers[0][0] - time.monotonic())
+            for key, mask in sel.select(timeout):
+                data = key.data
+                if data is None:
+                    try:
+                        self._wake_r.recv(4096)
+                    except OSError:
+                        pass
+                elif isinstance(data, int):
+                    self._accept(key.fileobj, data)
+                else:
+                    if mask & selectors.EVENT_READ:
+                        self._readable(data)
+                    if mask & selectors.EVENT_WRITE and not data.closed:
+                        self._flush(data)
+            now = time.monotonic()
+            while self.timers and self.timers[0][0] <= now:
+                _, _, fn = heapq.heappop(self.timers)
+                fn()
+        self.close()
+
+    def close(self) -> None:
+        for key in list(self.sel.get_map().values()):
+            try:
+                key.fileobj.close()
+            except OSError:
+                pass
+        self.sel.close()
+        self._wake_w.close()
+
+    def _accept(self, lsock, k: int) -> None:
+        for _ in range(64):
+            try:
+                sock, _addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("accept failed on meter %d: %s", k, e)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            o = self.opts
+            rng = self.rng.random
+            session = Session(
+                self.device,
+                self.meter(k),
+                o,
+                reject_auth=bool(o.reject_auth and rng() < o.reject_auth),
+            )
+            conn = Conn(sock, k, session)
+            conn.silent = bool(o.silent and rng() < o.silent)
+            conn.garbage = bool(o.garbage and rng() < o.garbage)
+            if o.reset and rng() < o.reset:
+                conn.reset_after = 1 + int(rng() * 3)
+            self.sel.register(sock, selectors.EVENT_READ, conn)
+            log.debug("meter %d: connection accepted", k)
+
+    def _drop(self, conn: Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    def _readable(self, conn: Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        if not data:
+            self._drop(conn)
+            return
+        if conn.silent:
+            return
+        try:
+            frames = conn.decoder.feed(data)
+        except framing.FramingError as e:
+            log.info("meter %d: %s; closing", conn.k, e)
+            self._drop(conn)
+            return
+        for fr in frames:
+            if conn.reset_after:
+                conn.reset_after -= 1
+                if conn.reset_after == 0:
+                    self._reset_conn(conn)
+                    return
+            if conn.garbage:
+                self._send(conn, os.urandom(7) + b"\x7e\x00\xff garbage")
+                continue
+            try:
+                reply = conn.session.handle(fr.source, fr.apdu)
+            except Exception:  # never let one bad request kill 10,000 meters
+                log.exception("meter %d: request handling failed", conn.k)
+                reply = b"\xd8\x02\x03"
+            if reply is not None:
+                self._send(conn, framing.wrapper_encode(fr.destination, fr.source, reply))
+
+    def _reset_conn(self, conn: Conn) -> None:
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        self._drop(conn)
+
+    def _send(self, conn: Conn, data: bytes) -> None:
+        if self.opts.latency_ms > 0:
+            self.call_later(self.opts.latency_ms / 1000.0, lambda: self._send_now(conn, data))
+        else:
+            self._send_now(conn, data)
+
+    def _send_now(self, conn: Conn, data: bytes) -> None:
+        if conn.closed:
+            return
+        if conn.out:
+            conn.out += data
+            return
+        try:
+            n = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self._drop(conn)
+            return
+        if n < len(data):
+            conn.out += data[n:]
+            self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+
+    def _flush(self, conn: Conn) -> None:
+        try:
+            n = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        del conn.out[:n]
+        if not conn.out:
+            self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
