@@ -108,7 +108,11 @@ def _device(args: argparse.Namespace):
     if args.template:
         from dlms2amqp.simulator import template
 
-        return template.load_template(args.template)
+        tpl = template.load_template(args.template)
+        for warning in tpl.warnings:  # what the template has but the simulator does not serve
+            print(f"dlms2amqp-sim: template: {warning}", file=sys.stderr, flush=True)
+        password = args.password.encode() if args.password is not None else None
+        return template.build_device(tpl, password)
     password = (args.password if args.password is not None else "00000000").encode()
     return cosem.builtin_device(password)
 
