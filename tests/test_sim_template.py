@@ -305,3 +305,200 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(TemplateError) as info:
         load_template(tmp_path / "nope.xml")
     assert str(info.value).startswith(f"template {tmp_path / 'nope.xml'}: cannot read the file")
+
+
+def test_template_without_servable_association_is_refused() -> None:
+    only_hls = SMALL.replace(
+        "<MechanismId>0</MechanismId>", "<MechanismId>5</MechanismId>"
+    ).replace("<MechanismId>1</MechanismId>", "<MechanismId>2</MechanismId>")
+    t = parse_template(only_hls, "meter.xml")
+    assert t.associations == []
+    with pytest.raises(TemplateError) as info:
+        tpl.build_device(t)
+    assert "no association that the simulator can serve" in str(info.value)
+
+
+# --------------------------------------------------------- the object model
+def _read(
+    device, class_id: int, ln: str, attr: int, client: int = 32, selector: int = 0, params=None
+) -> bytes:
+    from dlms2amqp.simulator import cosem
+
+    ctx = cosem.ReadContext(cosem.MeterState(0), 1_700_000_000, 0, client, selector, params)
+    return device.read(ctx, class_id, cosem.ln_bytes(ln), attr)
+
+
+def test_build_device_serves_stored_values() -> None:
+    from dlms2amqp.simulator import axdr_enc as ax
+    from dlms2amqp.simulator import cosem
+
+    t = parse_template(SMALL, "small.xml")
+    device = tpl.build_device(t)
+    assert sorted(device.associations) == [16, 32]
+    assert device.associations[32].secret == SMALL_SECRET
+    assert device.associations[32].mechanism == cosem.MECH_LOW
+    assert _read(device, 1, "0.0.96.1.0.255", 2) == b"\x0a\x08SIM-0001"
+    assert _read(device, 3, "1.0.32.7.0.255", 2) == b"\x12\x08\xfd"
+    assert _read(device, 3, "1.0.32.7.0.255", 3) == bytes.fromhex("02020fff1623")
+    # the clock runs
+    assert _read(device, 8, "0.0.1.0.0.255", 2) == ax.datetime_data(1_700_000_000, 0)
+    # profile: all rows, by entry, by range
+    rows = [
+        b"\x02\x02\x09\x0c" + _dt(2024, 1, 5, 10, m, 0) + b"\x06" + v.to_bytes(4, "big")
+        for m, v in ((0, 100), (15, 105), (30, 111))
+    ]
+    assert _read(device, 7, "1.0.99.1.0.255", 2) == b"\x01\x03" + b"".join(rows)
+    assert _read(device, 7, "1.0.99.1.0.255", 2, selector=2, params=[2, 3, 0, 0]) == (
+        b"\x01\x02" + rows[1] + rows[2]
+    )
+    rng = [None, _dt(2024, 1, 5, 10, 10, 0), _dt(2024, 1, 5, 10, 20, 0), []]
+    assert _read(device, 7, "1.0.99.1.0.255", 2, selector=1, params=rng) == b"\x01\x01" + rows[1]
+    # -P overrides the Low secret
+    assert tpl.build_device(t, password=b"other").associations[32].secret == b"other"
+    # the unserved object is absent
+    with pytest.raises(cosem.DataAccessError):
+        _read(device, 112, "0.0.19.10.0.255", 2)
+
+
+# ------------------------------------------------- served over TCP, read by Gurux
+class _GuruxReader:
+    """Gurux's client over a plain TCP socket (WRAPPER), as the gateway uses it."""
+
+    def __init__(self, port: int, client: int, password: bytes | None):
+        import socket
+
+        from gurux_dlms import GXDLMSClient
+        from gurux_dlms.enums import Authentication, InterfaceType
+
+        auth = Authentication.LOW if password is not None else Authentication.NONE
+        self.client = GXDLMSClient(True, client, 1, auth, password, InterfaceType.WRAPPER)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+
+    def exchange(self, frame: bytes):
+        from gurux_dlms import GXByteBuffer, GXReplyData
+
+        reply = GXReplyData()
+        self.sock.sendall(bytes(frame))
+        buf = GXByteBuffer()
+        while not self.client.getData(buf, reply):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("simulator closed the connection")
+            buf.set(chunk)
+        return reply
+
+    def run(self, frames) -> object:
+        from gurux_dlms import GXReplyData
+        from gurux_dlms.enums import RequestTypes
+
+        if frames is None:
+            frames = []
+        elif isinstance(frames, (bytes, bytearray)):
+            frames = [frames]
+        reply = None
+        for frame in frames:
+            reply = self.exchange(frame)
+            data = reply
+            while data.isMoreData():
+                nxt = self.client.receiverReady(RequestTypes.DATABLOCK)
+                more = self.exchange(nxt)
+                data.data.set(more.data)
+                data.moreData = more.moreData
+        return reply if reply is not None else GXReplyData()
+
+    def associate(self) -> None:
+        reply = self.run(self.client.aarqRequest())
+        self.client.parseAareResponse(reply.data)
+
+    def read(self, obj, attr: int):
+        reply = self.run(self.client.read(obj, attr))
+        assert reply.error == 0, f"data access error {reply.error}"
+        return self.client.updateValue(obj, attr, reply.value)
+
+    def close(self) -> None:
+        try:
+            self.run(self.client.releaseRequest())
+        finally:
+            self.sock.close()
+
+
+def test_template_served_by_the_simulator_and_read_by_gurux(tmp_path: Path) -> None:
+    from gurux_dlms.objects import GXDLMSClock, GXDLMSData, GXDLMSProfileGeneric, GXDLMSRegister
+
+    from tests.helpers_sim import running_simulator
+
+    # Given the small template on disk, served by the real dlms2amqp-sim
+    path = tmp_path / "small.xml"
+    path.write_text(SMALL, encoding="utf-8")
+    with running_simulator(1, "-x", str(path)) as sim:
+        # Then the warnings are printed at start
+        err = "".join(sim.stderr_lines)
+        assert "0.0.19.10.0.255 class 112 (Credit): not served" in err
+        assert "S3cr3t" not in err
+        # When Gurux's client associates as client 32 with the template's secret
+        reader = _GuruxReader(sim.port, 32, SMALL_SECRET)
+        try:
+            reader.associate()
+            # Then it discovers the objects and reads the stored values back
+            objects = reader.client.parseObjects(
+                reader.run(reader.client.getObjectsRequest()).data, True
+            )
+            lns = {(int(o.objectType), o.logicalName) for o in objects}
+            assert {(1, "0.0.96.1.0.255"), (3, "1.0.32.7.0.255"), (8, "0.0.1.0.0.255")} <= lns
+            assert reader.read(GXDLMSData("0.0.96.1.0.255"), 2) == "SIM-0001"
+            volt = GXDLMSRegister("1.0.32.7.0.255")
+            reader.read(volt, 3)
+            assert (volt.scaler, int(volt.unit)) == (0.1, 35)
+            assert reader.read(volt, 2) == pytest.approx(230.1)
+            energy = GXDLMSRegister("1.0.1.8.0.255")
+            reader.read(energy, 3)
+            assert reader.read(energy, 2) == 123456000
+            clock = GXDLMSClock("0.0.1.0.0.255")
+            assert reader.read(clock, 3) == -60
+            pg = GXDLMSProfileGeneric("1.0.99.1.0.255")
+            reader.read(pg, 3)
+            assert [o.logicalName for o, _ in pg.captureObjects] == [
+                "0.0.1.0.0.255",
+                "1.0.1.8.0.255",
+            ]
+            assert reader.read(pg, 4) == 900
+            reply = reader.run(reader.client.readRowsByEntry(pg, 2, 2))
+            assert reply.error == 0
+            rows = reader.client.updateValue(pg, 2, reply.value)
+            # raw register values (Gurux does not scale profile cells)
+            assert [r[1] for r in rows] == [105, 111]
+            assert [(r[0].value.hour, r[0].value.minute) for r in rows] == [(10, 15), (10, 30)]
+        finally:
+            reader.close()
+        # and a wrong password is refused
+        bad = _GuruxReader(sim.port, 32, b"wrong!!!")
+        try:
+            from gurux_dlms import GXDLMSException
+
+            with pytest.raises(GXDLMSException):
+                bad.associate()
+        finally:
+            bad.sock.close()
+
+
+def test_simulator_refuses_a_broken_template_naming_the_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # Given a template with a typo in a closing tag
+    path = tmp_path / "broken.xml"
+    path.write_text(SMALL.replace("</GXDLMSClock>", "</GXDLMSClok>"), encoding="utf-8")
+    line = SMALL[: SMALL.index("</GXDLMSClock>")].count("\n") + 1
+    # When the simulator is started with it
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlms2amqp.cli.sim", "-p", "1", "-x", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # Then it exits 1 and says which file and line
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert f"template {path}, line {line}, column " in proc.stderr
+    assert "mismatched tag" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -14,7 +14,7 @@ Reading is in two steps so that the XML part does not depend on the server:
    typed attribute values ``(dlms_type, value)``, profile definitions and
    associations.  Anything the simulator cannot serve is named in
    ``Template.warnings``, never silently dropped.
-2. :func:`build_objects` turns that data into the simulator's object model
+2. :func:`build_device` turns that data into the simulator's object model
    (``dlms2amqp.simulator.cosem``).
 
 Element names follow the per-class ``load()``/``save()`` methods of Gurux
@@ -38,6 +38,9 @@ from xml.parsers import expat
 
 from ..errors import ConfigError
 from ..secret import Secret
+from . import axdr_enc as ax
+from . import cosem
+from .cosem import OTHER_REASON, DataAccessError
 
 __all__ = [
     "TemplateError",
@@ -48,6 +51,8 @@ __all__ = [
     "Template",
     "load_template",
     "parse_template",
+    "build_device",
+    "encode_value",
 ]
 
 #: A typed DLMS value: (data type number, Python value).  Arrays and structures
@@ -762,8 +767,6 @@ def _encode_time(ctx: _Ctx, el: ET.Element, text: str) -> bytes:
 # ------------------------------------------------------------------ object model
 def encode_value(value: DlmsValue) -> bytes:
     """A typed template value as complete A-XDR Data (tag + content)."""
-    from . import axdr_enc as ax
-
     dtype, v = value
     if dtype in (ARRAY, STRUCTURE):
         return ax.encode(dtype, [encode_value(item) for item in v])
@@ -775,17 +778,14 @@ def encode_value(value: DlmsValue) -> bytes:
     return ax.encode(dtype, v)
 
 
-def build_device(template: Template, password: Optional[bytes] = None) -> Any:
+def build_device(template: Template, password: Optional[bytes] = None) -> cosem.Device:
     """The simulator's ``cosem.Device`` serving the template's objects.
 
     ``password`` (``-P``) replaces the secret of every Low-level association.
     Every associated client reads every object: per-association object lists
     and access rights are not enforced (said in ``template.warnings``).
     """
-    from . import axdr_enc as ax
-    from . import cosem
-
-    objects: list[Any] = []
+    objects: list[cosem.CosemObject] = []
     for obj in template.objects:
         attrs: dict[int, Any] = {a: encode_value(v) for a, v in obj.attributes.items()}
         selective: dict[int, tuple[int, ...]] = {}
@@ -837,10 +837,8 @@ def build_device(template: Template, password: Optional[bytes] = None) -> Any:
     return device
 
 
-def _live_clock(ctx: Any) -> bytes:
+def _live_clock(ctx: cosem.ReadContext) -> bytes:
     """The template's stored time is a snapshot: a meter's clock runs."""
-    from . import axdr_enc as ax
-
     return ax.datetime_data(ctx.now, ctx.utc_offset)
 
 
@@ -853,10 +851,7 @@ class _StoredBuffer:
         self.raw = obj.buffer
         self.columns = obj.capture_objects
 
-    def __call__(self, ctx: Any) -> bytes:
-        from . import axdr_enc as ax
-        from .cosem import OTHER_REASON, DataAccessError
-
+    def __call__(self, ctx: cosem.ReadContext) -> bytes:
         rows = self.rows
         if ctx.selector == 1:
             p = ctx.params
@@ -897,8 +892,6 @@ class _StoredBuffer:
 
     @staticmethod
     def _time(row: list[DlmsValue], utc_offset: int) -> Optional[int]:
-        from . import axdr_enc as ax
-
         if not row:
             return None
         dtype, v = row[0]
