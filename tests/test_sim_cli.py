@@ -1,0 +1,54 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The ``dlms2amqp-sim`` process: ready line, ports, signals, start errors."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers_sim import SIM_CMD, free_port_range, running_simulator
+
+pytestmark = pytest.mark.integration
+
+
+def test_ready_line_every_port_listens_and_sigterm_exits_0():
+    with running_simulator(50) as sim:
+        assert sim.ready_line == f"ready 50 meters on {sim.port}-{sim.port + 49}"
+        for p in (sim.port, sim.port + 25, sim.port + 49):
+            socket.create_connection((sim.host, p), timeout=5).close()
+        sim.proc.send_signal(signal.SIGTERM)
+        assert sim.proc.wait(15) == 0
+
+
+def test_sigint_exits_0():
+    with running_simulator(1) as sim:
+        sim.proc.send_signal(signal.SIGINT)
+        assert sim.proc.wait(15) == 0
+
+
+def test_busy_port_is_a_clear_error():
+    first = free_port_range(3)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", first + 1))
+    blocker.listen(1)
+    try:
+        r = subprocess.run(
+            [*SIM_CMD, "-N", "3", "-p", str(first)], capture_output=True, text=True, timeout=30
+        )
+    finally:
+        blocker.close()
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{first + 1}" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_arguments():
+    r = subprocess.run([*SIM_CMD, "--silent", "2"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "between 0 and 1" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "dlms2amqp.cli.sim", "-p", "65535", "-N", "2"],
+                       capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert r.returncode == 2 and "65535" in r.stderr

@@ -1,0 +1,251 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The simulator read by Gurux's own client (the independent proof), over real sockets.
+
+Every value is compared with ``dlms2amqp.simulator.model``.
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from datetime import datetime, timezone
+
+import pytest
+from gurux_dlms import GXDLMSException
+from gurux_dlms.enums import SourceDiagnostic
+from gurux_dlms.objects import (
+    GXDLMSClock,
+    GXDLMSData,
+    GXDLMSProfileGeneric,
+    GXDLMSRegister,
+)
+
+from dlms2amqp.simulator import axdr_enc, model
+from tests.helpers_sim import GuruxMeter, gurux_client, running_simulator
+
+pytestmark = pytest.mark.integration
+
+INTERFACES = ["WRAPPER"]
+
+
+@pytest.fixture(scope="module", params=INTERFACES)
+def sim(request):
+    with running_simulator(3, interface=request.param) as info:
+        info.interface = request.param
+        yield info
+
+
+def _meter(sim, client_sap: int, k: int = 0, **kw) -> GuruxMeter:
+    c = gurux_client(client_sap, sim.interface, **kw)
+    m = GuruxMeter(c, sim.host, sim.port + k)
+    m.connect()
+    return m
+
+
+def _utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=timezone.utc)
+
+
+def _ts(d: datetime) -> int:
+    return calendar.timegm(d.utctimetuple())
+
+
+def _rows(value) -> list[tuple]:
+    """Gurux's raw reply rows -> tuples with the clock as a UTC timestamp."""
+    return [(axdr_enc.parse_datetime(bytes(r[0])), *r[1:]) for r in value]
+
+
+@pytest.mark.parametrize("client_sap", [16, 32])
+def test_association_and_release(sim, client_sap):
+    # Given the simulator, when each client associates, reads and releases
+    m = _meter(sim, client_sap, k=1)
+    try:
+        ldn = m.read(GXDLMSData("0.0.42.0.0.255"), 2)
+        serial = m.read(GXDLMSData("0.0.96.1.0.255"), 2)
+        m.release()
+    finally:
+        m.close()
+    # Then the identity objects are those of meter 1
+    assert bytes(ldn) == model.logical_device_name(1)
+    assert str(serial) == model.serial_number(1)
+
+
+def test_wrong_password_rejected(sim):
+    c = gurux_client(32, sim.interface, password="12345678")
+    with GuruxMeter(c, sim.host, sim.port) as m:
+        with pytest.raises(GXDLMSException) as exc:
+            m.connect()
+    assert exc.value.diagnostic == SourceDiagnostic.AUTHENTICATION_FAILURE
+    assert "Authentication failure" in str(exc.value)
+
+
+def test_object_list(sim):
+    m = _meter(sim, 16)
+    try:
+        reply = m.request(m.client.getObjectsRequest())
+        objects = m.client.parseObjects(reply.data, True)
+    finally:
+        m.close()
+    lns = {str(o.logicalName) for o in objects}
+    expected = {
+        "0.0.1.0.0.255", "0.0.42.0.0.255", "0.0.96.1.0.255", "1.0.1.8.0.255",
+        "1.0.2.8.0.255", "1.0.32.7.0.255", "1.0.31.7.0.255", "0.0.96.10.1.255",
+        "0.0.43.1.0.255", "1.0.99.1.0.255", "1.0.98.1.0.255", "0.0.40.0.0.255",
+    }  # fmt: skip
+    assert expected <= lns
+
+
+@pytest.mark.parametrize(
+    "ln, fn, scaler, unit",
+    [
+        ("1.0.1.8.0.255", model.import_wh, 1.0, 30),
+        ("1.0.2.8.0.255", model.export_wh, 1.0, 30),
+        ("1.0.32.7.0.255", model.voltage_raw, 0.1, 35),
+        ("1.0.31.7.0.255", model.current_raw, 0.01, 33),
+    ],
+)
+def test_registers(sim, ln, fn, scaler, unit):
+    k = 2
+    m = _meter(sim, 32, k=k)
+    try:
+        reg = GXDLMSRegister(ln)
+        m.read(reg, 3)
+        before = int(time.time())
+        reply = m.request(m.client.read(reg, 2))
+        after = int(time.time())
+        m.release()
+    finally:
+        m.close()
+    assert reg.scaler == pytest.approx(scaler)
+    assert int(reg.unit) == unit
+    assert reply.value in {fn(k, before), fn(k, after)}
+
+
+def test_public_client_cannot_read_energy(sim):
+    m = _meter(sim, 16)
+    try:
+        reply = m.request(m.client.read(GXDLMSRegister("1.0.1.8.0.255"), 2))
+    finally:
+        m.close()
+    assert reply.error == 3  # read-write-denied
+
+
+def test_clock(sim):
+    m = _meter(sim, 16)
+    try:
+        clock = GXDLMSClock()
+        m.read(clock, 2)
+        m.read(clock, 3)
+        m.read(clock, 4)
+    finally:
+        m.close()
+    assert abs(clock.time.value.timestamp() - time.time()) < 10
+    assert clock.timeZone == 0
+    assert int(clock.status) == 0
+
+
+def _read_range(m: GuruxMeter, ln: str, start: datetime, end: datetime):
+    pg = GXDLMSProfileGeneric(ln)
+    m.read(pg, 3)
+    reply = m.request(m.client.readRowsByRange(pg, start, end))
+    assert not reply.error
+    return pg, reply.value
+
+
+@pytest.mark.parametrize(
+    "start, end",
+    [
+        (_utc(2026, 3, 4, 22, 0), _utc(2026, 3, 5, 2, 0)),  # day boundary
+        (_utc(2026, 1, 31, 23, 0), _utc(2026, 2, 1, 1, 0)),  # month boundary
+    ],
+)
+def test_load_profile_by_range(sim, start, end):
+    k = 1
+    m = _meter(sim, 32, k=k)
+    try:
+        pg, value = _read_range(m, "1.0.99.1.0.255", start, end)
+        rows = _rows(value)
+        m.client.updateValue(pg, 2, value)
+    finally:
+        m.close()
+    expected = model.load_profile_rows(k, _ts(start), _ts(end))
+    assert rows == expected
+    # Gurux's own decoding agrees on the clock column
+    assert [int(r[0].value.timestamp()) for r in pg.buffer] == [r[0] for r in expected]
+    assert [str(c[0].logicalName) for c in pg.captureObjects] == [
+        "0.0.1.0.0.255", "0.0.96.10.1.255", "1.0.1.8.0.255", "1.0.2.8.0.255"
+    ]  # fmt: skip
+
+
+def test_billing_profile_across_month(sim):
+    k = 2
+    start, end = _utc(2026, 1, 25), _utc(2026, 2, 5)
+    m = _meter(sim, 32, k=k)
+    try:
+        _pg, value = _read_range(m, "1.0.98.1.0.255", start, end)
+    finally:
+        m.close()
+    expected = model.billing_rows(k, _ts(start), _ts(end))
+    assert len(expected) == 12
+    assert _rows(value) == expected
+
+
+def test_load_profile_31_days_block_transfer(sim):
+    # Given a client that accepts only 1024-byte PDUs: 31 days need many GET blocks
+    k = 0
+    start, end = _utc(2026, 1, 1), _utc(2026, 2, 1)
+    c = gurux_client(32, sim.interface)
+    c.setMaxReceivePDUSize(1024)
+    m = GuruxMeter(c, sim.host, sim.port + k)
+    try:
+        m.connect()
+        _pg, value = _read_range(m, "1.0.99.1.0.255", start, end)
+        m.release()
+    finally:
+        m.close()
+    expected = model.load_profile_rows(k, _ts(start), _ts(end))
+    assert len(expected) == 31 * 96 + 1
+    assert _rows(value) == expected
+
+
+def test_load_profile_by_entry(sim):
+    k = 1
+    m = _meter(sim, 32, k=k)
+    try:
+        pg = GXDLMSProfileGeneric("1.0.99.1.0.255")
+        m.read(pg, 3)
+        entries = m.read(pg, 7)
+        assert m.read(pg, 8) == entries == model.LOAD_ENTRIES
+        t0 = int(time.time())
+        reply = m.request(m.client.readRowsByEntry(pg, entries - 3, 4))
+        first_reply = m.request(m.client.readRowsByEntry(pg, 1, 2))
+        t1 = int(time.time())
+    finally:
+        m.close()
+    rows = _rows(reply.value)
+    candidates = []
+    for now in {t0, t1}:
+        last = model.last_load_boundary(now)
+        candidates.append(model.load_profile_rows(k, last - 3 * 900, last))
+    assert rows in candidates
+    oldest = _rows(first_reply.value)
+    assert oldest[1][0] - oldest[0][0] == 900
+    assert rows[-1][0] - oldest[0][0] == (model.LOAD_ENTRIES - 1) * 900
+
+
+def test_profile_attributes(sim):
+    m = _meter(sim, 32)
+    try:
+        pg = GXDLMSProfileGeneric("1.0.98.1.0.255")
+        assert m.read(pg, 4) == 86400
+        assert m.read(pg, 8) == model.BILLING_ENTRIES
+        lp = GXDLMSProfileGeneric("1.0.99.1.0.255")
+        assert m.read(lp, 4) == 900
+        m.read(lp, 3)
+        now = int(time.time())
+        reply = m.request(m.client.read(lp, 2))
+    finally:
+        m.close()
+    rows = _rows(reply.value)
+    assert len(rows) == model.LOAD_DEFAULT_ROWS
+    assert rows[-1][0] in {model.last_load_boundary(now), model.last_load_boundary(now + 5)}
