@@ -161,3 +161,101 @@ def test_bad_arguments() -> None:
         sec.encrypt(0x30, CLIENT_ST, 1 << 32, BLOCK_KEY, AUTH_KEY, b"x")
     with pytest.raises(sec.DecryptError):
         sec.decrypt(CLIENT_ST, BLOCK_KEY, AUTH_KEY, b"\x30\x00")
+
+
+# ------------------------------------------------ HLS-GMAC against the real simulator
+def _secure_reader(port: int, invocation_counter: int):
+    """Gurux's secure client as client 48 (HLS-GMAC, authenticated encryption)."""
+    from gurux_dlms.enums import Authentication, InterfaceType, Security
+    from gurux_dlms.secure import GXDLMSSecureClient
+
+    from tests.test_sim_template import _GuruxReader
+
+    reader = _GuruxReader(port, 16, None)
+    c = GXDLMSSecureClient(True, 48, 1, Authentication.HIGH_GMAC, None, InterfaceType.WRAPPER)
+    c.ciphering.security = Security.AUTHENTICATION_ENCRYPTION
+    c.ciphering.systemTitle = bytearray(CLIENT_ST)
+    c.ciphering.blockCipherKey = bytearray(BLOCK_KEY)
+    c.ciphering.authenticationKey = bytearray(AUTH_KEY)
+    c.ciphering.invocationCounter = invocation_counter
+    reader.client = c
+    return reader
+
+
+def _hls_associate(reader) -> None:
+    reader.associate()
+    assert reader.client.getIsAuthenticationRequired()
+    reply = reader.run(reader.client.getApplicationAssociationRequest())
+    reader.client.parseApplicationAssociationResponse(reply.data)
+
+
+def test_hls_gmac_session() -> None:
+    import datetime
+
+    from gurux_dlms import GXDLMSException
+    from gurux_dlms.objects import GXDLMSData, GXDLMSProfileGeneric, GXDLMSRegister
+
+    from dlms2amqp.simulator import model
+    from tests.helpers_sim import running_simulator
+    from tests.test_sim_template import _GuruxReader
+
+    # Given the built-in meter k=1 (its system title is b"D2A" + k)
+    with running_simulator(2) as sim:
+        port = sim.port + 1
+        # When Gurux's secure client associates as client 48 with HLS-GMAC
+        reader = _secure_reader(port, 100)
+        try:
+            _hls_associate(reader)
+            # Then the meter's system title and ciphered replies check out
+            assert bytes(reader.client.settings.sourceSystemTitle) == b"D2A" + (1).to_bytes(
+                5, "big"
+            )
+            energy = GXDLMSRegister("1.0.1.8.0.255")
+            reader.read(energy, 3)
+            assert int(energy.unit) == 30
+            now = int(datetime.datetime.now(datetime.timezone.utc).timestamp())
+            value = reader.read(energy, 2)
+            assert model.import_wh(1, now - 60) <= value <= model.import_wh(1, now + 60)
+            # and a profile by range over an hour, block by block if needed
+            pg = GXDLMSProfileGeneric("1.0.99.1.0.255")
+            reader.read(pg, 3)
+            end = datetime.datetime.fromtimestamp(
+                model.last_load_boundary(now), datetime.timezone.utc
+            )
+            start = end - datetime.timedelta(hours=1)
+            reply = reader.run(reader.client.readRowsByRange(pg, start, end))
+            assert reply.error == 0
+            rows = reader.client.updateValue(pg, 2, reply.value)
+            expected = model.load_profile_rows(1, int(start.timestamp()), int(end.timestamp()))
+            assert [(r[1], r[2], r[3]) for r in rows] == [(s, i, e) for _t, s, i, e in expected]
+            counter = reader.client.ciphering.invocationCounter
+        finally:
+            reader.close()
+
+        # The meter keeps the last accepted counter (0.0.43.1.0.255, readable by client 16)
+        public = _GuruxReader(port, 16, None)
+        try:
+            public.associate()
+            last = public.read(GXDLMSData("0.0.43.1.0.255"), 2)
+        finally:
+            public.close()
+        assert 100 < last < counter + 1
+
+        # When a session replays an old counter, Then the meter refuses the association
+        replay = _secure_reader(port, 100)
+        try:
+            with pytest.raises(GXDLMSException) as info:
+                _hls_associate(replay)
+            assert int(info.value.diagnostic) == 13  # authentication-failure
+        finally:
+            replay.sock.close()
+
+        # When the keys are wrong, Then the association fails too
+        wrong = _secure_reader(port, last + 10)
+        wrong.client.ciphering.authenticationKey = bytearray(16)
+        try:
+            with pytest.raises(GXDLMSException) as info:
+                _hls_associate(wrong)
+            assert int(info.value.diagnostic) == 13
+        finally:
+            wrong.sock.close()
