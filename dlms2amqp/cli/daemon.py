@@ -1,0 +1,67 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""dlms2amqpd: take READ commands from InQueue, read meters, publish replies."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+import orjson
+
+from .. import __version__, logsetup
+from ..config import describe_keys, load_config
+from ..errors import ConfigError, GatewayError
+from ..supervisor import EXIT_CONFIG, EXIT_WORKER_BOOT, Supervisor
+
+DEFAULT_CONFIG = "/etc/dlms2amqp.json"
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="dlms2amqpd",
+        description="Read DLMS/COSEM meters on behalf of RabbitMQ requests.",
+        epilog="Configuration keys:\n" + describe_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="configuration file (JSON)")
+    p.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit"
+    )
+    p.add_argument("--version", action="version", version=f"dlms2amqp {__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"dlms2amqpd: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(orjson.dumps(cfg.as_dict(), option=orjson.OPT_INDENT_2).decode())
+        print(f"dlms2amqpd: configuration {cfg.path} is valid", file=sys.stderr)
+        return 0
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"dlms2amqpd: cannot create StateDir {cfg.state_dir}: {e.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    logsetup.configure(cfg.debug_file, cfg.LogLevel, process="master", console=True)
+    log = logsetup.get_logger("dlms2amqp.master")
+    log.info("starting", version=__version__, config=str(cfg.path), workers=cfg.Workers)
+    try:
+        return Supervisor(cfg).run()
+    except ConfigError as e:
+        log.error("config_error", error=e.message)
+        print(f"dlms2amqpd: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except GatewayError as e:
+        log.error("fatal", error=e.message)
+        print(f"dlms2amqpd: {e}", file=sys.stderr)
+        return EXIT_WORKER_BOOT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Prometheus metrics of the daemon (names from shared/notes/reliability.md).
+
+Only the master exports; workers send their counters with their heartbeats and results.
+No label carries a meter, request or address: those would make the series unbounded.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from . import __version__
+
+_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
+
+
+class Metrics:
+    """All metrics in one registry (one per process, so tests can build several)."""
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None):
+        r = self.registry = registry or CollectorRegistry()
+        p = "dlms2amqp_"
+        self.requests = Counter(
+            p + "requests",
+            "Requests answered, by command and status",
+            ["cmd", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            p + "request_duration_seconds",
+            "Time from delivery to reply confirmed",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.meter_session = Histogram(
+            p + "meter_session_seconds",
+            "Time spent in reader.execute per request",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            p + "requests_in_flight", "Requests delivered and not yet acknowledged", registry=r
+        )
+        self.redeliveries = Counter(
+            p + "redeliveries", "Deliveries flagged redelivered by the broker", registry=r
+        )
+        self.dedup_hits = Counter(
+            p + "dedup_hits", "Redeliveries answered from the reply store", registry=r
+        )
+        self.dead_lettered = Counter(
+            p + "dead_lettered", "Requests sent to the dead-letter queue", ["reason"], registry=r
+        )
+        self.publish_failures = Counter(
+            p + "reply_publish_failures", "Reply publishes not confirmed", ["kind"], registry=r
+        )
+        self.workers_alive = Gauge(p + "workers_alive", "Worker processes alive", registry=r)
+        self.worker_restarts = Counter(
+            p + "worker_restarts", "Worker processes replaced", ["reason"], registry=r
+        )
+        self.broker_connected = Gauge(
+            p + "broker_connected", "1 while connected to the broker", registry=r
+        )
+        self.broker_reconnects = Counter(
+            p + "broker_reconnects", "Broker connections re-established", registry=r
+        )
+        self.pool_connections = Gauge(
+            p + "pool_connections", "Idle associated meter sessions in the pools", registry=r
+        )
+        self.pool_hits = Counter(
+            p + "pool_hits", "Requests served on a pooled (reused) association", registry=r
+        )
+        self.build_info = Gauge(p + "build_info", "Version of dlms2amqp", ["version"], registry=r)
+        self.build_info.labels(version=__version__).set(1)
+
+    def serve(self, port: int, address: str = "127.0.0.1") -> None:
+        """Start the HTTP endpoint (a daemon thread of prometheus_client)."""
+        if port:
+            start_http_server(port, addr=address, registry=self.registry)

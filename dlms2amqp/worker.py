@@ -1,0 +1,207 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Worker process: runs meter sessions in threads, one meter at a time per meter key.
+
+Real meters take seconds per round trip, so a worker keeps ``sessions`` blocking Gurux
+sessions busy at once (threads); the GIL is released while they wait on sockets.  Two
+requests for the same meter never overlap: the master routes a meter to one worker, and
+here a per-meter queue runs them one after the other.
+
+The worker knows nothing of AMQP.  It talks to the master over one duplex pipe:
+
+    master -> worker   ("job", job_id, ReadRequest, meter_key) | ("reopen",) | ("stop",)
+    worker -> master   ("ready", pid) | ("hb", stats) | ("start", job_id)
+                       | ("done", job_id, reply_id, body, status, rows, seconds, pooled)
+
+A heartbeat every second proves the worker is alive; the master kills a silent one.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Optional
+
+from . import logsetup
+from . import reply as replymod
+
+HEARTBEAT_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs from the configuration (picklable, no broker password)."""
+
+    index: int
+    sessions: int
+    request_timeout: float
+    frame_timeout: float
+    idle_timeout: float
+    state_dir: Optional[Path]
+    datetime_format: str
+    trace: bool
+    debug_file: Optional[Path]
+    log_level: str
+
+
+class _PipeOut:
+    """Thread-safe sender (many session threads answer on one pipe)."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, msg: tuple) -> None:
+        with self.lock:
+            self.conn.send(msg)
+
+
+def _make_pool(settings: WorkerSettings) -> Any:
+    """The session layer's pool, or None when pooling is off."""
+    if settings.idle_timeout <= 0:
+        return None
+    from .pool import SessionPool
+
+    return SessionPool(idle_timeout=settings.idle_timeout)
+
+
+def _pool_stats(pool: Any) -> dict[str, float]:
+    """Counters the master exports (hits, idle connections), whatever the pool offers."""
+    if pool is None:
+        return {}
+    stats = getattr(pool, "stats", None)
+    if callable(stats):
+        stats = stats()
+    if isinstance(stats, dict):
+        return {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+    out: dict[str, float] = {}
+    for name in ("hits", "idle", "opened"):
+        v = getattr(pool, name, None)
+        if isinstance(v, (int, float)):
+            out[name] = float(v)
+    return out
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, conn: Connection):
+        self.settings = settings
+        self.conn = conn
+        self.out = _PipeOut(conn)
+        self.log = logsetup.get_logger("dlms2amqp.worker")
+        from .reader import ReaderOptions
+
+        self.options = ReaderOptions(
+            frame_timeout=settings.frame_timeout,
+            request_timeout=settings.request_timeout,
+            datetime_format=settings.datetime_format,
+            state_dir=settings.state_dir,
+            trace=settings.trace,
+        )
+        self.pool = _make_pool(settings)
+        self.executor = ThreadPoolExecutor(settings.sessions, thread_name_prefix="session")
+        self.lock = threading.Lock()
+        self.waiting: dict[str, collections.deque] = {}  # meter key -> queued jobs
+        self.busy: set[str] = set()  # meter keys with a running session
+        self.running = 0
+
+    # --- per-meter serialisation ---------------------------------------------------
+    def submit(self, job_id: int, request: Any, meter_key: str) -> None:
+        with self.lock:
+            if meter_key in self.busy:
+                self.waiting.setdefault(meter_key, collections.deque()).append((job_id, request))
+                return
+            self.busy.add(meter_key)
+            self.running += 1
+        self.executor.submit(self._run, job_id, request, meter_key)
+
+    def _next(self, meter_key: str) -> Optional[tuple[int, Any]]:
+        with self.lock:
+            q = self.waiting.get(meter_key)
+            if q:
+                item = q.popleft()
+                if not q:
+                    del self.waiting[meter_key]
+                return item
+            self.busy.discard(meter_key)
+            self.running -= 1
+            return None
+
+    def _run(self, job_id: int, request: Any, meter_key: str) -> None:
+        item: Optional[tuple[int, Any]] = (job_id, request)
+        while item is not None:
+            self._execute(*item)
+            item = self._next(meter_key)
+
+    def _execute(self, job_id: int, request: Any) -> None:
+        from .reader import execute
+
+        self.out.send(("start", job_id))
+        t0 = time.monotonic()
+        before = _pool_stats(self.pool).get("hits", 0.0)
+        try:
+            reply = execute(request, self.options, self.pool)
+        except Exception as e:  # noqa: BLE001 - execute must not raise; never lose a reply
+            self.log.error("reader_crashed", msg_id=request.msg_id, error=type(e).__name__)
+            reply = replymod.error_reply(
+                request.msg_id, "Internal error in the gateway while reading the meter"
+            )
+        seconds = time.monotonic() - t0
+        pooled = _pool_stats(self.pool).get("hits", 0.0) > before
+        body = replymod.dumps(reply)
+        self.out.send(
+            (
+                "done",
+                job_id,
+                reply["MsgID"],
+                body,
+                reply.get("Status", "notok"),
+                len(reply.get("DataRecords") or ()),
+                seconds,
+                pooled,
+            )
+        )
+
+    # --- main loop -------------------------------------------------------------------
+    def serve(self) -> None:
+        self.out.send(("ready", os.getpid()))
+        next_hb = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_hb:
+                self.out.send(("hb", _pool_stats(self.pool)))
+                next_hb = now + HEARTBEAT_SECONDS
+            if not self.conn.poll(max(0.0, next_hb - time.monotonic())):
+                continue
+            msg = self.conn.recv()
+            kind = msg[0]
+            if kind == "job":
+                self.submit(msg[1], msg[2], msg[3])
+            elif kind == "reopen":
+                logsetup.reopen()
+            elif kind == "stop":
+                self.executor.shutdown(wait=True)
+                close = getattr(self.pool, "close", None)
+                if callable(close):
+                    close()
+                return
+
+
+def main(settings: WorkerSettings, conn: Connection) -> None:
+    """Process entry point (spawned by the supervisor)."""
+    # The master decides when we stop: a TERM or ^C to the process group must not kill
+    # sessions half way; SIGHUP arrives as a "reopen" message.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    logsetup.configure(settings.debug_file, settings.log_level, process=f"worker{settings.index}")
+    try:
+        Worker(settings, conn).serve()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        # the master is gone: nobody can publish our results; stop at once
+        os._exit(0)
