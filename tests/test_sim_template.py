@@ -502,3 +502,40 @@ def test_simulator_refuses_a_broken_template_naming_the_line(tmp_path: Path) -> 
     assert f"template {path}, line {line}, column " in proc.stderr
     assert "mismatched tag" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "fields"),
+    [
+        # Gurux .NET / Python writers: MM/dd/yyyy HH:mm:ss, local time, no offset
+        ("01/05/2024 10:00:00", (2024, 1, 5, 5, 10, 0, 0, 0, -0x8000, 0)),
+        ("12/31/2023 23:59:59", (2023, 12, 31, 7, 23, 59, 59, 0, -0x8000, 0)),
+        # wildcards: not specified
+        ("*/*/* 02:00:00", (0xFFFF, 0xFF, 0xFF, 0xFF, 2, 0, 0, 0, -0x8000, 0)),
+        ("03/*/* *:30:00", (0xFFFF, 3, 0xFF, 0xFF, 0xFF, 30, 0, 0, -0x8000, 0)),
+        # DST markers and explicit offsets
+        ("BEGIN/*/* 03:00:00", (0xFFFF, 0xFE, 0xFF, 0xFF, 3, 0, 0, 0, -0x8000, 0)),
+        ("01/05/2024 10:00:00 +02:00", (2024, 1, 5, 5, 10, 0, 0, 0, -120, 0)),
+        ("2024-01-05T10:00:00Z", (2024, 1, 5, 5, 10, 0, 0, 0, 0, 0)),
+        ("2024-01-05 10:00:00-0130", (2024, 1, 5, 5, 10, 0, 0, 0, 90, 0)),
+    ],
+)
+def test_datetime_formats(text: str, fields: tuple) -> None:
+    t = parse_template(
+        f'<Objects><GXDLMSData><LN>0.0.1.2.3.255</LN><Value Type="25">{text}</Value>'
+        "</GXDLMSData></Objects>"
+    )
+    assert t.find("0.0.1.2.3.255").attributes[2] == (
+        tpl.DATETIME,
+        struct.pack(">HBBBBBBBhB", *fields),
+    )
+
+
+@pytest.mark.parametrize("text", ["02/30/2024 10:00:00", "13/01/2024 10:00:00", "yesterday"])
+def test_bad_datetimes_name_the_line(text: str) -> None:
+    msg = _error(
+        f'<Objects>\n<GXDLMSData><LN>0.0.1.2.3.255</LN>\n<Value Type="25">{text}</Value>'
+        "</GXDLMSData></Objects>"
+    )
+    assert msg.startswith("template meter.xml, line 3: ")
+    assert repr(text) in msg

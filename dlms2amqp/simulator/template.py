@@ -692,14 +692,17 @@ def _hex(ctx: _Ctx, el: ET.Element, text: str) -> bytes:
         raise ctx.error(el, f"<{el.tag}> {text!r} is not hex bytes (like 47 52 58 33)") from None
 
 
+_TZ = r"(?:\s*(?P<tz>Z|[+-]\d{2}:?\d{2}))?"
 _DT_RE = re.compile(
-    r"^(?P<mon>\*|\d{1,2})/(?P<day>\*|\d{1,2})/(?P<year>\*|\d{1,4})"
-    r"(?:\s+(?P<h>\*|\d{1,2}):(?P<m>\*|\d{1,2})(?::(?P<s>\*|\d{1,2}))?)?$"
+    r"^(?P<mon>\*|\d{1,2}|BEGIN|END)/(?P<day>\*|\d{1,2})/(?P<year>\*|\d{1,4})"
+    r"(?:\s+(?P<h>\*|\d{1,2}):(?P<m>\*|\d{1,2})(?::(?P<s>\*|\d{1,2}))?)?" + _TZ + "$"
 )
 _ISO_RE = re.compile(
     r"^(?P<year>\d{4})-(?P<mon>\d{2})-(?P<day>\d{2})"
-    r"(?:[T ](?P<h>\d{2}):(?P<m>\d{2})(?::(?P<s>\d{2}))?)?$"
+    r"(?:[T ](?P<h>\d{2}):(?P<m>\d{2})(?::(?P<s>\d{2}))?)?" + _TZ + "$"
 )
+#: COSEM month values for Gurux's DST markers
+_MONTH_WORDS = {"BEGIN": 0xFE, "END": 0xFD}
 
 
 def _field(value: Optional[str], wildcard: int) -> int:
@@ -708,11 +711,23 @@ def _field(value: Optional[str], wildcard: int) -> int:
     return int(value)
 
 
+def _deviation(tz: Optional[str]) -> int:
+    """Blue Book deviation (local + deviation = UTC) of ``+02:00``; 0x8000 when absent."""
+    if tz is None:
+        return -0x8000
+    if tz == "Z":
+        return 0
+    sign = -1 if tz[0] == "+" else 1
+    digits = tz[1:].replace(":", "")
+    return sign * (int(digits[:2]) * 60 + int(digits[2:]))
+
+
 def _encode_datetime(ctx: _Ctx, el: Optional[ET.Element], text: str) -> bytes:
     """``MM/dd/yyyy HH:mm:ss`` (``*`` = not specified) -> COSEM date-time (12 bytes).
 
-    The template carries no time zone: deviation is 0x8000 (not specified), as
-    Gurux's meter-format strings do, so a client treats it as meter local time.
+    Gurux writes local time without an offset: the deviation is then 0x8000
+    (not specified) and a client takes it as the meter's local time.  An
+    explicit offset (``+02:00``, ``Z``) is kept.
     """
     t = text.strip()
     m = _DT_RE.match(t) or _ISO_RE.match(t)
@@ -723,13 +738,14 @@ def _encode_datetime(ctx: _Ctx, el: Optional[ET.Element], text: str) -> bytes:
             " (expected MM/dd/yyyy HH:mm:ss)",
         )
     year = _field(m.group("year"), 0xFFFF)
-    mon = _field(m.group("mon"), 0xFF)
+    mon_text = m.group("mon")
+    mon = _MONTH_WORDS[mon_text] if mon_text in _MONTH_WORDS else _field(mon_text, 0xFF)
     day = _field(m.group("day"), 0xFF)
     hour = _field(m.group("h"), 0xFF) if m.group("h") else 0
     minute = _field(m.group("m"), 0xFF) if m.group("m") else 0
     sec = _field(m.group("s"), 0xFF) if m.group("s") else 0
     if (
-        (mon != 0xFF and not 1 <= mon <= 12)
+        (mon < 0xFD and not 1 <= mon <= 12)
         or (day != 0xFF and not 1 <= day <= 31)
         or (hour != 0xFF and hour > 23)
         or (minute != 0xFF and minute > 59)
@@ -737,13 +753,14 @@ def _encode_datetime(ctx: _Ctx, el: Optional[ET.Element], text: str) -> bytes:
     ):
         raise ctx.error(el, f"date-time {t!r} has a field out of range")
     dow = 0xFF
-    if year != 0xFFFF and 0xFF not in (mon, day):
+    if year != 0xFFFF and mon <= 12 and day != 0xFF:
         try:
             dow = datetime.date(year, mon, day).isoweekday()
         except ValueError:
             raise ctx.error(el, f"date-time {t!r} is not a calendar date") from None
-    # hundredths 0, deviation not specified, clock status 0 (valid)
-    return struct.pack(">HBBBBBBBhB", year, mon, day, dow, hour, minute, sec, 0, -0x8000, 0)
+    deviation = _deviation(m.group("tz"))
+    # hundredths 0, clock status 0 (valid)
+    return struct.pack(">HBBBBBBBhB", year, mon, day, dow, hour, minute, sec, 0, deviation, 0)
 
 
 def _encode_date(ctx: _Ctx, el: ET.Element, text: str) -> bytes:
@@ -759,7 +776,7 @@ def _encode_time(ctx: _Ctx, el: ET.Element, text: str) -> bytes:
             _field(m.group(1), 0xFF),
             _field(m.group(2), 0xFF),
             _field(m.group(3), 0xFF) if m.group(3) else 0,
-            0xFF,
+            0,
         ]
     )
 
