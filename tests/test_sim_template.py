@@ -539,3 +539,13 @@ def test_bad_datetimes_name_the_line(text: str) -> None:
     )
     assert msg.startswith("template meter.xml, line 3: ")
     assert repr(text) in msg
+
+
+def test_object_without_value_is_listed() -> None:
+    t = parse_template(
+        "<Objects><GXDLMSRegister><LN>1.0.1.8.0.255</LN><Unit>30</Unit></GXDLMSRegister></Objects>"
+    )
+    assert t.warnings == ["1.0.1.8.0.255 class 3 attribute 2: no <Value>, not served"]
+    assert t.find("1.0.1.8.0.255").attributes == {
+        3: (tpl.STRUCTURE, [(tpl.INT8, 0), (tpl.ENUM, 30)])
+    }

@@ -404,7 +404,7 @@ def _parse_int(ctx: _Ctx, el: ET.Element, text: str) -> int:
         f = float(t)
     except ValueError:
         raise ctx.error(el, f"<{el.tag}> {t!r} is not a number") from None
-    if f != int(f):
+    if not math.isfinite(f) or f != int(f):
         raise ctx.error(el, f"<{el.tag}> {t!r} is not a whole number")
     return int(f)
 
@@ -413,6 +413,10 @@ def _read_data(ctx: _Ctx, el: ET.Element, obj: TemplateObject, template: Templat
     v = el.find("Value")
     if v is not None:
         obj.attributes[2] = _parse_value(ctx, v)
+    else:
+        template.warnings.append(
+            f"{obj.ln} class {obj.class_id} attribute 2: no <Value>, not served"
+        )
 
 
 def _read_register(ctx: _Ctx, el: ET.Element, obj: TemplateObject, template: Template) -> None:
