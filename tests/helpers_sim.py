@@ -155,10 +155,13 @@ class GuruxMeter:
     configured with addresses, authentication and interface type.
     """
 
-    def __init__(self, client, host: str, port: int, timeout: float = 20.0):
+    def __init__(self, client, host: str = "", port: int = 0, timeout: float = 20.0, stream=None):
         self.client = client
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.settimeout(timeout)
+        if stream is not None:
+            self.sock = stream
+        else:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+            self.sock.settimeout(timeout)
 
     def close(self) -> None:
         self.sock.close()
@@ -225,6 +228,34 @@ class GuruxMeter:
         if self.client.interfaceType == InterfaceType.HDLC:
             self.request(self.client.disconnectRequest())
         return reply
+
+
+class TtyStream:
+    """A pty / serial device with the socket methods GuruxMeter uses."""
+
+    def __init__(self, path: str, timeout: float = 20.0):
+        import tty
+
+        self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+        tty.setraw(self.fd)
+        self.timeout = timeout
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def recv(self, n: int) -> bytes:
+        import select
+
+        r, _, _ = select.select([self.fd], [], [], self.timeout)
+        if not r:
+            raise TimeoutError("no answer on the serial line")
+        return os.read(self.fd, n)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def gurux_client(client_sap: int = 16, interface: str = "WRAPPER", password: str = "", **kw):

@@ -25,7 +25,7 @@ from tests.helpers_sim import GuruxMeter, gurux_client, running_simulator
 
 pytestmark = pytest.mark.integration
 
-INTERFACES = ["WRAPPER"]
+INTERFACES = ["WRAPPER", "HDLC"]
 
 
 @pytest.fixture(scope="module", params=INTERFACES)

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("-P", "--password", help="Low-level secret of client 32 (default 00000000)")
+    p.add_argument("-n", "--physical", type=int, default=0, help="HDLC physical server address")
     p.add_argument("--serial", help="serve one meter (HDLC) on this serial device or pty")
     p.add_argument("--utc-offset", type=int, default=0, help="meter local time offset, minutes")
     p.add_argument("--latency", type=float, default=0.0, metavar="MS", help="delay per reply frame")
@@ -142,6 +143,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         reject_auth=args.reject_auth,
         interface=args.interface,
         seed=args.seed,
+        hdlc_physical=args.physical,
     )
     try:
         device = _device(args)

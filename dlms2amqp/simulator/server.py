@@ -22,7 +22,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from dlms2amqp.simulator import axdr_enc as ax
 from dlms2amqp.simulator import cosem, framing, model
@@ -106,6 +106,7 @@ class SimOptions:
     reject_auth: float = 0.0
     interface: str = "WRAPPER"
     seed: Optional[int] = None
+    hdlc_physical: int = 0
 
 
 def _aare(
@@ -502,6 +503,7 @@ class Conn:
         "sock",
         "k",
         "decoder",
+        "link",
         "session",
         "out",
         "silent",
@@ -510,10 +512,16 @@ class Conn:
         "closed",
     )
 
-    def __init__(self, sock: socket.socket, k: int, session: Session):
+    def __init__(self, sock, k: int, session: Session, interface: str = "WRAPPER"):
         self.sock = sock
         self.k = k
-        self.decoder = framing.WrapperDecoder()
+        self.decoder: Union[framing.WrapperDecoder, framing.HdlcDecoder]
+        self.link: Optional[framing.HdlcLink] = None
+        if interface == "HDLC":
+            self.decoder = framing.HdlcDecoder()
+            self.link = framing.HdlcLink(physical=session.opts.hdlc_physical)
+        else:
+            self.decoder = framing.WrapperDecoder()
         self.session = session
         self.out = bytearray()
         self.silent = False
@@ -646,7 +654,7 @@ class Server:
                 o,
                 reject_auth=bool(o.reject_auth and rng() < o.reject_auth),
             )
-            conn = Conn(sock, k, session)
+            conn = Conn(sock, k, session, o.interface)
             conn.silent = bool(o.silent and rng() < o.silent)
             conn.garbage = bool(o.garbage and rng() < o.garbage)
             if o.reset and rng() < o.reset:
@@ -667,6 +675,9 @@ class Server:
     def _readable(self, conn: Conn) -> None:
         try:
             data = conn.sock.recv(65536)
+        except _NoPeer:
+            self._pause(conn)  # pty without a peer: poll again later
+            return
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -677,12 +688,16 @@ class Server:
             return
         if conn.silent:
             return
+        self._on_data(conn, data)
+
+    def _on_data(self, conn: Conn, data: bytes) -> None:
         try:
             frames = conn.decoder.feed(data)
         except framing.FramingError as e:
             log.info("meter %d: %s; closing", conn.k, e)
             self._drop(conn)
             return
+        link = conn.link
         for fr in frames:
             if conn.reset_after:
                 conn.reset_after -= 1
@@ -692,13 +707,41 @@ class Server:
             if conn.garbage:
                 self._send(conn, os.urandom(7) + b"\x7e\x00\xff garbage")
                 continue
-            try:
-                reply = conn.session.handle(fr.source, fr.apdu)
-            except Exception:  # never let one bad request kill 10,000 meters
-                log.exception("meter %d: request handling failed", conn.k)
-                reply = b"\xd8\x02\x03"
-            if reply is not None:
-                self._send(conn, framing.wrapper_encode(fr.destination, fr.source, reply))
+            if link is None:
+                reply = self._handle(conn, fr.source, fr.apdu)
+                if reply is not None:
+                    self._send(conn, framing.wrapper_encode(fr.destination, fr.source, reply))
+                continue
+            out, delivered = link.on_frame(fr)
+            if link.disconnected:
+                link.disconnected = False
+                conn.session._reset()
+            for frame in out:
+                self._send(conn, frame)
+            if delivered is not None:
+                reply = self._handle(conn, *delivered)
+                if reply is not None:
+                    for frame in link.reply(reply):
+                        self._send(conn, frame)
+
+    def _handle(self, conn: Conn, client_sap: int, apdu: bytes) -> Optional[bytes]:
+        try:
+            return conn.session.handle(client_sap, apdu)
+        except Exception:  # never let one bad request kill 10,000 meters
+            log.exception("meter %d: request handling failed", conn.k)
+            return b"\xd8\x02\x03"
+
+    def _pause(self, conn: Conn, seconds: float = 0.2) -> None:
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            return
+
+        def resume() -> None:
+            if not conn.closed:
+                self.sel.register(conn.sock, selectors.EVENT_READ, conn)
+
+        self.call_later(seconds, resume)
 
     def _reset_conn(self, conn: Conn) -> None:
         try:
@@ -741,3 +784,67 @@ class Server:
         del conn.out[:n]
         if not conn.out:
             self.sel.modify(conn.sock, selectors.EVENT_READ, conn)
+
+
+class _NoPeer(BlockingIOError):
+    """Nobody holds the other end of the tty right now."""
+
+
+class _FdStream:
+    """A serial device / tty behind the socket methods the loop uses."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def recv(self, n: int) -> bytes:
+        try:
+            return os.read(self.fd, n)
+        except BlockingIOError:
+            raise
+        except OSError as e:  # EIO: the other end of a pty is closed for now
+            raise _NoPeer(str(e)) from e
+
+    def send(self, data: bytes) -> int:
+        return os.write(self.fd, data)
+
+    def setsockopt(self, *args) -> None:
+        pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def open_serial(path: str) -> int:
+    """Open a serial device or pty non-blocking in raw mode (OSError if impossible)."""
+    import termios
+    import tty
+
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        tty.setraw(fd)
+    except termios.error as e:
+        os.close(fd)
+        raise OSError(f"{path} is not a serial device or terminal: {e}") from e
+    return fd
+
+
+def serve_serial(device: Device, path: str, opts: SimOptions) -> int:
+    """Serve meter 0 with HDLC on a serial device / pty until SIGTERM; exit code."""
+    try:
+        fd = open_serial(path)
+    except OSError as e:
+        print(f"dlms2amqp-sim: cannot open {path}: {e.strerror or e}", flush=True)
+        return 1
+    opts.interface = "HDLC"
+    server = Server(device, "127.0.0.1", 0, 0, opts)
+    server.listen()
+    server.install_signals()
+    stream = _FdStream(fd)
+    conn = Conn(stream, 0, Session(device, server.meter(0), opts), "HDLC")
+    server.sel.register(stream, selectors.EVENT_READ, conn)
+    print(f"ready 1 meters on {path}", flush=True)
+    server.run()
+    return 0
