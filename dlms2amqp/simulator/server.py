@@ -508,7 +508,7 @@ class Conn:
         "out",
         "silent",
         "garbage",
-        "reset_after",
+        "reset",
         "closed",
     )
 
@@ -526,7 +526,7 @@ class Conn:
         self.out = bytearray()
         self.silent = False
         self.garbage = False
-        self.reset_after = 0
+        self.reset = False
         self.closed = False
 
 
@@ -658,7 +658,7 @@ class Server:
             conn.silent = bool(o.silent and rng() < o.silent)
             conn.garbage = bool(o.garbage and rng() < o.garbage)
             if o.reset and rng() < o.reset:
-                conn.reset_after = 1 + int(rng() * 3)
+                conn.reset = True
             self.sel.register(sock, selectors.EVENT_READ, conn)
             log.debug("meter %d: connection accepted", k)
 
@@ -699,11 +699,10 @@ class Server:
             return
         link = conn.link
         for fr in frames:
-            if conn.reset_after:
-                conn.reset_after -= 1
-                if conn.reset_after == 0:
-                    self._reset_conn(conn)
-                    return
+            if conn.reset and conn.session.associated and (link is None or fr.control & 1 == 0):
+                # mid-session: the first data request after the association
+                self._reset_conn(conn)
+                return
             if conn.garbage:
                 self._send(conn, os.urandom(7) + b"\x7e\x00\xff garbage")
                 continue
