@@ -249,3 +249,66 @@ def test_profile_attributes(sim):
     rows = _rows(reply.value)
     assert len(rows) == model.LOAD_DEFAULT_ROWS
     assert rows[-1][0] in {model.last_load_boundary(now), model.last_load_boundary(now + 5)}
+
+
+# --- client 48: HLS-GMAC with authenticated encryption ------------------------------
+def _hls_meter(sim, k: int) -> GuruxMeter:
+    """Read the invocation counter with the public client, then associate as client 48."""
+    pub = _meter(sim, 16, k=k)
+    try:
+        last = pub.read(GXDLMSData("0.0.43.1.0.255"), 2)
+    finally:
+        pub.close()
+    return _meter(sim, 48, k=k, invocation_counter=last + 1)
+
+
+def test_hls_gmac_ciphered_reads(sim):
+    k = 2
+    m = _hls_meter(sim, k)
+    try:
+        reg = GXDLMSRegister("1.0.2.8.0.255")
+        m.read(reg, 3)
+        before = int(time.time())
+        value = m.read(reg, 2)
+        after = int(time.time())
+        start, end = _utc(2026, 1, 1), _utc(2026, 2, 1)
+        _pg, rows = _read_range(m, "1.0.99.1.0.255", start, end)
+        m.release()
+    finally:
+        m.close()
+    assert int(reg.unit) == 30
+    assert value in {model.export_wh(k, before), model.export_wh(k, after)}
+    assert _rows(rows) == model.load_profile_rows(k, _ts(start), _ts(end))
+
+
+def test_hls_invocation_counter_replay_rejected(sim):
+    from gurux_dlms import GXDLMSExceptionResponse
+    from gurux_dlms.enums import ExceptionServiceError
+
+    k = 2
+    m = _hls_meter(sim, k)
+    used = m.client.ciphering.invocationCounter - 1
+    m.close()
+    # When a client reuses a counter the meter already accepted
+    c = gurux_client(48, sim.interface, invocation_counter=used)
+    with GuruxMeter(c, sim.host, sim.port + k) as stale:
+        with pytest.raises(GXDLMSExceptionResponse) as exc:
+            stale.connect()
+    # Then the meter says invocation-counter-error and the counter it expects
+    assert exc.value.exceptionServiceError == ExceptionServiceError.INVOCATION_COUNTER_ERROR
+    assert exc.value.serviceErrorValue == used + 1
+    # and the public client reads the last accepted counter
+    pub = _meter(sim, 16, k=k)
+    try:
+        assert pub.read(GXDLMSData("0.0.43.1.0.255"), 2) == used
+    finally:
+        pub.close()
+
+
+def test_hls_wrong_key_rejected(sim):
+    c = gurux_client(48, sim.interface, invocation_counter=10**9)
+    c.ciphering.authenticationKey = bytearray(16)
+    with GuruxMeter(c, sim.host, sim.port + 1) as m:
+        with pytest.raises(GXDLMSException) as exc:
+            m.connect()
+    assert exc.value.diagnostic == SourceDiagnostic.AUTHENTICATION_FAILURE

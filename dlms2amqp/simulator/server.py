@@ -293,8 +293,14 @@ class Session:
         self.blocks = []
         self.stoc = b""
 
+    def _reject(self, ctx_id: int, diag: int, why: str) -> bytes:
+        log.info("meter %d client %d: association rejected: %s", self.meter.k, self.client_sap, why)
+        return _aare(ctx_id, 1, diag)
+
     def _aarq(self, client_sap: int, apdu: bytes) -> bytes:
+        """AARQ -> AARE (or an exception-response for a stale invocation counter)."""
         self._reset()
+        self.client_sap = client_sap
         try:
             n, pos = ax.dec_len(apdu, 1)
             ctx_id = CTX_LN
@@ -306,7 +312,9 @@ class Session:
                 if tag == 0xA1:
                     ctx_id = content[-1]
                     if content[2:-1] != _APP_CTX_PREFIX:
-                        return _aare(CTX_LN, 1, DIAG_CONTEXT_NOT_SUPPORTED)
+                        return self._reject(
+                            CTX_LN, DIAG_CONTEXT_NOT_SUPPORTED, "unknown application context"
+                        )
                 elif tag == 0xA6:
                     calling_title = bytes(content[2:])
                 elif tag == 0x8B:
@@ -316,28 +324,27 @@ class Session:
                 elif tag == 0xBE:
                     user_info = bytes(content[2:])
         except (IndexError, ValueError, ax.DecodeError):
-            return _aare(CTX_LN, 1, DIAG_NO_REASON)
+            return self._reject(CTX_LN, DIAG_NO_REASON, "AARQ does not parse")
         assoc = self.device.associations.get(client_sap)
         if assoc is None:
-            return _aare(ctx_id, 1, DIAG_NO_REASON)
+            return self._reject(ctx_id, DIAG_NO_REASON, "no association for this client address")
         want_ctx = CTX_LN_CIPHERED if assoc.security else CTX_LN
         if ctx_id != want_ctx:
-            return _aare(ctx_id, 1, DIAG_CONTEXT_NOT_SUPPORTED)
+            return self._reject(ctx_id, DIAG_CONTEXT_NOT_SUPPORTED, "wrong application context")
         if mech != assoc.mechanism:
-            if assoc.mechanism == cosem.MECH_NONE:
-                return _aare(ctx_id, 1, DIAG_MECH_NOT_RECOGNISED)
-            return _aare(ctx_id, 1, DIAG_MECH_REQUIRED if mech == 0 else DIAG_MECH_NOT_RECOGNISED)
+            diag = DIAG_MECH_REQUIRED if mech == 0 else DIAG_MECH_NOT_RECOGNISED
+            return self._reject(ctx_id, diag, f"mechanism {mech}, expected {assoc.mechanism}")
         if self.reject_auth and assoc.mechanism != cosem.MECH_NONE:
-            return _aare(ctx_id, 1, DIAG_AUTH_FAILURE)
+            return self._reject(ctx_id, DIAG_AUTH_FAILURE, "--reject-auth")
         if assoc.mechanism == cosem.MECH_LOW and password != assoc.secret:
-            return _aare(ctx_id, 1, DIAG_AUTH_FAILURE)
+            return self._reject(ctx_id, DIAG_AUTH_FAILURE, "wrong password")
         # user information: InitiateRequest, ciphered or not
         try:
             if assoc.security:
                 if not user_info or user_info[0] != GLO_INITIATE_REQUEST:
-                    return _aare(ctx_id, 1, DIAG_NO_REASON)
+                    return self._reject(ctx_id, DIAG_NO_REASON, "InitiateRequest not ciphered")
                 if calling_title != assoc.client_system_title:
-                    return _aare(ctx_id, 1, DIAG_AUTH_FAILURE)
+                    return self._reject(ctx_id, DIAG_AUTH_FAILURE, "unknown client system title")
                 from dlms2amqp.simulator import security as sec
 
                 ln_, p = ax.dec_len(user_info, 1)
@@ -346,15 +353,25 @@ class Session:
                         calling_title, assoc.block_key, assoc.auth_key, user_info[p : p + ln_]
                     )
                 except Exception:
-                    return _aare(ctx_id, 1, DIAG_AUTH_FAILURE)
+                    return self._reject(
+                        ctx_id, DIAG_AUTH_FAILURE, "InitiateRequest does not decipher"
+                    )
                 if ic <= self.meter.last_ic:
-                    return _aare(ctx_id, 1, DIAG_AUTH_FAILURE)
+                    # exception-response invocation-counter-error with the counter expected:
+                    # what Gurux's client turns into GXDLMSExceptionResponse
+                    log.info(
+                        "meter %d: invocation counter %d not above %d",
+                        self.meter.k,
+                        ic,
+                        self.meter.last_ic,
+                    )
+                    return b"\xd8\x01\x06" + struct.pack(">I", self.meter.last_ic + 1)
                 self.meter.last_ic = ic
                 conformance, max_pdu = parse_initiate_request(plain)
             else:
                 conformance, max_pdu = parse_initiate_request(user_info)
-        except (ApduError, IndexError, ax.DecodeError):
-            return _aare(ctx_id, 1, DIAG_NO_REASON)
+        except (ApduError, IndexError, ax.DecodeError) as e:
+            return self._reject(ctx_id, DIAG_NO_REASON, f"bad InitiateRequest: {e}")
         self.conformance = conformance & SUPPORTED_CONFORMANCE
         self.client_max_pdu = max(64, min(max_pdu or SERVER_MAX_PDU, SERVER_MAX_PDU))
         self.client_sap = client_sap
