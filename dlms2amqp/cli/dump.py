@@ -1,0 +1,99 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""dlms2amqp-dump: print replies from OutQueue, one JSON object per line.
+
+A reply is acknowledged only after its line was written and flushed, so a crash or a
+closed pipe (``| head``) never loses one: what was not printed goes back to the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional
+
+import orjson
+
+from .. import amqp
+from ..config import load_config
+from ..errors import BrokerError, ConfigError
+
+EXIT_UNAVAILABLE = 69
+EXIT_CONFIG = 78
+
+
+def one_line(body: bytes) -> bytes:
+    """The reply as one JSON line (bodies that are not JSON are wrapped, not dropped)."""
+    try:
+        return orjson.dumps(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return orjson.dumps({"NotJson": body.decode("utf-8", "replace")})
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="dlms2amqp-dump", description="Print replies from the daemon's OutQueue."
+    )
+    p.add_argument("-c", "--config", default="/etc/dlms2amqp.json", help="daemon config file")
+    p.add_argument("--max", type=int, default=0, metavar="N", help="stop after N replies")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop when no reply came for S seconds (default 2; with --follow: never)",
+    )
+    p.add_argument("--follow", action="store_true", help="keep waiting for new replies")
+    p.add_argument("--queue", help="read this queue instead of OutQueue")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"dlms2amqp-dump: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    timeout = args.timeout if args.timeout is not None else (None if args.follow else 2.0)
+    queue = args.queue or cfg.OutQueue
+    printed = 0
+    out = sys.stdout.buffer
+    try:
+        conn = amqp.connect(cfg)
+    except BrokerError as e:
+        print(f"dlms2amqp-dump: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
+        if not args.queue:
+            amqp.declare_queue(conn, cfg, queue)
+        ch = conn.channel()
+        ch.basic_qos(prefetch_count=min(args.max or 200, 200))
+        last = time.monotonic()
+        for method, _props, body in ch.consume(queue, inactivity_timeout=0.5):
+            if method is None:
+                if timeout is not None and time.monotonic() - last >= timeout:
+                    break
+                continue
+            last = time.monotonic()
+            try:
+                out.write(one_line(body) + b"\n")
+                out.flush()
+            except BrokenPipeError:
+                break  # not printed: not acked, the broker requeues it
+            ch.basic_ack(method.delivery_tag)
+            printed += 1
+            if args.max and printed >= args.max:
+                break
+        ch.cancel()  # requeues what was prefetched but not printed
+        conn.close()
+    except ConfigError as e:
+        print(f"dlms2amqp-dump: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except amqp.CONNECTION_ERRORS as e:
+        print(f"dlms2amqp-dump: {amqp.broker_error(cfg, e)}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        pass
+    print(f"dlms2amqp-dump: {printed} replies from {queue}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

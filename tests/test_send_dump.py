@@ -1,0 +1,128 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""dlms2amqp-send and dlms2amqp-dump as subprocesses against the real broker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, Broker, daemon_config, free_port, write_config
+
+pytestmark = pytest.mark.integration
+
+
+def request(msg_id: str, port: int = 4060) -> dict:
+    return {
+        "MsgID": msg_id,
+        "Cmd": "READ",
+        "ObisCode": "1.0.99.1.0.255",
+        "ConnectionString": f"-h 127.0.0.1 -p {port} -c 32 -a Low -i WRAPPER -P CanaryPw77",
+        "dtFrom": "2020-12-15T00:00:00.00+03:00",
+        "dtTo": "2020-12-16T00:00:00.00+03:00",
+    }
+
+
+def run(
+    tool: str, *args: str, stdin: bytes = b"", timeout: float = 60
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"dlms2amqp.cli.{tool}", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_send_validates_and_publishes(tmp_path: Path, broker: Broker) -> None:
+    # Given three good request files and two bad ones
+    cfg = daemon_config(tmp_path, broker)
+    conf = write_config(tmp_path, cfg)
+    files = []
+    for i in range(3):
+        f = tmp_path / f"req{i}.json"
+        f.write_text(json.dumps(request(f"m{i}"), indent=2))
+        files.append(str(f))
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    no_obis = tmp_path / "noobis.json"
+    r = request("m9")
+    del r["ObisCode"]
+    no_obis.write_text(json.dumps(r))
+    # When they are sent
+    res = run("send", "-c", str(conf), *files, str(bad_json), str(no_obis), str(tmp_path / "nope"))
+    err = res.stderr.decode()
+    # Then the bad ones are named with their reason, not sent, and the exit code says so
+    assert res.returncode == 1, err
+    assert f"{bad_json}: not sent: request body is not valid JSON" in err
+    assert f"{no_obis}: not sent: request field ObisCode is missing" in err
+    assert "nope: cannot read" in err
+    assert "3 sent" in err
+    got = broker.get_all(cfg["InQueue"], 3, timeout=10)
+    assert sorted(json.loads(b)["MsgID"] for _m, _p, b in got) == ["m0", "m1", "m2"]
+    for _m, props, _b in got:
+        assert props.delivery_mode == 2 and props.content_type == "application/json"
+    assert broker.count(cfg["InQueue"]) == 0
+    assert "CanaryPw77" not in err
+
+
+def test_send_stdin_json_lines(tmp_path: Path, broker: Broker) -> None:
+    cfg = daemon_config(tmp_path, broker)
+    conf = write_config(tmp_path, cfg)
+    lines = b"\n".join(json.dumps(request(f"s{i}")).encode() for i in range(4)) + b"\n"
+    res = run("send", "-c", str(conf), "-", stdin=lines)
+    assert res.returncode == 0, res.stderr
+    assert broker.count(cfg["InQueue"]) == 4
+
+
+def test_send_many_files_is_fast(tmp_path: Path, broker: Broker) -> None:
+    # 2,000 files here (the issue's 10,000 are measured by tools/demo and the report)
+    cfg = daemon_config(tmp_path, broker)
+    conf = write_config(tmp_path, cfg)
+    d = tmp_path / "reqs"
+    d.mkdir()
+    for i in range(2000):
+        (d / f"{i}.json").write_text(json.dumps(request(str(i), 20000 + i)))
+    t0 = time.monotonic()
+    res = run("send", "-c", str(conf), *sorted(str(p) for p in d.iterdir()), timeout=120)
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr
+    assert broker.count(cfg["InQueue"]) == 2000
+    assert "2000/2000 confirmed" in res.stderr.decode()
+    assert elapsed < 30, elapsed
+
+
+def test_dump_prints_lines_and_acks_only_printed(tmp_path: Path, broker: Broker) -> None:
+    cfg = daemon_config(tmp_path, broker)
+    conf = write_config(tmp_path, cfg)
+    broker.declare(cfg["OutQueue"])
+    for i in range(5):
+        body = json.dumps({"InMsgID": str(i), "MsgID": f"r{i}", "Status": "ok"}, indent=2)
+        broker.publish(cfg["OutQueue"], body.encode())
+    res = run("dump", "-c", str(conf), "--max", "2")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.decode().splitlines()
+    assert [json.loads(x)["InMsgID"] for x in lines] == ["0", "1"]
+    assert broker.count(cfg["OutQueue"]) == 3  # prefetched but unprinted went back
+    res = run("dump", "-c", str(conf), "--timeout", "1")
+    lines = res.stdout.decode().splitlines()
+    assert sorted(json.loads(x)["InMsgID"] for x in lines) == ["2", "3", "4"]
+    assert broker.count(cfg["OutQueue"]) == 0
+
+
+def test_broker_unreachable_is_reported_without_password(tmp_path: Path, broker: Broker) -> None:
+    cfg = daemon_config(tmp_path, broker, Port=free_port(), Password="BrokerCanary42")
+    conf = write_config(tmp_path, cfg)
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(request("x")))
+    for res in (run("send", "-c", str(conf), str(f)), run("dump", "-c", str(conf))):
+        err = res.stderr.decode()
+        assert res.returncode == 69, err
+        assert "Cannot connect to broker amqp://guest@127.0.0.1" in err
+        assert "BrokerCanary42" not in err + res.stdout.decode()
+        assert "Traceback" not in err
