@@ -451,8 +451,7 @@ class Session:
             return self._get_normal(apdu)
         if kind == 2:
             return self._get_next(apdu)
-        invoke = apdu[2] if len(apdu) > 2 else 0
-        return bytes((GET_RESPONSE, 1, invoke, 1, cosem.OTHER_REASON))
+        return b"\xd8\x01\x02"  # GET-with-list is not offered (no multiple-references)
 
     def _get_normal(self, apdu: bytes) -> bytes:
         if len(apdu) < 13:
