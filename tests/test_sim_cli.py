@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,3 +54,28 @@ def test_bad_arguments():
     r = subprocess.run([sys.executable, "-m", "dlms2amqp.cli.sim", "-p", "65535", "-N", "2"],
                        capture_output=True, text=True, timeout=30)  # fmt: skip
     assert r.returncode == 2 and "65535" in r.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("prlimit") is None or shutil.which("setpriv") is None or os.geteuid() != 0,
+    reason="needs prlimit, setpriv and root to run as an unprivileged user",
+)
+def test_open_files_limit_raised_or_explained():
+    first = free_port_range(500)
+    base = [*SIM_CMD, "-N", "500", "-p", str(first)]
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    # Given a hard limit too low for 500 meters, an unprivileged simulator says what to set
+    r = subprocess.run(
+        ["prlimit", "--nofile=100:100", *nobody, *base], capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 1
+    assert "756 open files are needed" in r.stderr and "ulimit -n 756" in r.stderr
+    # Given room under the hard limit, it raises the soft limit itself and starts
+    with subprocess.Popen(
+        ["prlimit", "--nofile=100:4096", *nobody, *base], stdout=subprocess.PIPE, text=True
+    ) as p:
+        try:
+            assert p.stdout.readline().startswith("ready 500 meters")
+        finally:
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(15) == 0

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from dlms2amqp.simulator import axdr_enc as ax
@@ -113,3 +115,72 @@ def test_get_register_and_block_transfer():
     assert end == len(data)
     got = [(ax.parse_datetime(r[0]), *r[1:]) for r in rows]
     assert got == model.load_profile_rows(4, 1767225600, 1767225600 + 31 * 86400)
+
+
+def _get_profile(s: Session, ln: bytes, selector: int, params: bytes) -> list:
+    req = b"\xc0\x01\xc1\x00\x07" + ln + b"\x02\x01" + bytes((selector,)) + params
+    reply = s.handle(32, req)
+    assert reply[:4] == b"\xc4\x01\xc1\x00", reply[:6].hex()
+    rows, _ = ax.decode(reply, 4)
+    return rows
+
+
+def test_entry_selection_with_columns():
+    # Given meter 4 associated as client 32
+    s = _session()
+    s.handle(32, AARQ_LOW)
+    # When the last two entries are read, columns 3..4 (import, export)
+    e = model.LOAD_ENTRIES
+    params = ax.structure([ax.uint32(e - 1), ax.uint32(e), ax.uint16(3), ax.uint16(4)])
+    before = model.last_load_boundary(int(time.time()))
+    rows = _get_profile(s, cosem.LN_LOAD, 2, params)
+    # Then two rows of two columns, the newest at the last quarter-hour
+    assert len(rows) == 2 and all(len(r) == 2 for r in rows)
+    candidates = [
+        [[model.import_wh(4, t), model.export_wh(4, t)] for t in (last - 900, last)]
+        for last in (before, before + 900)
+    ]
+    assert rows in candidates
+
+
+def test_range_selection_with_selected_values():
+    s = _session()
+    s.handle(32, AARQ_LOW)
+    t0 = 1767225600
+    params = ax.structure(
+        [
+            ax.structure([ax.uint16(8), ax.octet_string(cosem.LN_CLOCK), ax.int8(2), ax.uint16(0)]),
+            ax.datetime_data(t0),
+            ax.datetime_data(t0 + 3600),
+            ax.array(
+                [
+                    ax.structure(
+                        [ax.uint16(8), ax.octet_string(cosem.LN_CLOCK), ax.int8(2), ax.uint16(0)]
+                    ),
+                    ax.structure(
+                        [ax.uint16(1), ax.octet_string(cosem.LN_STATUS), ax.int8(2), ax.uint16(0)]
+                    ),
+                ]
+            ),
+        ]
+    )
+    rows = _get_profile(s, cosem.LN_LOAD, 1, params)
+    assert [(ax.parse_datetime(r[0]), r[1]) for r in rows] == [
+        (t, st) for t, st, _i, _e in model.load_profile_rows(4, t0, t0 + 3600)
+    ]
+
+
+def test_public_client_and_unknown_object():
+    s = _session()
+    aarq16 = bytes.fromhex("601da109060760857405080101be10040e01000000065f1f040000181dffff")
+    assert b"\xa2\x03\x02\x01\x00" in s.handle(16, aarq16)
+    # energy register: read-write-denied; unknown object: object-undefined
+    assert s.handle(16, b"\xc0\x01\xc1\x00\x03" + cosem.LN_IMPORT + b"\x02\x00") == (
+        b"\xc4\x01\xc1\x01\x03"
+    )
+    assert s.handle(16, b"\xc0\x01\xc1\x00\x03\x01\x02\x03\x04\x05\x06\x02\x00") == (
+        b"\xc4\x01\xc1\x01\x04"
+    )
+    # the logical device name is public
+    ldn = s.handle(16, b"\xc0\x01\xc1\x00\x01" + cosem.LN_LDN + b"\x02\x00")
+    assert ldn == b"\xc4\x01\xc1\x00\x09\x10" + model.logical_device_name(4)

@@ -312,3 +312,19 @@ def test_hls_wrong_key_rejected(sim):
         with pytest.raises(GXDLMSException) as exc:
             m.connect()
     assert exc.value.diagnostic == SourceDiagnostic.AUTHENTICATION_FAILURE
+
+
+def test_hdlc_negotiated_info_field_247():
+    # Given a Gurux HDLC client asking for 247-byte information fields (its safe maximum)
+    with running_simulator(1, interface="HDLC") as sim:
+        c = gurux_client(32, "HDLC")
+        c.hdlcSettings.maxInfoRX = 247
+        c.hdlcSettings.maxInfoTX = 247
+        with GuruxMeter(c, sim.host, sim.port) as m:
+            m.connect()
+            # Then the meter agreed to 247 both ways and a day of profile reads back right
+            assert c.hdlcSettings.maxInfoRX == 247 and c.hdlcSettings.maxInfoTX == 247
+            start, end = _utc(2026, 2, 28, 12), _utc(2026, 3, 1, 12)
+            _pg, value = _read_range(m, "1.0.99.1.0.255", start, end)
+            m.release()
+    assert _rows(value) == model.load_profile_rows(0, _ts(start), _ts(end))

@@ -82,25 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def raise_nofile(needed: int) -> Optional[str]:
-    """Raise RLIMIT_NOFILE to ``needed``; returns an error message if impossible."""
+    """Raise RLIMIT_NOFILE to ``needed`` (each meter is one listening socket).
+
+    Returns None when done, else a message saying which limit to set.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= needed:
         return None
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
-            return None
-        except (ValueError, OSError):
-            return (
-                f"the open-files limit is {soft} (hard {hard}) but {needed} are needed: "
-                f"run 'ulimit -n {needed}' as root or raise 'nofile' in "
-                f"/etc/security/limits.conf, or use fewer meters (-N)"
-            )
+    new_hard = hard if hard == resource.RLIM_INFINITY or hard >= needed else needed
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-    except (ValueError, OSError) as e:
-        return f"cannot raise the open-files limit to {needed}: {e}"
-    return None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, new_hard))
+        return None
+    except (ValueError, OSError):
+        return (
+            f"{needed} open files are needed but the limit is {soft} (hard limit {hard}): "
+            f"run 'ulimit -n {needed}' as root before starting, raise 'nofile' in "
+            f"/etc/security/limits.conf (or LimitNOFILE= in the systemd unit), "
+            f"or serve fewer meters per process (-N, --procs)"
+        )
 
 
 def _device(args: argparse.Namespace):
