@@ -3,11 +3,13 @@
 
 Data flows one way: delivery -> (reply store hit? answer it) -> parse -> worker (by meter
 key) -> result -> store -> publish with confirm -> ack.  Everything here runs in one
-thread: the pika loop is polled with ``process_data_events(time_limit=...)`` and the
-worker pipes are drained between polls.  We chose polling over a result thread with
-``add_callback_threadsafe`` because one thread owning all master state needs no locks,
-and the cost (up to one poll interval, 50 ms, of added latency) is small next to a meter
-session.  Signal handlers only queue the signal; the loop handles it (gunicorn style).
+thread, on one pika IOLoop: the broker connection (SelectConnection), the worker pipes
+(``add_handler`` on their file descriptors) and a periodic tick (signals, supervision,
+stop).  We chose this over a BlockingConnection plus a result thread handing results over
+with ``add_callback_threadsafe``: one thread owning all master state needs no locks, a
+worker result wakes the loop at once, and publisher confirms are pipelined (a blocking
+publish that waits for its own confirm managed ~580 replies/s here).  Signal handlers
+only queue the signal; the tick handles it (gunicorn style).
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import signal
 import time
 import zlib
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any, Optional
 
 import orjson
 import pika
-import pika.exceptions as pex
+import pika.adapters.select_connection
 
 from . import amqp, logsetup
 from . import reply as replymod
@@ -34,7 +36,9 @@ from .replystore import ReplyStore, request_key
 from .worker import WorkerSettings
 from .worker import main as worker_main
 
-POLL_SECONDS = 0.05
+IOLoop = pika.adapters.select_connection.IOLoop
+
+TICK_SECONDS = 0.1
 SUPERVISE_SECONDS = 0.5
 HEARTBEAT_LIMIT = 15.0  # a worker silent this long is killed
 HANG_MARGIN = 15.0  # seconds past RequestTimeout before a session counts as hung
@@ -97,18 +101,27 @@ class Supervisor:
         self.by_key: dict[str, int] = {}
         self.next_job = 1
         self.signals: list[int] = []
+        self.ioloop = IOLoop()
         # broker state
-        self.conn: Optional[pika.BlockingConnection] = None
+        self.conn: Any = None
         self.ch: Any = None
         self.consumer_tag: Optional[str] = None
-        self.gen = 0
+        self.ready = False  # consuming on the current channel
+        self.gen = 0  # channel generation; delivery tags of older ones are void
         self.unacked = 0
         self.failures = 0
-        self.next_connect = 0.0
-        # stop state
+        self.reconnect_timer: Any = None
+        self.pub_seq = 0
+        self.confirms: dict[int, tuple[Any, Any, Optional[str]]] = {}
+        self.returned: set[str] = set()
+        # life cycle
+        self.started_consuming = False
+        self.last_supervise = 0.0
         self.stopping = False
+        self.closing = False
         self.stop_deadline = 0.0
         self.boot_failures = 0
+        self.fatal: Optional[GatewayError] = None
 
     # --- signals -------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -158,6 +171,9 @@ class Supervisor:
             self.workers[index] = w
         else:
             self.workers.append(w)
+        self.ioloop.add_handler(
+            parent.fileno(), lambda _fd, _ev, w=w: self.drain_worker(w), IOLoop.READ
+        )
         self.log.info("worker_started", worker=index, pid=proc.pid)
         return w
 
@@ -209,7 +225,7 @@ class Supervisor:
             "worker_died", worker=w.index, pid=w.proc.pid, reason=reason, jobs=len(w.jobs)
         )
         self.metrics.worker_restarts.labels(reason=reason.split("_")[0]).inc()
-        w.conn.close()
+        self._close_pipe(w)
         orphans = [self.jobs[j] for j in sorted(w.jobs)]
         nw = self.spawn(w.index)
         for job in orphans:
@@ -232,21 +248,36 @@ class Supervisor:
                 self._send(nw, ("job", job.job_id, job.request, job.meter_key))
                 self.log.warning("request_retried", msg_id=job.msg_id, endpoint=job.endpoint)
 
-    def drain_workers(self, timeout: float = 0.0) -> None:
-        conns = {w.conn: w for w in self.workers if not w.conn.closed}
-        if not conns:
-            time.sleep(timeout)
-            return
-        for c in wait(list(conns), timeout):
-            w = conns[c]  # type: ignore[index]
-            for _ in range(1000):
+    def _close_pipe(self, w: WorkerHandle) -> None:
+        if not w.conn.closed:
+            try:
+                self.ioloop.remove_handler(w.conn.fileno())
+            except (KeyError, ValueError, OSError):
+                pass
+            w.conn.close()
+
+    def drain_worker(self, w: WorkerHandle) -> None:
+        """The worker's pipe is readable: handle what it sent (bounded per wake-up)."""
+        for _ in range(200):
+            if w.conn.closed:
+                return
+            try:
+                if not w.conn.poll():
+                    return
+                msg = w.conn.recv()
+            except (EOFError, OSError):
+                # dead worker: stop watching the pipe; supervise() replaces it
                 try:
-                    msg = c.recv()  # type: ignore[union-attr]
-                except (EOFError, OSError):
-                    break
+                    self.ioloop.remove_handler(w.conn.fileno())
+                except (KeyError, ValueError, OSError):
+                    pass
+                return
+            try:
                 self._on_worker_message(w, msg)
-                if not c.poll():  # type: ignore[union-attr]
-                    break
+            except amqp.CONNECTION_ERRORS as e:
+                self.connection_lost(e)
+            except Exception as e:  # noqa: BLE001 - keep serving
+                self.log.exception("internal_error", error=type(e).__name__)
 
     def _on_worker_message(self, w: WorkerHandle, msg: tuple) -> None:
         w.last_seen = time.monotonic()
@@ -276,113 +307,228 @@ class Supervisor:
                 self.metrics.pool_hits.inc()
             self.complete(job, reply_id, body, status, rows, pooled=pooled)
 
-    # --- broker --------------------------------------------------------------------------
+    # --- broker (asynchronous: pika SelectConnection on our own IOLoop) -----------------
     def connect(self) -> None:
-        """Connect, declare the topology and start consuming."""
+        """Declare the topology (short blocking connection), then open the consumer."""
+        self.reconnect_timer = None
+        if self.stopping or self.conn is not None:
+            return
         cfg = self.cfg
-        conn = amqp.connect(cfg)
         try:
-            amqp.declare_topology(conn, cfg)
-            ch = conn.channel()
-            ch.confirm_delivery()
-            ch.basic_qos(prefetch_count=cfg.prefetch)
-            tag = ch.basic_consume(cfg.InQueue, self.on_message, auto_ack=False)
-        except BaseException:
+            setup = amqp.connect(cfg)
             try:
-                conn.close()
-            except Exception:  # noqa: BLE001
-                pass
-            raise
-        self.conn, self.ch, self.consumer_tag = conn, ch, tag
+                amqp.declare_topology(setup, cfg)
+            finally:
+                try:
+                    setup.close()
+                except amqp.CONNECTION_ERRORS:
+                    pass
+        except ConfigError as e:
+            self.fail(e)
+            return
+        except (BrokerError, *amqp.CONNECTION_ERRORS) as e:
+            self.connection_lost(e)
+            return
+        self.conn = pika.SelectConnection(
+            amqp.connection_parameters(cfg),
+            on_open_callback=lambda c: c.channel(on_open_callback=self._on_channel),
+            on_open_error_callback=lambda _c, e: self.connection_lost(e),
+            on_close_callback=self._on_connection_closed,
+            custom_ioloop=self.ioloop,
+        )
+
+    def _on_channel(self, ch: Any) -> None:
+        self.ch = ch
+        ch.add_on_close_callback(self._on_channel_closed)
+        ch.add_on_return_callback(self._on_return)
+        ch.confirm_delivery(
+            self._guard(self._on_confirm),
+            callback=lambda _f: ch.basic_qos(
+                prefetch_count=self.cfg.prefetch, callback=lambda _f: self._consume()
+            ),
+        )
+
+    def _consume(self) -> None:
+        if self.ch is None or self.stopping:
+            return
+        self.pub_seq = 0
+        self.confirms.clear()
         self.gen += 1
-        self.unacked = 0
+        self.consumer_tag = self.ch.basic_consume(
+            self.cfg.InQueue, self._guard(self.on_message), callback=self._on_consume_ok
+        )
+
+    def _on_consume_ok(self, _frame: Any) -> None:
+        self.ready = True
         if self.failures:
             self.metrics.broker_reconnects.inc()
         self.failures = 0
         self.metrics.broker_connected.set(1)
         self.log.info(
             "consuming",
-            broker=amqp.describe(cfg),
-            queue=cfg.InQueue,
-            prefetch=cfg.prefetch,
-            queue_type=cfg.QueueType,
+            broker=amqp.describe(self.cfg),
+            queue=self.cfg.InQueue,
+            prefetch=self.cfg.prefetch,
+            queue_type=self.cfg.QueueType,
         )
+
+    def _on_channel_closed(self, _ch: Any, reason: BaseException) -> None:
+        if self.conn is not None and self.conn.is_open and not self.closing:
+            self.log.warning("broker_channel_closed", error=str(reason))
+            self.conn.close()  # reconnect through _on_connection_closed
+        self.ch = None
+
+    def _on_connection_closed(self, _conn: Any, reason: BaseException) -> None:
+        if self.closing:
+            self.conn = self.ch = None
+            self.ioloop.stop()
+            return
+        self.connection_lost(reason)
 
     def connection_lost(self, error: BaseException) -> None:
         """Forget the channel: its delivery tags are void, the broker will redeliver."""
-        err = amqp.broker_error(self.cfg, error) if not isinstance(error, BrokerError) else error
+        err = error if isinstance(error, GatewayError) else amqp.broker_error(self.cfg, error)
         self.failures += 1
         delay = min(self.cfg.ReconnectMaxDelay, 0.5 * 2 ** min(self.failures - 1, 16))
-        self.next_connect = time.monotonic() + delay
         self.log.warning("broker_connection_lost", error=str(err), retry_in=round(delay, 2))
-        if self.conn is not None:
+        conn, self.conn, self.ch, self.consumer_tag = self.conn, None, None, None
+        if conn is not None and conn.is_open:
             try:
-                if self.conn.is_open:
-                    self.conn.close()
-            except Exception:  # noqa: BLE001 - already broken
+                conn.close()
+            except amqp.CONNECTION_ERRORS:
                 pass
-        self.conn = self.ch = self.consumer_tag = None
+        self.ready = False
+        self.gen += 1
+        if self.confirms:
+            self.metrics.publish_failures.labels(kind="connection_lost").inc(len(self.confirms))
+        self.confirms.clear()
+        self.returned.clear()
         self.metrics.broker_connected.set(0)
         self.unacked = 0
         self.metrics.in_flight.set(0)
         for job in self.jobs.values():
             job.deliveries.clear()
+        if not self.stopping and self.reconnect_timer is None:
+            self.reconnect_timer = self.ioloop.call_later(delay, self._guard(self.connect))
 
-    @property
-    def connected(self) -> bool:
-        return self.ch is not None
+    def _guard(self, fn: Any) -> Any:
+        """Wrap a pika callback: a bug must be logged, not stop the event loop silently."""
 
-    def _publish(self, routing_key: str, body: bytes, props: pika.BasicProperties) -> None:
-        self.ch.basic_publish("", routing_key, body, props, mandatory=True)
+        def call(*args: Any) -> None:
+            try:
+                fn(*args)
+            except amqp.CONNECTION_ERRORS as e:
+                self.connection_lost(e)
+            except GatewayError as e:
+                self.fail(e)
+            except Exception as e:  # noqa: BLE001 - keep serving
+                self.log.exception("internal_error", error=type(e).__name__)
+
+        return call
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        props: pika.BasicProperties,
+        on_ok: Any,
+        on_fail: Any,
+    ) -> bool:
+        """Publish with confirm; ``on_ok()`` or ``on_fail(kind)`` runs when the broker answers.
+
+        Confirms are pipelined (no wait per message); the caller acks the request in
+        ``on_ok``.  False when not connected (the request will be redelivered).
+        """
+        if not self.ready or self.ch is None:
+            return False
+        self.ch.basic_publish(exchange, routing_key, body, props, mandatory=True)
+        self.pub_seq += 1
+        self.confirms[self.pub_seq] = (on_ok, on_fail, props.message_id)
+        return True
+
+    def _on_return(self, _ch: Any, _method: Any, props: Any, _body: bytes) -> None:
+        if props.message_id:
+            self.returned.add(props.message_id)
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        ok = isinstance(method, pika.spec.Basic.Ack)
+        if method.multiple:
+            seqs = [s for s in self.confirms if s <= method.delivery_tag]
+        else:
+            seqs = [method.delivery_tag]
+        for seq in seqs:
+            entry = self.confirms.pop(seq, None)
+            if entry is None:
+                continue
+            on_ok, on_fail, mid = entry
+            if not ok:
+                on_fail("nacked")
+            elif mid in self.returned:
+                self.returned.discard(mid)
+                on_fail("returned")
+            else:
+                on_ok()
 
     def ack(self, d: Delivery) -> None:
-        if d.gen == self.gen and self.connected:
+        if d.gen == self.gen and self.ch is not None:
             self.ch.basic_ack(d.tag)
+            self.unacked -= 1
+            self.metrics.in_flight.set(self.unacked)
+
+    def requeue(self, d: Delivery) -> None:
+        if d.gen == self.gen and self.ch is not None:
+            self.ch.basic_nack(d.tag, requeue=True)
             self.unacked -= 1
             self.metrics.in_flight.set(self.unacked)
 
     def answer(
         self, key: str, in_msg_id: str, reply_id: str, body: bytes, deliveries: list[Delivery]
-    ) -> bool:
-        """Store, publish (confirmed) and ack.  False if the reply could not be routed."""
+    ) -> None:
+        """Store the reply, publish it for each delivery, ack each once confirmed."""
         reply_id, body = self.store.put(key, reply_id, body)
-        ok = True
         for d in deliveries:
-            if d.gen != self.gen or not self.connected:
+            if d.gen != self.gen:
                 continue  # void tag: the redelivery is answered from the store
             target = d.reply_to or self.cfg.OutQueue
-            try:
-                self._publish(target, body, amqp.properties(reply_id, in_msg_id))
-            except pex.UnroutableError:
-                self.metrics.publish_failures.labels(kind="returned").inc()
-                self.dead_letter(d, body, f"reply queue {target} does not exist", "unroutable")
-                ok = False
-                continue
-            except pex.NackError:
-                self.metrics.publish_failures.labels(kind="nacked").inc()
-                self.log.warning("reply_nacked", msg_id=in_msg_id)
-                self.ch.basic_nack(d.tag, requeue=True)  # redelivered, answered from store
-                self.unacked -= 1
-                continue
-            self.ack(d)
-        return ok
+
+            def ok(d: Delivery = d) -> None:
+                self.ack(d)
+
+            def failed(kind: str, d: Delivery = d, target: str = target) -> None:
+                self.metrics.publish_failures.labels(kind=kind).inc()
+                if kind == "returned":
+                    self.dead_letter(d, body, f"reply queue {target} does not exist", "unroutable")
+                else:
+                    self.log.warning("reply_not_confirmed", msg_id=in_msg_id, kind=kind)
+                    self.requeue(d)  # redelivered and answered from the store
+
+            self.publish("", target, body, amqp.properties(reply_id, in_msg_id), ok, failed)
 
     def dead_letter(self, d: Delivery, body: bytes, reason: str, kind: str) -> None:
         """Publish the request to the dead-letter exchange with its reason, then ack it."""
-        if d.gen != self.gen or not self.connected:
-            return
         props = pika.BasicProperties(
             delivery_mode=amqp.PERSISTENT,
             content_type="application/octet-stream",
+            message_id="dead-" + replymod.new_msg_id(),
             headers={REASON_HEADER: reason},
         )
-        self.ch.basic_publish(self.cfg.dead_letter_exchange, "", body, props, mandatory=True)
-        self.ack(d)
-        self.metrics.dead_lettered.labels(reason=kind).inc()
-        self.log.warning("dead_lettered", reason=reason, bytes=len(body))
+
+        def ok() -> None:
+            self.ack(d)
+            self.metrics.dead_lettered.labels(reason=kind).inc()
+
+        def failed(why: str) -> None:
+            self.log.error("dead_letter_failed", kind=why)
+            self.requeue(d)
+
+        if d.gen == self.gen:
+            self.publish(self.cfg.dead_letter_exchange, "", body, props, ok, failed)
+            self.log.warning("dead_lettered", reason=reason, bytes=len(body))
 
     def on_message(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
-        """One delivery from InQueue (called by pika inside process_data_events)."""
+        """One delivery from InQueue (pika callback)."""
         self.unacked += 1
         self.metrics.in_flight.set(self.unacked)
         d = Delivery(self.gen, method.delivery_tag, props.reply_to or None)
@@ -401,8 +547,7 @@ class Supervisor:
         if method.redelivered:
             self.metrics.redeliveries.inc()
         if self.stopping:
-            ch.basic_nack(method.delivery_tag, requeue=True)
-            self.unacked -= 1
+            self.requeue(d)
             return
         from .request import extract_msg_id, parse_request
 
@@ -558,29 +703,42 @@ class Supervisor:
         self.log.info(
             "stopping", signal=why, in_flight=len(self.jobs), grace_s=self.cfg.ShutdownGrace
         )
-        if self.connected and self.consumer_tag:
-            try:
-                pending = self.ch.basic_cancel(self.consumer_tag)
-                for method, _props, _body in pending or ():
-                    self.ch.basic_nack(method.delivery_tag, requeue=True)
-            except amqp.CONNECTION_ERRORS as e:
-                self.connection_lost(e)
+        if self.reconnect_timer is not None:
+            self.ioloop.remove_timeout(self.reconnect_timer)
+            self.reconnect_timer = None
+        if self.ch is not None and self.consumer_tag:
+            self.ch.basic_cancel(self.consumer_tag)
+
+    def fail(self, error: GatewayError) -> None:
+        """A fatal error (configuration, workers that cannot start): stop now."""
+        if self.fatal is None:
+            self.fatal = error
+            self.log.error("fatal", error=error.message)
+        if not self.stopping:
+            self.stopping = True
+        self.stop_deadline = 0.0
 
     def finish_stop(self) -> None:
-        """Grace over: requeue what is left, close the broker, stop the workers."""
+        """Grace over: requeue what is left, close the broker connection, stop the loop."""
+        if self.closing:
+            return
+        self.closing = True
         left = list(self.jobs.values())
         if left:
             self.log.warning("requeued_at_stop", requests=len(left))
-        if self.connected:
+        if self.conn is not None and self.conn.is_open:
             try:
                 for job in left:
                     for d in job.deliveries:
-                        if d.gen == self.gen:
-                            self.ch.basic_nack(d.tag, requeue=True)
-                self.ch.close()
+                        self.requeue(d)
                 self.conn.close()
             except amqp.CONNECTION_ERRORS:
-                pass  # unacked deliveries go back to the queue anyway
+                self.ioloop.stop()
+            self.ioloop.call_later(10, self.ioloop.stop)  # the broker may not answer
+        else:
+            self.ioloop.stop()
+
+    def stop_workers(self) -> None:
         for w in self.workers:
             self._send(w, ("stop",))
         deadline = time.monotonic() + 5
@@ -593,54 +751,53 @@ class Supervisor:
         self.metrics.broker_connected.set(0)
 
     # --- main loop -----------------------------------------------------------------------
+    def tick(self) -> None:
+        """Every TICK_SECONDS: signals, supervision, first connect, end of the stop."""
+        try:
+            self.handle_signals()
+            now = time.monotonic()
+            if now - self.last_supervise >= SUPERVISE_SECONDS:
+                self.last_supervise = now
+                self.supervise()
+            if (
+                not self.started_consuming
+                and not self.stopping
+                and all(w.ready for w in self.workers)
+            ):
+                self.started_consuming = True
+                self.log.info(
+                    "workers_ready",
+                    workers=len(self.workers),
+                    sessions_per_worker=self.cfg.SessionsPerWorker,
+                )
+                self.connect()
+            if self.stopping and (
+                (not self.jobs and not self.confirms) or now >= self.stop_deadline
+            ):
+                self.finish_stop()
+        except amqp.CONNECTION_ERRORS as e:
+            self.connection_lost(e)
+        except GatewayError as e:
+            self.fail(e)
+        except Exception as e:  # noqa: BLE001 - keep serving
+            self.log.exception("internal_error", error=type(e).__name__)
+        if not self.closing:
+            self.ioloop.call_later(TICK_SECONDS, self.tick)
+
     def run(self) -> int:
         self.install_signals()
         for i in range(self.cfg.Workers):
             self.spawn(i)
         self.metrics.serve(self.cfg.MetricsPort, self.cfg.MetricsAddress)
-        # wait until every worker imported the session layer (a broken install halts here)
-        while not all(w.ready for w in self.workers):
-            self.handle_signals()
-            if self.stopping:
-                self.finish_stop()
-                return EXIT_OK
-            self.drain_workers(0.2)
-            self.supervise()
-        self.log.info(
-            "workers_ready",
-            workers=len(self.workers),
-            sessions_per_worker=self.cfg.SessionsPerWorker,
-        )
-        last_supervise = 0.0
-        while True:
-            self.handle_signals()
-            now = time.monotonic()
-            if not self.connected and not self.stopping and now >= self.next_connect:
-                try:
-                    self.connect()
-                except ConfigError:
-                    self.finish_stop()
-                    raise
-                except (BrokerError, *amqp.CONNECTION_ERRORS) as e:
-                    self.connection_lost(e)
-            if self.connected:
-                try:
-                    self.conn.process_data_events(time_limit=POLL_SECONDS)
-                    self.drain_workers(0)
-                except amqp.CONNECTION_ERRORS as e:
-                    self.connection_lost(e)
-            else:
-                self.drain_workers(POLL_SECONDS)
-            if now - last_supervise >= SUPERVISE_SECONDS:
-                last_supervise = now
-                try:
-                    self.supervise()
-                except amqp.CONNECTION_ERRORS as e:
-                    self.connection_lost(e)
-            if self.stopping and (not self.jobs or now >= self.stop_deadline):
-                self.finish_stop()
-                self.log.info("stopped")
-                return EXIT_OK
+        self.ioloop.call_later(TICK_SECONDS, self.tick)
+        try:
+            self.ioloop.start()
+        finally:
+            self.stop_workers()
+        if self.fatal is not None:
+            raise self.fatal
+        self.log.info("stopped")
+        return EXIT_OK
 
 
 def _cmd_label(cmd: str) -> str:
