@@ -348,8 +348,11 @@ class BrokerNode:
         return None
 
     def amqp_ok(self) -> bool:
+        """True when the node accepts an AMQP login (as guest: our user may not exist yet)."""
+        p = self.params(connection_attempts=1)
+        p.credentials = pika.PlainCredentials("guest", "guest")
         try:
-            c = pika.BlockingConnection(self.params(connection_attempts=1))
+            c = pika.BlockingConnection(p)
         except (pika.exceptions.AMQPError, OSError):
             return False
         with contextlib.suppress(Exception):

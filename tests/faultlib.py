@@ -335,6 +335,7 @@ class Received:
     body: bytes
     props: Any
     headers: dict
+    t: float = 0.0  # time.monotonic() when received
 
 
 class AmqpClient:
@@ -433,7 +434,9 @@ class Collector:
 
                     def cb(c: Any, m: Any, p: Any, b: bytes, q: str = q) -> None:
                         with self.lock:
-                            self.items.append(Received(q, b, p, dict(p.headers or {})))
+                            self.items.append(
+                                Received(q, b, p, dict(p.headers or {}), time.monotonic())
+                            )
                         c.basic_ack(m.delivery_tag)
 
                     ch.basic_consume(q, cb)
@@ -754,3 +757,852 @@ class Daemon:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.returncode
+
+
+# --- scenarios ------------------------------------------------------------------------------
+@dataclass
+class Result:
+    """A scenario's table row, the evidence that the fault happened, and what went wrong."""
+
+    row: Row
+    evidence: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{self.row.fault}: evidence={self.evidence} problems={self.problems} "
+            f"leaks={self.leaks} lost={self.row.lost_ids[:10]} "
+            f"divergent={self.row.divergent_ids[:10]} unreasoned={self.row.unreasoned_dead[:10]}"
+        )
+
+
+def stored_reply_ids(state_dir: Path) -> set[str]:
+    """MsgIDs whose reply is in the daemon's reply store (read-only peek at its SQLite)."""
+    import sqlite3
+
+    path = state_dir / "replies.sqlite3"
+    if not path.exists():
+        return set()
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return {k.split("|", 1)[0] for (k,) in db.execute("SELECT key FROM replies")}
+    finally:
+        db.close()
+
+
+def wait_for(pred: Any, timeout: float, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
+
+
+def worker_pids(daemon: Daemon) -> list[int]:
+    """The daemon's worker processes (its children running multiprocessing.spawn)."""
+    out = []
+    for pid in daemon.workers():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" not in cmd:
+            out.append(pid)
+    return out
+
+
+class Lab:
+    """A private broker node, a latency simulator and helpers to run one fault scenario."""
+
+    def __init__(self, workdir: Path, meters: int = 60, latency_ms: int = 300, tls: bool = False):
+        from tests.brokernode import BrokerNode
+
+        self.workdir = workdir
+        self.meters = meters
+        self.latency_ms = latency_ms
+        self.node = BrokerNode(user="d2afault", password=CANARY_BROKER_PASSWORD, tls=tls)
+        self.client = AmqpClient(self.node.params)
+        self._stack = contextlib.ExitStack()
+        self.sim: Any = None
+        self.rows: list[Row] = []
+
+    def __enter__(self) -> Lab:
+        from tests.helpers_sim import running_simulator
+
+        try:
+            self.node.start()
+            self._stack.callback(self.node.destroy)
+            self.sim = self._stack.enter_context(
+                running_simulator(
+                    self.meters, "-P", CANARY_PASSWORD, "--latency", str(self.latency_ms)
+                )
+            )
+        except BaseException:
+            self._stack.close()
+            self.node.destroy()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def sim_ports(self) -> list[int]:
+        return list(range(self.sim.port, self.sim.port + self.meters))
+
+    def daemon_config(self, in_q: str, out_q: str, port: int, **over: Any) -> dict[str, Any]:
+        cfg: dict[str, Any] = {
+            "HostName": "127.0.0.1",
+            "Port": port,
+            "VirtualHost": "/",
+            "UserName": self.node.user,
+            "Password": self.node.password,
+            "InQueue": in_q,
+            "OutQueue": out_q,
+            "Workers": 2,
+            "SessionsPerWorker": 8,
+            "RequestTimeout": 20,
+            "FrameTimeout": 3,
+            "Heartbeat": 5,
+            "ReconnectMaxDelay": 2,
+            "ShutdownGrace": 25,
+        }
+        cfg.update(over)
+        return cfg
+
+    def run(
+        self,
+        name: str,
+        fault: Any,
+        requests: int | None = None,
+        via_proxy: bool = False,
+        allow_repeats: bool = False,
+        config: dict[str, Any] | None = None,
+        timeout: float = 90.0,
+    ) -> Result:
+        """Start a daemon, publish one READ per meter, inject ``fault(ctx)``, apply the oracle.
+
+        Each request goes to its own meter (through a counting proxy), so a meter with two
+        sessions that both got an answer means one request id was read twice.
+        """
+        slug = "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+        uid = f"{slug}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+        in_q, out_q = f"d2af.{uid}.in", f"d2af.{uid}.out"
+        dlq = in_q + ".dead"
+        n = requests or self.meters
+        ports = self.sim_ports()[:n]
+        res = Result(Row(name))
+        with contextlib.ExitStack() as st:
+            meters = TcpProxy(ports, count_dlms=True)
+            st.callback(meters.close)
+            broker_proxy = None
+            port = self.node.port
+            if via_proxy:
+                broker_proxy = TcpProxy([self.node.port])
+                st.callback(broker_proxy.close)
+                port = next(iter(broker_proxy.listeners))
+            daemon = Daemon(
+                self.workdir / uid, self.daemon_config(in_q, out_q, port, **(config or {}))
+            )
+            st.callback(lambda: self.client.delete_queues([in_q, out_q, dlq]))
+            st.callback(daemon.stop)
+            daemon.start()
+            daemon.wait_consuming(self.client, in_q)
+            collector = Collector(self.client, [out_q, dlq]).start()
+            st.callback(collector.stop)
+            ids = [f"{slug}-{i}" for i in range(n)]
+            port_of_id = dict(zip(ids, ports))
+            bodies = [(i, read_request(i, meters.port_of[p])) for i, p in port_of_id.items()]
+            self.client.publish(in_q, bodies)
+            t_pub = time.monotonic()
+            ctx = Ctx(
+                self, daemon, meters, broker_proxy, collector, in_q, out_q, dlq, t_pub, bodies
+            )
+            try:
+                res.evidence.update(fault(ctx) or {})
+            except AssertionError as e:
+                res.problems.append(f"fault not confirmed: {e}")
+            if not collector.wait_ids(set(ids), timeout):
+                res.problems.append(f"not every request accounted for after {timeout:.0f} s")
+            time.sleep(1.0)  # late duplicates
+            if not daemon.alive():
+                res.problems.append(f"daemon not running at the end (rc {daemon.proc.returncode})")
+            rc = daemon.stop()
+            res.evidence["final_exit_code"] = rc
+            items = collector.snapshot()
+            res.row = judge(name, ids, items, {out_q}, dlq, meters, port_of_id)
+            repeated_after_store = ctx.no_repeat_ids & {
+                i for i in ids if meters.stats[port_of_id[i]].sessions_with_reads > 1
+            }
+            if repeated_after_store:
+                res.problems.append(
+                    f"meter read again for ids whose reply was already stored: "
+                    f"{sorted(repeated_after_store)[:10]}"
+                )
+            if not allow_repeats and res.row.sessions_repeated:
+                res.problems.append(f"{res.row.sessions_repeated} meter sessions repeated")
+            res.leaks = leak_scan(daemon, items, dlq)
+            res.row.notes = ctx.notes
+        self.rows.append(res.row)
+        ROWS.append(res.row)
+        return res
+
+
+def leak_scan(daemon: Daemon, items: list[Received], dlq: str) -> list[str]:
+    """Canaries in the daemon's files and output, in replies, in dead-letter metadata."""
+    blobs = files_under(daemon.workdir)
+    blobs = [(n, b) for n, b in blobs if not n.endswith((".sqlite3", ".sqlite3-wal", ".json"))]
+    for r in items:
+        if r.queue == dlq:
+            # the dead-lettered request is the client's own message; its metadata is ours
+            blobs.append((f"dead-letter headers of {reply_in_id(r)}", repr(r.headers).encode()))
+        else:
+            blobs.append((f"reply {reply_in_id(r)}", r.body))
+    return scan_canaries(blobs)
+
+
+@dataclass
+class Ctx:
+    """What a fault function may touch."""
+
+    lab: Lab
+    daemon: Daemon
+    meters: TcpProxy
+    broker_proxy: TcpProxy | None
+    collector: Collector
+    in_q: str
+    out_q: str
+    dlq: str
+    t_published: float
+    bodies: list[tuple[str, bytes]] = field(default_factory=list)
+    no_repeat_ids: set[str] = field(default_factory=set)
+    notes: str = ""
+
+    def replies(self) -> int:
+        return len(self.collector.snapshot())
+
+    def wait_some_progress(self, min_replies: int = 3, timeout: float = 30) -> None:
+        """Wait until a few replies are out and meter sessions are open (under load)."""
+        ok = wait_for(
+            lambda: self.replies() >= min_replies and self.meters.open_connections() > 0, timeout
+        )
+        if not ok:
+            raise AssertionError(
+                f"no load to fault: {self.replies()} replies, "
+                f"{self.meters.open_connections()} meter connections"
+            )
+
+    def log_count(self, event: str) -> int:
+        """Occurrences of ``event`` in the daemon's log file and output."""
+        return self.daemon.log_text().count(event) + self.daemon.output().count(event)
+
+    def wait_log_increase(self, event: str, before: int, timeout: float) -> bool:
+        return wait_for(lambda: self.log_count(event) > before, timeout, 0.2)
+
+
+# --- the faults -----------------------------------------------------------------------------
+LOST_EVENT = "broker_connection_lost"
+
+
+def fault_broker_restart(ctx: Ctx) -> dict[str, Any]:
+    """rabbitmqctl stop_app, 3 s down, start_app, while requests are in flight."""
+    ctx.wait_some_progress()
+    pid, lost = ctx.daemon.pid, ctx.log_count(LOST_EVENT)
+    ctx.lab.node.stop_app()
+    down = not ctx.lab.node.amqp_ok()
+    time.sleep(3)
+    ctx.lab.node.start_app()
+    assert down, "the broker still accepted AMQP after stop_app"
+    assert ctx.wait_log_increase(LOST_EVENT, lost, 30), "daemon did not log the lost connection"
+    assert ctx.daemon.alive() and ctx.daemon.pid == pid, "daemon died"
+    ctx.notes = "stop_app 3 s"
+    return {"stop_app_rc": 0, "amqp_refused_while_stopped": down, "daemon_pid_unchanged": pid}
+
+
+def fault_close_all(ctx: Ctx) -> dict[str, Any]:
+    """rabbitmqctl close_all_connections while requests are in flight."""
+    ctx.wait_some_progress()
+    pid, lost = ctx.daemon.pid, ctx.log_count(LOST_EVENT)
+    n = ctx.lab.node.close_all_connections()
+    assert n >= 1, "no connection to close"
+    assert ctx.wait_log_increase(LOST_EVENT, lost, 30), "daemon did not log the lost connection"
+    assert ctx.daemon.alive() and ctx.daemon.pid == pid, "daemon died"
+    return {"connections_closed": n, "daemon_pid_unchanged": pid}
+
+
+def fault_silent_cut(ctx: Ctx) -> dict[str, Any]:
+    """Blackhole the daemon's broker connection (no FIN, no RST) until it notices."""
+    assert ctx.broker_proxy is not None
+    ctx.wait_some_progress()
+    hb = float(ctx.daemon.config.get("Heartbeat", 30))
+    lost = ctx.log_count(LOST_EVENT)
+    assert ctx.broker_proxy.open_connections() >= 1, "daemon not connected through the proxy"
+    ctx.broker_proxy.blackhole()
+    t0 = time.monotonic()
+    limit = 2 * (hb + 5) + 5  # pika checks for received frames every heartbeat + 5 s
+    detected = ctx.wait_log_increase(LOST_EVENT, lost, limit + 30)
+    dt = time.monotonic() - t0
+    time.sleep(2)  # reconnect attempts during the cut must fail cleanly
+    ctx.broker_proxy.restore()
+    ctx.notes = f"heartbeat {hb:g} s, detected after {dt:.1f} s"
+    assert detected, f"cut not detected within {limit + 30:.0f} s"
+    assert dt <= limit, f"cut detected only after {dt:.1f} s (heartbeat {hb:g} s)"
+    return {"detected_after_s": round(dt, 1), "heartbeat_s": hb}
+
+
+def fault_kill_worker(ctx: Ctx) -> dict[str, Any]:
+    """SIGKILL one worker process in the middle of meter sessions."""
+    ctx.wait_some_progress()
+    before = worker_pids(ctx.daemon)
+    assert before, "no worker process found"
+    sessions = ctx.meters.open_connections()
+    victim = before[0]
+    os.kill(victim, signal.SIGKILL)
+    replaced = wait_for(
+        lambda: (
+            victim not in worker_pids(ctx.daemon) and len(worker_pids(ctx.daemon)) >= len(before)
+        ),
+        30,
+    )
+    assert sessions > 0, "no meter session open at the kill"
+    assert replaced, "the killed worker was not replaced"
+    new = sorted(set(worker_pids(ctx.daemon)) - set(before))
+    ctx.notes = "repeats allowed: first attempt died"
+    return {"killed_pid": victim, "new_worker_pids": new, "meter_sessions_open": sessions}
+
+
+def fault_kill_master(ctx: Ctx) -> dict[str, Any]:
+    """SIGKILL the master mid-load, restart it on the same StateDir, then replay answered ones.
+
+    Requests whose reply was stored before the kill must not be read again; re-publishing
+    five answered requests (a redelivery as the broker would make it) must give the very
+    same reply bytes from the store, without a meter session.
+    """
+    ctx.wait_some_progress()
+    d = ctx.daemon
+    old = d.pid
+    rc = d.kill9()
+    assert rc == -signal.SIGKILL, f"master exit code {rc}"
+    stored = stored_reply_ids(d.workdir / "state")
+    ctx.no_repeat_ids |= stored
+    d.start()
+    d.wait_consuming(ctx.lab.client, ctx.in_q)
+    assert d.pid != old, "same PID after restart"
+    ids = {i for i, _ in ctx.bodies}
+    ctx.collector.wait_ids(ids, 60)
+    sessions = ctx.meters.total().aarqs
+    replay = ctx.bodies[:5]
+    ctx.no_repeat_ids |= {i for i, _ in replay}
+    n_before = len(ctx.collector.snapshot())
+    ctx.lab.client.publish(ctx.in_q, replay)
+    wait_for(lambda: len(ctx.collector.snapshot()) >= n_before + len(replay), 30)
+    time.sleep(0.5)
+    new_sessions = ctx.meters.total().aarqs - sessions
+    from_store = ctx.log_count("answered_from_store")
+    ctx.notes = f"{len(stored)} stored before kill; 5 replayed; {from_store} from store"
+    assert new_sessions == 0, f"{new_sessions} meter sessions opened for replayed requests"
+    assert from_store >= len(replay), f"only {from_store} answers from the reply store"
+    return {"exit_code": rc, "old_pid": old, "new_pid": d.pid, "stored_before_kill": len(stored)}
+
+
+def fault_sigterm(ctx: Ctx) -> dict[str, Any]:
+    """SIGTERM under load (finish in-flight, requeue the rest), then restart."""
+    ctx.wait_some_progress()
+    d = ctx.daemon
+    old = d.pid
+    t0 = time.monotonic()
+    d.signal(signal.SIGTERM)
+    rc = d.wait_exit(float(d.config.get("ShutdownGrace", 30)) + 20)
+    took = time.monotonic() - t0
+    assert rc == 0, f"exit code after SIGTERM: {rc}"
+    answered = len(ctx.collector.snapshot())
+    d.start()
+    d.wait_consuming(ctx.lab.client, ctx.in_q)
+    assert d.pid != old
+    ctx.notes = f"stopped in {took:.1f} s, {answered} answered before restart"
+    return {"exit_code": rc, "stop_seconds": round(took, 1), "answered_before_restart": answered}
+
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "broker stop_app/start_app": {"fault": fault_broker_restart},
+    "close_all_connections": {"fault": fault_close_all},
+    "silent network cut": {"fault": fault_silent_cut, "via_proxy": True},
+    "kill -9 worker": {"fault": fault_kill_worker, "allow_repeats": True},
+    "kill -9 master + restart": {"fault": fault_kill_master, "allow_repeats": True},
+    "SIGTERM + restart": {"fault": fault_sigterm},
+}
+
+
+# --- scenarios with their own shape ----------------------------------------------------------
+@dataclass
+class Env:
+    daemon: Daemon
+    collector: Collector
+    in_q: str
+    out_q: str
+    dlq: str
+
+
+@contextlib.contextmanager
+def daemon_env(
+    lab: Lab, name: str, config: dict[str, Any] | None = None, params: Any = None
+) -> Any:
+    """A daemon on unique queues of the lab's node, with a collector; cleaned up after."""
+    uid = f"{name}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+    in_q, out_q = f"d2af.{uid}.in", f"d2af.{uid}.out"
+    dlq = in_q + ".dead"
+    cfg = lab.daemon_config(in_q, out_q, lab.node.port, **(config or {}))
+    daemon = Daemon(lab.workdir / uid, cfg)
+    client = AmqpClient(params or lab.node.params)
+    collector = Collector(lab.client, [out_q, dlq])
+    try:
+        daemon.start()
+        daemon.wait_consuming(lab.client, in_q)
+        collector.start()
+        yield Env(daemon, collector, in_q, out_q, dlq)
+    finally:
+        daemon.stop()
+        collector.stop()
+        client.delete_queues([in_q, out_q, dlq])
+
+
+def reply_dict(r: Received) -> dict[str, Any]:
+    try:
+        d = json.loads(r.body)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+METER_FAULTS = ("--silent", "--garbage", "--reset", "--reject-auth")
+
+
+def scenario_meter_faults(lab: Lab, per_fault: int = 3, healthy: int = 12) -> list[Result]:
+    """Meters that never answer, answer garbage, reset, reject auth; healthy ones alongside.
+
+    Each faulty request must get a notok reply with an Error within RequestTimeout (+10 s
+    slack for the queue), and every healthy request an ok reply: other work carries on.
+    """
+    from tests.helpers_sim import running_simulator
+
+    results: list[Result] = []
+    request_timeout = 15.0
+    with contextlib.ExitStack() as st:
+        sims = {
+            f: st.enter_context(running_simulator(per_fault, f, "-P", CANARY_PASSWORD))
+            for f in METER_FAULTS
+        }
+        env = st.enter_context(
+            daemon_env(lab, "meterfaults", {"RequestTimeout": request_timeout, "FrameTimeout": 3})
+        )
+        groups: dict[str, list[tuple[str, bytes]]] = {}
+        for f, sim in sims.items():
+            groups[f] = [
+                (f"mf{f}-{k}", read_request(f"mf{f}-{k}", sim.port + k)) for k in range(per_fault)
+            ]
+        groups["healthy"] = [
+            (f"mf-healthy-{k}", read_request(f"mf-healthy-{k}", lab.sim.port + k))
+            for k in range(healthy)
+        ]
+        everything = [b for g in groups.values() for b in g]
+        t0 = time.monotonic()
+        lab.client.publish(env.in_q, everything)
+        env.collector.wait_ids({i for i, _ in everything}, request_timeout * 3 + 30)
+        time.sleep(0.5)
+        items = env.collector.snapshot()
+        pid_alive = env.daemon.alive()
+        leaks = leak_scan(env.daemon, items, env.dlq)
+    by_id = {reply_in_id(r): r for r in items if r.queue == env.out_q}
+    for g, bodies in groups.items():
+        ids = [i for i, _ in bodies]
+        res = Result(judge(f"meter {g.lstrip('-')}", ids, items, {env.out_q}, env.dlq))
+        res.leaks = leaks
+        worst = 0.0
+        for i in ids:
+            r = by_id.get(i)
+            if r is None:
+                continue
+            d = reply_dict(r)
+            worst = max(worst, r.t - t0)
+            if g == "healthy":
+                if d.get("Status") != "ok":
+                    res.problems.append(
+                        f"{i}: healthy meter got {d.get('Status')}: {d.get('Error')}"
+                    )
+            else:
+                if d.get("Status") != "notok" or not d.get("Error"):
+                    res.problems.append(f"{i}: expected notok with an Error, got {d}")
+                if r.t - t0 > request_timeout + 10:
+                    res.problems.append(f"{i}: answered after {r.t - t0:.1f} s")
+        res.evidence = {"slowest_reply_s": round(worst, 1), "daemon_alive": pid_alive}
+        errs = sorted({str(reply_dict(by_id[i]).get("Error"))[:60] for i in ids if i in by_id})
+        res.row.notes = f"slowest {worst:.1f} s; " + "; ".join(errs[:2])
+        if not pid_alive:
+            res.problems.append("daemon died")
+        results.append(res)
+        lab.rows.append(res.row)
+        ROWS.append(res.row)
+    return results
+
+
+def bad_request_corpus(meter_port: int) -> list[tuple[str, str | None, bytes]]:
+    """(label, MsgID the reply must carry or None, body) of malformed requests."""
+    good_cs = conn_string(meter_port)
+
+    def req(mid: Any, **kw: Any) -> bytes:
+        d: dict[str, Any] = {
+            "MsgID": mid,
+            "Cmd": "READ",
+            "ObisCode": "1.0.1.8.0.255",
+            "ConnectionString": good_cs,
+        }
+        for k, v in kw.items():
+            if v is None:
+                d.pop(k, None)
+            else:
+                d[k] = v
+        return json.dumps(d).encode()
+
+    deep = b'{"MsgID": "bad-deep", "x": ' + b"[" * 20000 + b"]" * 20000 + b"}"
+    big = b'{"MsgID": "bad-10mb", "Cmd": "READ", "pad": "' + b"A" * (10 * 1024 * 1024) + b'"}'
+    c = [
+        ("not json", None, b"this is not JSON {" + CANARY_PASSWORD.encode()),
+        ("empty body", None, b""),
+        ("invalid utf-8", None, b'{"MsgID": "\xff\xfe"}'),
+        ("json array", None, b'["READ", "1.0.1.8.0.255"]'),
+        ("json null", None, b"null"),
+        ("10 MB body", None, big),
+        ("deep nesting", None, deep),
+        ("missing MsgID", None, req(None, MsgID=None)),
+        ("MsgID list", None, req(["x"])),
+        ("Cmd number", "bad-cmdnum", req("bad-cmdnum", Cmd=7)),
+        ("ObisCode number", "bad-obisnum", req("bad-obisnum", ObisCode=1.8)),
+        ("ConnectionString object", "bad-csobj", req("bad-csobj", ConnectionString={"h": 1})),
+        ("unknown command", "bad-unknown", req("bad-unknown", Cmd="WRITE")),
+        ("missing Cmd", "bad-nocmd", req("bad-nocmd", Cmd=None)),
+        ("missing ObisCode", "bad-noobis", req("bad-noobis", ObisCode=None)),
+        ("missing ConnectionString", "bad-nocs", req("bad-nocs", ConnectionString=None)),
+        ("bad obis", "bad-obis", req("bad-obis", ObisCode="1.2.3")),
+        ("bad dtFrom", "bad-dtfrom", req("bad-dtfrom", dtFrom="yesterday")),
+        ("bad dtTo", "bad-dtto", req("bad-dtto", dtTo="2022-13-45T99:00:00")),
+        (
+            "dtFrom after dtTo",
+            "bad-dtorder",
+            req("bad-dtorder", dtFrom="2024-02-01T00:00:00Z", dtTo="2024-01-01T00:00:00Z"),
+        ),
+        ("dtFrom number", "bad-dtnum", req("bad-dtnum", dtFrom=12345)),
+        ("cs empty", "bad-csempty", req("bad-csempty", ConnectionString="")),
+        ("cs no port", "bad-csnoport", req("bad-csnoport", ConnectionString="-h 127.0.0.1")),
+        (
+            "cs port text",
+            "bad-csport",
+            req("bad-csport", ConnectionString=f"-h 127.0.0.1 -p http -P {CANARY_PASSWORD}"),
+        ),
+        (
+            "cs unknown option",
+            "bad-csopt",
+            req("bad-csopt", ConnectionString=good_cs + " -Q zzz"),
+        ),
+        (
+            "cs dangling -P",
+            "bad-csdangle",
+            req("bad-csdangle", ConnectionString=f"-h 127.0.0.1 -p {meter_port} -a Low -P"),
+        ),
+        (
+            "cs bad key",
+            "bad-cskey",
+            req(
+                "bad-cskey",
+                ConnectionString=f"-h 127.0.0.1 -p {meter_port} -c 48 -C AuthenticationEncryption"
+                f" -B {CANARY_BKEY[:-3]} -A {CANARY_AKEY}",
+            ),
+        ),
+        ("cs unbalanced quote", "bad-csquote", req("bad-csquote", ConnectionString='-h "127.0')),
+        ("MsgID 10 kB", "M" * 10000, req("M" * 10000)),
+        ("MsgID number", "1443", req(1443)),
+        ("unknown field", "bad-extra", req("bad-extra", Extra={"a": [1, 2]})),
+    ]
+    return c
+
+
+def scenario_bad_requests(lab: Lab) -> Result:
+    """Every malformed request is answered or dead-lettered with a reason; daemon stays up."""
+    corpus = bad_request_corpus(lab.sim.port)
+    res = Result(Row("bad-request corpus", sent=len(corpus) + 3))
+    with daemon_env(lab, "corpus") as env:
+        pid = env.daemon.pid
+        lab.client.publish(env.in_q, [(f"corpus-{i}", b) for i, (_, _, b) in enumerate(corpus)])
+        good = [
+            (f"corpus-good-{k}", read_request(f"corpus-good-{k}", lab.sim.port + k))
+            for k in range(3)
+        ]
+        lab.client.publish(env.in_q, good)
+
+        def accounted() -> int:
+            items = env.collector.snapshot()
+            return len(items)
+
+        wait_for(lambda: accounted() >= len(corpus) + 3, 90, 0.3)
+        time.sleep(1.0)
+        items = env.collector.snapshot()
+        alive = env.daemon.alive() and env.daemon.pid == pid
+        res.leaks = leak_scan(env.daemon, items, env.dlq)
+    replies = [r for r in items if r.queue == env.out_q]
+    dead = [r for r in items if r.queue == env.dlq]
+    for label, mid, body in corpus:
+        rep = [r for r in replies if mid is not None and reply_in_id(r) == mid]
+        dl = [r for r in dead if r.body == body]
+        if rep:
+            res.row.replies += 1
+            d = reply_dict(rep[0])
+            if d.get("Status") != "notok" or not d.get("Error"):
+                res.problems.append(f"{label}: reply is not notok with an Error: {str(d)[:200]}")
+            if len({r.body for r in rep}) > 1:
+                res.row.duplicated_divergent += 1
+        elif dl:
+            res.row.dead_lettered += 1
+            if not dead_letter_reason(dl[0]):
+                res.row.unreasoned_dead.append(label)
+                res.problems.append(f"{label}: dead-lettered without a reason")
+        else:
+            res.row.lost += 1
+            res.row.lost_ids.append(label)
+            res.problems.append(f"{label}: neither answered nor dead-lettered")
+    for mid, _ in good:
+        rep = [r for r in replies if reply_in_id(r) == mid]
+        if rep and reply_dict(rep[0]).get("Status") == "ok":
+            res.row.replies += 1
+        else:
+            res.row.lost += 1
+            res.problems.append(f"{mid}: good request after the corpus not answered ok")
+    res.evidence = {
+        "daemon_alive_same_pid": alive,
+        "reasons": sorted({dead_letter_reason(r)[:50] for r in dead}),
+    }
+    if not alive:
+        res.problems.append("daemon died or was restarted during the corpus")
+    res.row.notes = f"{len(corpus)} bad + 3 good"
+    lab.rows.append(res.row)
+    ROWS.append(res.row)
+    return res
+
+
+def scenario_flood(
+    lab: Lab, total: int = 100_000, seconds: float = 40.0, read_every: int = 20
+) -> Result:
+    """100,000 requests queued before the daemon starts; watch RSS and unacked for a while.
+
+    Every ``read_every``-th request is a real READ (slow meters, latency per frame), the rest
+    an unknown command answered by the master at once, so the daemon is busy on both paths.
+    Answering all 100,000 would take minutes here, so we measure the first ``seconds``, stop
+    the daemon with SIGTERM (it requeues what it holds) and check conservation: every
+    request is answered, dead-lettered or still in the queue.
+    """
+    uid = f"flood-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+    in_q, out_q = f"d2af.{uid}.in", f"d2af.{uid}.out"
+    dlq = in_q + ".dead"
+    workers, spw = 2, 8
+    prefetch = 2 * workers * spw
+    cfg = lab.daemon_config(in_q, out_q, lab.node.port, Workers=workers, SessionsPerWorker=spw)
+    daemon = Daemon(lab.workdir / uid, cfg)
+    res = Result(Row("flood 100k", sent=total))
+    collector = Collector(lab.client, [out_q, dlq])
+    try:
+        conn = lab.client.connect()
+        try:
+            ch = conn.channel()
+            ch.queue_declare(in_q, durable=True)  # classic, no arguments: as the daemon does
+            props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+            t0 = time.monotonic()
+            for i in range(total):
+                mid = f"fl-{i}"
+                if i % read_every == 0:
+                    body = read_request(mid, lab.sim.port + (i // read_every) % lab.meters)
+                else:
+                    body = json.dumps(
+                        {
+                            "MsgID": mid,
+                            "Cmd": "PING",
+                            "ObisCode": "1.0.1.8.0.255",
+                            "ConnectionString": conn_string(lab.sim.port),
+                        }
+                    ).encode()
+                ch.basic_publish("", in_q, body, props)
+            # a confirmed marker: once it is confirmed, everything before it is in the queue
+            ch.confirm_delivery()
+            ch.basic_publish("", in_q + ".none", b"", mandatory=False)
+            publish_s = time.monotonic() - t0
+            depth = ch.queue_declare(in_q, passive=True).method.message_count
+        finally:
+            conn.close()
+        res.evidence["publish_seconds"] = round(publish_s, 1)
+        res.evidence["queue_depth_before_start"] = depth
+        if depth != total:
+            res.problems.append(f"queue holds {depth} of {total} before the daemon starts")
+        daemon.start()
+        daemon.wait_consuming(lab.client, in_q)
+        collector.start()
+        rss: list[int] = []
+        unacked: list[int] = []
+        t_start = time.monotonic()
+        next_q = 0.0
+        while time.monotonic() - t_start < seconds:
+            pids = [daemon.pid, *worker_pids(daemon)]
+            rss.append(rss_kb(pids))
+            if time.monotonic() >= next_q:
+                st = lab.node.queue_stats(in_q)
+                if st is not None:
+                    unacked.append(st[1])
+                next_q = time.monotonic() + 2.0
+            if not daemon.alive():
+                res.problems.append(f"daemon exited with {daemon.proc.returncode}")
+                break
+            time.sleep(1.0)
+        rc = daemon.stop()
+        res.evidence["sigterm_exit_code"] = rc
+        time.sleep(1.0)
+        collector.stop()
+        items = collector.snapshot()
+        ready = lab.node.queue_stats(in_q)
+        left = ready[0] + ready[1] if ready else -1
+        ids_answered = {reply_in_id(r) for r in items if r.queue == out_q}
+        dead = [r for r in items if r.queue == dlq]
+        by_id: dict[str | None, set[bytes]] = defaultdict(set)
+        for r in items:
+            if r.queue == out_q:
+                by_id[reply_in_id(r)].add(r.body)
+        res.row.replies = len(ids_answered)
+        res.row.dead_lettered = len(dead)
+        res.row.duplicated_divergent = sum(1 for v in by_id.values() if len(v) > 1)
+        res.row.duplicated_identical = sum(1 for r in items if r.queue == out_q) - len(ids_answered)
+        res.row.lost = total - len(ids_answered) - len(dead) - left
+        half = len(rss) // 2
+        warm = max(3, len(rss) // 4)
+        first = max(rss[warm:half] or [0])
+        last = max(rss[half:] or [0])
+        res.evidence.update(
+            {
+                "seconds_measured": round(time.monotonic() - t_start, 1),
+                "answered": len(ids_answered),
+                "left_in_queue": left,
+                "rss_mb_samples": len(rss),
+                "rss_mb_first_half_max": round(first / 1024, 1),
+                "rss_mb_second_half_max": round(last / 1024, 1),
+                "unacked_max": max(unacked or [0]),
+                "unacked_samples": len(unacked),
+                "prefetch": prefetch,
+            }
+        )
+        res.row.notes = (
+            f"first {seconds:.0f} s: {len(ids_answered)} answered, {left} left queued; "
+            f"RSS {first / 1024:.0f}->{last / 1024:.0f} MB; unacked max {max(unacked or [0])}"
+            f" <= prefetch {prefetch}"
+        )
+        if max(unacked or [0]) > prefetch:
+            res.problems.append(f"unacked {max(unacked)} exceeds prefetch {prefetch}")
+        if not unacked:
+            res.problems.append("no unacked sample")
+        if last > first * 1.15 + 10 * 1024:
+            res.problems.append(f"RSS grew from {first} kB to {last} kB")
+        if res.row.lost:
+            res.problems.append(f"{res.row.lost} requests neither answered nor still queued")
+        res.leaks = leak_scan(daemon, items[:2000], dlq)
+    finally:
+        daemon.stop()
+        collector.stop()
+        lab.client.delete_queues([in_q, out_q, dlq])
+    lab.rows.append(res.row)
+    ROWS.append(res.row)
+    return res
+
+
+def scenario_tls(lab: Lab, requests: int = 5) -> Result:
+    """amqps with certificate verification against a test CA; a wrong CA is refused.
+
+    Uses its own TLS node (the lab's node has no TLS listener unless started with tls=True).
+    """
+    from tests.brokernode import BrokerNode, make_test_pki
+
+    res = Result(Row("broker TLS (amqps)", sent=requests))
+    node = lab.node
+    own = None
+    if not node.tls:
+        own = BrokerNode(user="d2afault", password=CANARY_BROKER_PASSWORD, tls=True)
+        own.start()
+        node = own
+    try:
+        assert node.tls_files is not None
+        uid = f"tls-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+        in_q, out_q = f"d2af.{uid}.in", f"d2af.{uid}.out"
+        dlq = in_q + ".dead"
+        client = AmqpClient(node.params)
+        tls_cfg = {
+            "Tls": True,
+            "Port": node.tls_port,
+            "HostName": "127.0.0.1",
+            "TlsServerName": "localhost",
+            "TlsCaFile": str(node.tls_files.ca),
+            "TlsCertFile": str(node.tls_files.client_cert),
+            "TlsKeyFile": str(node.tls_files.client_key),
+        }
+        base = lab.daemon_config(in_q, out_q, node.tls_port)
+        # a daemon trusting another CA must not connect
+        wrong = make_test_pki(lab.workdir / f"{uid}-wrongca")
+        bad = Daemon(lab.workdir / f"{uid}-wrong", {**base, **tls_cfg, "TlsCaFile": str(wrong.ca)})
+        bad.start()
+        time.sleep(8)
+        never_declared = client.queue_depth(in_q) is None
+        refused = never_declared and (bad.alive() or bad.proc.returncode != 0)
+        bad_out = bad.output() + bad.log_text()
+        bad.stop()
+        res.evidence["wrong_ca_refused"] = refused
+        res.evidence["wrong_ca_message"] = next(
+            (
+                ln[:160]
+                for ln in bad_out.splitlines()
+                if "certif" in ln.lower() or "ssl" in ln.lower()
+            ),
+            "",
+        )
+        if not refused:
+            res.problems.append("daemon connected although the broker's CA is not trusted")
+        daemon = Daemon(lab.workdir / uid, {**base, **tls_cfg})
+        collector = Collector(client, [out_q, dlq])
+        try:
+            daemon.start()
+            daemon.wait_consuming(client, in_q)
+            conns = node.ctl(
+                "list_connections", "-q", "--no-table-headers", "ssl", "peer_port"
+            ).stdout
+            res.evidence["broker_sees_ssl_connection"] = "true" in conns
+            if "true" not in conns:
+                res.problems.append(f"no TLS connection on the broker: {conns.strip()[:200]}")
+            collector.start()
+            bodies = [
+                (f"tls-{k}", read_request(f"tls-{k}", lab.sim.port + k)) for k in range(requests)
+            ]
+            client.publish(in_q, bodies)
+            collector.wait_ids({i for i, _ in bodies}, 60)
+            time.sleep(0.5)
+            items = collector.snapshot()
+            res.row = judge("broker TLS (amqps)", [i for i, _ in bodies], items, {out_q}, dlq)
+            oks = sum(1 for r in items if reply_dict(r).get("Status") == "ok")
+            if oks < requests:
+                res.problems.append(f"only {oks} of {requests} replies ok over amqps")
+            res.leaks = leak_scan(daemon, items, dlq) + scan_canaries(
+                [("wrong-CA daemon", bad_out.encode())]
+            )
+            res.row.notes = (
+                "verify_peer, test CA; wrong CA refused" if refused else "wrong CA accepted!"
+            )
+        finally:
+            daemon.stop()
+            collector.stop()
+            client.delete_queues([in_q, out_q, dlq])
+    finally:
+        if own is not None:
+            own.destroy()
+    lab.rows.append(res.row)
+    ROWS.append(res.row)
+    return res
