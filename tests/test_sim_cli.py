@@ -79,3 +79,42 @@ def test_open_files_limit_raised_or_explained():
         finally:
             p.send_signal(signal.SIGTERM)
             assert p.wait(15) == 0
+
+
+def test_verbose_trace_never_shows_the_password():
+    with running_simulator(1, "-t", "Verbose", "-P", "s3cr3t-pw") as sim:
+        from gurux_dlms import GXDLMSException
+
+        from tests.helpers_sim import GuruxMeter, gurux_client
+
+        with GuruxMeter(gurux_client(32, password="s3cr3t-pw"), sim.host, sim.port) as m:
+            m.connect()
+            m.release()
+        with GuruxMeter(gurux_client(32, password="wrong-pw"), sim.host, sim.port) as m:
+            with pytest.raises(GXDLMSException):
+                m.connect()
+        sim.proc.send_signal(signal.SIGTERM)
+        sim.proc.wait(15)
+    log = "".join(sim.stderr_lines)
+    assert "AARQ" in log and "association rejected: wrong password" in log
+    assert "s3cr3t" not in log and "wrong-pw" not in log
+    assert "73336372" not in log  # nor in hex
+
+
+def test_procs_child_failure_is_reported():
+    first = free_port_range(6)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", first + 4))
+    blocker.listen(1)
+    try:
+        r = subprocess.run(
+            [*SIM_CMD, "-N", "6", "-p", str(first), "--procs", "2"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        blocker.close()
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{first + 4}" in r.stderr
+    assert "ready" not in r.stdout

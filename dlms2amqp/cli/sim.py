@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import resource
+import select
 import signal
 import sys
 from typing import Optional
@@ -173,11 +174,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     return EXIT_OK
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: a child gets SIGTERM when the parent dies, so no meter outlives it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_START)
+
+
 def _run_procs(device, args: argparse.Namespace, opts, procs: int, per_proc: int) -> int:
     """Fork K children, each serving a port range; one ready line when all are ready."""
     from dlms2amqp.simulator.server import Server
 
     children = []
+    parent_pid = os.getpid()
     ready_r, ready_w = os.pipe()
     for i in range(procs):
         first_k = i * per_proc
@@ -187,6 +202,7 @@ def _run_procs(device, args: argparse.Namespace, opts, procs: int, per_proc: int
         pid = os.fork()
         if pid == 0:
             os.close(ready_r)
+            _die_with_parent(parent_pid)
             code = EXIT_OK
             try:
                 server = Server(device, args.host, args.port + first_k, n, opts, first_k=first_k)
@@ -197,7 +213,11 @@ def _run_procs(device, args: argparse.Namespace, opts, procs: int, per_proc: int
             except OSError as e:
                 print(f"dlms2amqp-sim: {e.strerror or e}", file=sys.stderr)
                 code = EXIT_START
+            except BaseException as e:  # noqa: B036 - a child must never return into main()
+                print(f"dlms2amqp-sim: meters {first_k}..{first_k + n - 1}: {e}", file=sys.stderr)
+                code = EXIT_START
             finally:
+                sys.stderr.flush()
                 os._exit(code)
         children.append(pid)
     os.close(ready_w)
@@ -214,19 +234,31 @@ def _run_procs(device, args: argparse.Namespace, opts, procs: int, per_proc: int
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     got = 0
-    while got < len(children):
+    failed = False
+    while got < len(children) and not failed and not stop["sig"]:
         try:
-            chunk = os.read(ready_r, 64)
+            readable, _, _ = select.select([ready_r], [], [], 0.2)
         except InterruptedError:
             continue
-        if not chunk:
-            break
-        got += len(chunk)
+        if readable:
+            chunk = os.read(ready_r, 64)
+            got += len(chunk)
+            if not chunk:
+                failed = True
+        for pid in children:  # a child that died while starting
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                failed = True
+                children.remove(pid)
+                break
     os.close(ready_r)
     code = EXIT_OK
-    if got == len(children):
+    if not failed and got == len(children):
         print(f"ready {args.count} meters on {args.port}-{args.port + args.count - 1}", flush=True)
-    else:
+    elif not stop["sig"]:  # a child failed to start (a signal while starting is a clean stop)
         on_signal(signal.SIGTERM, None)
         code = EXIT_START
     for pid in children:

@@ -74,6 +74,29 @@ _APP_CTX_PREFIX = b"\x60\x85\x74\x05\x08\x01"
 _MECH_PREFIX = b"\x60\x85\x74\x05\x08\x02"
 
 
+_APDU_NAMES = {
+    AARQ: "AARQ",
+    AARE: "AARE",
+    RLRQ: "RLRQ",
+    RLRE: "RLRE",
+    GET_REQUEST: "GET-Request",
+    GET_RESPONSE: "GET-Response",
+    ACTION_REQUEST: "ACTION-Request",
+    ACTION_RESPONSE: "ACTION-Response",
+    GLO_GET_REQUEST: "glo-GET-Request",
+    GLO_GET_RESPONSE: "glo-GET-Response",
+    GLO_ACTION_REQUEST: "glo-ACTION-Request",
+    GLO_ACTION_RESPONSE: "glo-ACTION-Response",
+    EXCEPTION_RESPONSE: "exception-response",
+}
+
+
+def _apdu_name(apdu: Optional[bytes]) -> str:
+    if not apdu:
+        return "nothing"
+    return _APDU_NAMES.get(apdu[0], f"APDU 0x{apdu[0]:02X}")
+
+
 class ApduError(ValueError):
     """The client sent an APDU the simulator cannot parse."""
 
@@ -741,10 +764,22 @@ class Server:
 
     def _handle(self, conn: Conn, client_sap: int, apdu: bytes) -> Optional[bytes]:
         try:
-            return conn.session.handle(client_sap, apdu)
+            reply = conn.session.handle(client_sap, apdu)
         except Exception:  # never let one bad request kill 10,000 meters
             log.exception("meter %d: request handling failed", conn.k)
-            return b"\xd8\x02\x03"
+            reply = b"\xd8\x02\x03"
+        if log.isEnabledFor(logging.DEBUG):
+            # APDU names and sizes only: an AARQ carries the Low password in clear
+            log.debug(
+                "meter %d client %d: %s (%d bytes) -> %s (%d bytes)",
+                conn.k,
+                client_sap,
+                _apdu_name(apdu),
+                len(apdu),
+                _apdu_name(reply),
+                len(reply or b""),
+            )
+        return reply
 
     def _pause(self, conn: Conn, seconds: float = 0.2) -> None:
         try:
