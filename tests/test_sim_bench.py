@@ -17,7 +17,16 @@ pytestmark = pytest.mark.integration
 
 def test_sim_bench_small():
     r = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "sim_bench.py"), "-N", "200", "--reads", "300"],
+        [
+            sys.executable,
+            str(ROOT / "bench" / "sim_bench.py"),
+            "-N",
+            "200",
+            "--reads",
+            "300",
+            "--sessions",
+            "50",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -30,3 +39,4 @@ def test_sim_bench_small():
     assert 0 < rss < 200
     assert 0 < cpu < 20  # generous: the machine is shared; the real figure is reported
     assert "300 x 96 rows" in r.stdout
+    assert re.search(r"whole sessions\s+[\d.]+ ms", r.stdout)
