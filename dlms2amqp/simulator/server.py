@@ -26,6 +26,7 @@ from typing import Callable, Optional, Union
 
 from dlms2amqp.simulator import axdr_enc as ax
 from dlms2amqp.simulator import cosem, framing, model
+from dlms2amqp.simulator import security as sec
 from dlms2amqp.simulator.cosem import Association, DataAccessError, Device, MeterState, ReadContext
 
 log = logging.getLogger("dlms2amqp.sim")
@@ -210,7 +211,6 @@ class Session:
         "stoc",
         "ctos",
         "reject_auth",
-        "security",
     )
 
     def __init__(
@@ -232,7 +232,6 @@ class Session:
         self.stoc = b""
         self.ctos = b""
         self.reject_auth = reject_auth
-        self.security = None
 
     # -- entry point -------------------------------------------------------
     def handle(self, client_sap: int, apdu: bytes) -> Optional[bytes]:
@@ -263,8 +262,6 @@ class Session:
         return b"\xd8\x02\x02"  # service-unknown, service-not-supported
 
     def _ciphered(self, apdu: bytes) -> Optional[bytes]:
-        from dlms2amqp.simulator import security as sec  # written in parallel
-
         tag = apdu[0]
         if tag not in (GLO_GET_REQUEST, GLO_ACTION_REQUEST):
             return b"\xd8\x01\x01"
@@ -275,8 +272,10 @@ class Session:
             sc, ic, plain = sec.decrypt(
                 assoc.client_system_title, assoc.block_key, assoc.auth_key, apdu[pos : pos + n]
             )
-        except Exception:  # bad tag, truncated: a deciphering error
-            return b"\xd8\x01\x05"
+        except (sec.DecryptError, ValueError, IndexError):  # bad tag, truncated
+            return b"\xd8\x01\x05"  # deciphering-error
+        if sc & 0x30 != assoc.security & 0x30:
+            return b"\xd8\x01\x05"  # not the security policy of this association
         if ic <= self.meter.last_ic:
             return b"\xd8\x01\x06" + struct.pack(">I", self.meter.last_ic + 1)
         self.meter.last_ic = ic
@@ -292,8 +291,6 @@ class Session:
         return self._encrypt(out_tag, reply)
 
     def _encrypt(self, out_tag: int, plain: bytes) -> bytes:
-        from dlms2amqp.simulator import security as sec
-
         assoc = self.assoc
         assert assoc is not None
         self.meter.server_ic += 1
@@ -368,14 +365,12 @@ class Session:
                     return self._reject(ctx_id, DIAG_NO_REASON, "InitiateRequest not ciphered")
                 if calling_title != assoc.client_system_title:
                     return self._reject(ctx_id, DIAG_AUTH_FAILURE, "unknown client system title")
-                from dlms2amqp.simulator import security as sec
-
                 ln_, p = ax.dec_len(user_info, 1)
                 try:
                     _sc, ic, plain = sec.decrypt(
                         calling_title, assoc.block_key, assoc.auth_key, user_info[p : p + ln_]
                     )
-                except Exception:
+                except (sec.DecryptError, ValueError, IndexError):
                     return self._reject(
                         ctx_id, DIAG_AUTH_FAILURE, "InitiateRequest does not decipher"
                     )
@@ -440,8 +435,6 @@ class Session:
             value, _ = ax.decode(apdu, 13) if apdu[12] else (None, 0)
         except ax.DecodeError:
             return head + b"\x0c\x00"  # type-unmatched
-        from dlms2amqp.simulator import security as sec
-
         ok = False
         if isinstance(value, bytes) and len(value) == 17 and value[0] == 0x10:
             ic = int.from_bytes(value[1:5], "big")
@@ -458,8 +451,6 @@ class Session:
 
     def _ctos_reply(self) -> bytes:
         """f(CtoS) of HLS pass 4: SC || IC || GMAC tag under the meter's system title."""
-        from dlms2amqp.simulator import security as sec
-
         assoc = self.assoc
         assert assoc is not None
         self.meter.server_ic += 1
