@@ -185,11 +185,26 @@ class Worker:
             elif kind == "reopen":
                 logsetup.reopen()
             elif kind == "stop":
-                self.executor.shutdown(wait=True)
-                close = getattr(self.pool, "close", None)
-                if callable(close):
-                    close()
+                self.stop()
                 return
+
+    def stop(self) -> None:
+        """The master gave up on what is left (it was requeued): drop it, close the pool.
+
+        Sessions still running are abandoned (the process exits; the OS closes their
+        sockets): the master only sends "stop" once the grace period is over.
+        """
+        with self.lock:
+            self.waiting.clear()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.pool, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
+        logsetup.get_logger("dlms2amqp.worker").info("worker_stopped", abandoned=self.running)
+        os._exit(0)
 
 
 def main(settings: WorkerSettings, conn: Connection) -> None:
