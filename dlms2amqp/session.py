@@ -1,0 +1,485 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""MeterSession: open (associate), read attributes as raw A-XDR, close.
+
+Gurux does what is hard to get right (AARQ/AARE, HLS, ciphering, HDLC and
+block transfer); the attribute values themselves are returned as raw bytes and
+decoded by :mod:`dlms2amqp.axdr`, because Gurux's value decoding is most of the
+gateway's CPU on profile reads (gurux-facts.md).  Raw mode is switched per
+reply object (``reply.raw_only``), so concurrent threads do not interfere.
+
+Every step has a name used in timeout messages ("connect", "association",
+"reading 1.0.99.1.0.255 attribute 2"); every wait is bounded by the per-frame
+timeout and by the whole-request deadline.  ``close`` releases the association
+and the media in ``finally`` and never raises.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from datetime import datetime, timezone
+from typing import Callable, Optional
+
+from gurux_dlms import GXByteBuffer, GXDLMSClient, GXDLMSException, GXReplyData
+from gurux_dlms.enums import (
+    Authentication,
+    InterfaceType,
+    RequestTypes,
+    Security,
+    Standard,
+)
+from gurux_dlms.enums.ExceptionServiceError import ExceptionServiceError
+from gurux_dlms.GXDLMS import GXDLMS
+from gurux_dlms.GXDLMSConfirmedServiceError import GXDLMSConfirmedServiceError
+from gurux_dlms.GXDLMSExceptionResponse import GXDLMSExceptionResponse
+from gurux_dlms.secure import GXDLMSSecureClient
+
+from . import axdr
+from .connstring import ConnSettings
+from .counters import BLOCK, CounterStore, counter_key
+from .errors import (
+    AuthenticationError,
+    InvocationCounterError,
+    MeterConnectionError,
+    MeterError,
+    MeterProtocolError,
+    MeterTimeoutError,
+    ObjectError,
+)
+from .media import Media, SerialMedia, TcpMedia
+
+# --- raw-value mode: skip Gurux's value decoding for replies that ask for it -----------
+_orig_get_value = GXDLMS.getValueFromData.__func__
+
+
+def _get_value_from_data(cls, settings, reply):
+    if getattr(reply, "raw_only", False):
+        if reply.moreData == RequestTypes.NONE:
+            if settings:
+                settings.resetBlockIndex()
+            reply.data.position = 0
+        return None
+    return _orig_get_value(cls, settings, reply)
+
+
+if not getattr(GXDLMS, "_dlms2amqp_raw", False):
+    GXDLMS.getValueFromData = classmethod(_get_value_from_data)
+    GXDLMS._dlms2amqp_raw = True
+
+_AUTH = {
+    "None": Authentication.NONE,
+    "Low": Authentication.LOW,
+    "High": Authentication.HIGH,
+    "HighMD5": Authentication.HIGH_MD5,
+    "HighSHA1": Authentication.HIGH_SHA1,
+    "HighGMAC": Authentication.HIGH_GMAC,
+    "HighSHA256": Authentication.HIGH_SHA256,
+}
+_SECURITY = {
+    "None": Security.NONE,
+    "Authentication": Security.AUTHENTICATION,
+    "Encryption": Security.ENCRYPTION,
+    "AuthenticationEncryption": Security.AUTHENTICATION_ENCRYPTION,
+}
+_INTERFACE = {
+    "HDLC": InterfaceType.HDLC,
+    "WRAPPER": InterfaceType.WRAPPER,
+    "HdlcWithModeE": InterfaceType.HDLC_WITH_MODE_E,
+}
+_STANDARD = {
+    "DLMS": Standard.DLMS,
+    "India": Standard.INDIA,
+    "Italy": Standard.ITALY,
+    "SaudiArabia": Standard.SAUDI_ARABIA,
+    "IDIS": Standard.IDIS,
+}
+DATA_ACCESS_RESULTS = {
+    1: "hardware-fault",
+    2: "temporary-failure",
+    3: "read-write-denied",
+    4: "object-undefined",
+    9: "object-class-inconsistent",
+    11: "object-unavailable",
+    12: "type-unmatched",
+    13: "scope-of-access-violated",
+    14: "data-block-unavailable",
+    15: "long-get-aborted",
+    16: "no-long-get-in-progress",
+    250: "other-reason",
+}
+#: results that mean "this (class, OBIS) does not exist here" (the class guess may be wrong)
+NOT_FOUND = {4, 9, 11}
+#: HDLC max info field: Gurux mis-frames HDLC frames over 255 bytes (gurux-facts.md)
+HDLC_MAX_INFO = 247
+MAX_REPLY_BYTES = 8 * 1024 * 1024
+
+
+class DataAccessError(ObjectError):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def obis_bytes(obis: str) -> bytes:
+    return bytes(int(p) for p in obis.split("."))
+
+
+def encode_datetime(dt: datetime) -> bytes:
+    """COSEM date-time in the datetime's own offset (Blue Book: deviation = -offset)."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    offset = int(dt.utcoffset().total_seconds() // 60)
+    return struct.pack(
+        ">HBBBBBBBhB",
+        dt.year,
+        dt.month,
+        dt.day,
+        dt.isoweekday(),
+        dt.hour,
+        dt.minute,
+        dt.second,
+        0,
+        -offset,
+        0,
+    )
+
+
+def range_selector(start: datetime, end: datetime) -> bytes:
+    """Selective access by range (1) on the clock column, all columns."""
+    clock = b"\x02\x04\x12\x00\x08\x09\x06" + obis_bytes("0.0.1.0.0.255") + b"\x0f\x02\x12\x00\x00"
+    return (
+        b"\x02\x04"
+        + clock
+        + b"\x09\x0c"
+        + encode_datetime(start)
+        + b"\x09\x0c"
+        + encode_datetime(end)
+        + b"\x01\x00"
+    )
+
+
+class MeterSession:
+    """One association with one meter; not thread-safe (one thread per meter)."""
+
+    def __init__(
+        self,
+        settings: ConnSettings,
+        frame_timeout: float = 5.0,
+        counters: Optional[CounterStore] = None,
+        trace: Optional[Callable[[str, bytes], None]] = None,
+    ):
+        self.settings = settings
+        self.frame_timeout = frame_timeout
+        self.counters = counters
+        self.trace = trace
+        self.deadline = time.monotonic() + 3600
+        self.media: Optional[Media] = None
+        self.client: Optional[GXDLMSClient] = None
+        self.associated = False
+        self.broken = False
+        self.last_used = time.monotonic()
+        self._counter_key: Optional[str] = None
+        self._reserved = 0
+        self.class_cache: dict = {}  # obis -> class id learnt on this session
+
+    # --- setup -------------------------------------------------------------------
+    def _server_address(self) -> int:
+        s = self.settings
+        if s.interface == "WRAPPER":
+            return s.logical_address if s.logical_address is not None else s.server_address
+        if s.serial_number is not None:
+            logical = s.logical_address if s.logical_address is not None else 1
+            return GXDLMSClient.getServerAddressFromSerialNumber(s.serial_number, logical)
+        logical = s.logical_address if s.logical_address is not None else s.server_address
+        return GXDLMSClient.getServerAddress(logical, 0)
+
+    def _make_client(self, public: bool = False) -> GXDLMSClient:
+        s = self.settings
+        ln = s.referencing == "LN"
+        itype = _INTERFACE[s.interface]
+        server = self._server_address()
+        if public:
+            client = GXDLMSClient(ln, 16, server, Authentication.NONE, None, itype)
+        elif s.security != "None" or s.authentication == "HighGMAC":
+            password = s.password.reveal() if s.password else None
+            client = GXDLMSSecureClient(
+                ln, s.client_address, server, _AUTH[s.authentication], password, itype
+            )
+            c = client.ciphering
+            c.security = _SECURITY[s.security]
+            c.systemTitle = bytearray(s.system_title)
+            c.authenticationKey = bytearray(s.authentication_key.reveal())
+            c.blockCipherKey = bytearray(s.block_cipher_key.reveal())
+            if s.dedicated_key is not None:
+                c.dedicatedKey = bytearray(s.dedicated_key.reveal())
+        else:
+            password = s.password.reveal() if s.password else None
+            client = GXDLMSClient(
+                ln, s.client_address, server, _AUTH[s.authentication], password, itype
+            )
+        client.standard = _STANDARD[s.standard]
+        client.autoIncreaseInvokeID = s.auto_increase_invoke_id
+        if s.manufacturer_id:
+            client.manufacturerId = s.manufacturer_id
+        if s.interface != "WRAPPER":
+            size = min(s.hdlc_frame_size, HDLC_MAX_INFO)
+            client.hdlcSettings.maxInfoTX = size
+            client.hdlcSettings.maxInfoRX = size
+            client.hdlcSettings.windowSizeTX = s.hdlc_window_size
+            client.hdlcSettings.windowSizeRX = s.hdlc_window_size
+        return client
+
+    def _open_media(self) -> Media:
+        s = self.settings
+        timeout = min(self.frame_timeout, self._remaining("connect"))
+        if s.serial_port is None:
+            return TcpMedia(s.host, s.port, timeout, self.trace)
+        baud = 300 if s.interface == "HdlcWithModeE" else s.baud_rate
+        media = SerialMedia(s.serial_port, baud, s.data_bits, s.parity, s.stop_bits, self.trace)
+        if s.interface == "HdlcWithModeE":
+            try:
+                media.mode_e_handshake(timeout, s.data_bits, s.parity, s.stop_bits)
+            except BaseException:
+                media.close()
+                raise
+        return media
+
+    def _remaining(self, step: str) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise MeterTimeoutError(f"timeout while {step} (request deadline reached)")
+        return left
+
+    # --- public API -----------------------------------------------------------------
+    def open(self, deadline: float) -> None:
+        """Connect and associate; on failure everything is released before raising."""
+        self.deadline = deadline
+        try:
+            if self.settings.invocation_counter_obis and self._ciphered():
+                meter_counter = self._read_public_counter()
+            else:
+                meter_counter = None
+            self.client = self._make_client()
+            if self._ciphered():
+                self._init_counter(meter_counter)
+            self.media = self._open_media()
+            self._associate(self.client)
+        except BaseException:
+            self.close()
+            raise
+
+    def _ciphered(self) -> bool:
+        s = self.settings
+        return s.security != "None" or s.authentication == "HighGMAC"
+
+    def _associate(self, client: GXDLMSClient) -> None:
+        if client.interfaceType in (InterfaceType.HDLC, InterfaceType.HDLC_WITH_MODE_E):
+            reply = self._request(client.snrmRequest(), "HDLC connection (SNRM)", raw=False)
+            self._parse("HDLC connection (SNRM)", client.parseUAResponse, reply.data)
+        reply = self._request(client.aarqRequest(), "association", raw=False)
+        self._parse("association", client.parseAareResponse, reply.data)
+        self.associated = True
+        if client.getIsAuthenticationRequired():
+            step = "authentication"
+            reply = self._request(client.getApplicationAssociationRequest(), step, raw=False)
+            self._parse(step, client.parseApplicationAssociationResponse, reply.data)
+
+    def _parse(self, step: str, fn, data) -> None:
+        try:
+            fn(data)
+        except MeterError:
+            raise
+        except Exception as exc:
+            raise self._translate(exc, step) from exc
+
+    def _read_public_counter(self) -> int:
+        """Read the invocation counter object through the public client (16)."""
+        obis = self.settings.invocation_counter_obis
+        step = f"reading the invocation counter {obis}"
+        self.client = self._make_client(public=True)
+        self.media = self._open_media()
+        try:
+            self._associate(self.client)
+            value = axdr.decode_all(self.get_raw(1, obis, 2, step=step))
+            if not isinstance(value, int):
+                raise MeterProtocolError(f"the invocation counter {obis} is not a number")
+            return value
+        finally:
+            self.close()
+            self.broken = False
+
+    def _init_counter(self, meter_counter: Optional[int]) -> None:
+        s = self.settings
+        next_ic = max(meter_counter + 1 if meter_counter is not None else 0,
+                      s.initial_invocation_counter or 0)  # fmt: skip
+        if self.counters is not None:
+            meter_id = s.meter_system_title.hex() if s.meter_system_title else s.meter_key
+            self._counter_key = counter_key(meter_id, s.system_title, s.block_cipher_key.reveal())
+            next_ic = max(next_ic, self.counters.load(self._counter_key) + 1)
+        self.client.ciphering.invocationCounter = next_ic
+        self._reserve()
+
+    def _reserve(self) -> None:
+        if self.counters is None or self._counter_key is None:
+            return
+        nxt = self.client.ciphering.invocationCounter
+        if nxt + 4 > self._reserved:
+            self._reserved = self.counters.reserve(self._counter_key, nxt + BLOCK)
+
+    def get_raw(
+        self,
+        class_id: int,
+        obis: str,
+        attr: int,
+        selector: int = 0,
+        params: Optional[bytes] = None,
+        step: Optional[str] = None,
+    ) -> bytes:
+        """GET one attribute; returns its A-XDR bytes, DataAccessError on a refusal."""
+        step = step or f"reading {obis} attribute {attr}"
+        data = None
+        if selector:
+            data = GXByteBuffer(bytes([selector]) + (params or b""))
+        name = obis
+        if self.settings.referencing == "SN":
+            name = self._short_name(obis)
+        frames = self.client._read(name, class_id, attr, data)
+        reply = self._request(frames, step, raw=True)
+        if reply.error:
+            text = DATA_ACCESS_RESULTS.get(reply.error, f"error {reply.error}")
+            if reply.error in NOT_FOUND:
+                msg = f"unknown object {obis} (class {class_id}): the meter answered {text}"
+            elif reply.error == 3:
+                msg = f"access denied to {obis} attribute {attr} ({text})"
+            else:
+                msg = f"the meter refused {obis} attribute {attr}: {text}"
+            raise DataAccessError(msg, reply.error)
+        return bytes(reply.data.array())
+
+    def get_list(self, items: list) -> list:
+        """GET-with-list: [(class_id, obis, attr)] -> values decoded by Gurux (small)."""
+        from gurux_dlms.objects import GXDLMSObject
+
+        objs = []
+        for class_id, obis, attr in items:
+            obj = GXDLMSObject()
+            obj.objectType = class_id
+            obj.logicalName = obis
+            objs.append((obj, attr))
+        try:
+            frames = self.client.readList(objs)
+        except ValueError as exc:
+            raise ObjectError("the meter does not support reading a list in one request") from exc
+        reply = self._request(frames, "reading a list of attributes", raw=False)
+        if reply.error:
+            text = DATA_ACCESS_RESULTS.get(reply.error, f"error {reply.error}")
+            raise DataAccessError(f"the meter refused the list read: {text}", reply.error)
+        return list(reply.value or [])
+
+    def _short_name(self, obis: str) -> int:
+        sn = self.class_cache.get(("sn", obis))
+        if sn is None:
+            self.load_object_list()
+            sn = self.class_cache.get(("sn", obis))
+        if sn is None:
+            raise ObjectError(f"unknown object {obis}: not in the meter's object list")
+        return sn
+
+    def load_object_list(self) -> None:
+        """Read the association's object list (class and short name of every object)."""
+        step = "reading the object list"
+        reply = self._request(self.client.getObjectsRequest(), step, raw=False)
+        try:
+            objects = self.client.parseObjects(reply.data, False)
+        except Exception as exc:
+            raise MeterProtocolError("the meter's object list could not be understood") from exc
+        for obj in objects:
+            ln = str(obj.logicalName)
+            self.class_cache[ln] = int(obj.objectType)
+            if obj.shortName:
+                self.class_cache[("sn", ln)] = obj.shortName
+
+    def close(self) -> None:
+        """Release the association (unless broken) and the media; never raises."""
+        media, client = self.media, self.client
+        try:
+            if media is not None and client is not None and self.associated and not self.broken:
+                self.deadline = time.monotonic() + min(self.frame_timeout, 2.0)
+                try:
+                    self._request(client.releaseRequest(), "release", raw=False)
+                except Exception:  # noqa: S110 - best effort, the media is closed below
+                    pass
+                if client.interfaceType != InterfaceType.WRAPPER:
+                    try:
+                        self._request(client.disconnectRequest(), "disconnect", raw=False)
+                    except Exception:  # noqa: S110
+                        pass
+        finally:
+            self.associated = False
+            self.media = None
+            if media is not None:
+                media.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.associated and not self.broken and self.media is not None
+
+    # --- exchange -----------------------------------------------------------------
+    def _request(self, frames, step: str, raw: bool) -> GXReplyData:
+        if frames is None:
+            frames = []
+        elif isinstance(frames, (bytes, bytearray)):
+            frames = [frames]
+        reply = GXReplyData()
+        reply.raw_only = raw
+        try:
+            for frame in frames:
+                reply.clear()
+                reply.raw_only = raw
+                self._exchange(frame, reply, step)
+                while reply.isMoreData():
+                    self._exchange(self.client.receiverReady(reply), reply, step)
+        except MeterError:
+            self.broken = True
+            raise
+        except Exception as exc:
+            self.broken = True
+            raise self._translate(exc, step) from exc
+        self.last_used = time.monotonic()
+        return reply
+
+    def _exchange(self, frame, reply: GXReplyData, step: str) -> None:
+        if self.media is None:
+            raise MeterConnectionError(f"no connection to the meter while {step}")
+        if self._counter_key is not None:
+            self._reserve()
+        self.media.send(bytes(frame))
+        buf = GXByteBuffer()
+        while True:
+            timeout = min(self.frame_timeout, self._remaining(step))
+            chunk = self.media.recv(timeout, step)
+            buf.set(chunk)
+            if self.client.getData(buf, reply, None):
+                return
+            if buf.size > MAX_REPLY_BYTES:
+                raise MeterProtocolError(f"the meter's answer is too long while {step}")
+
+    def _translate(self, exc: Exception, step: str) -> MeterError:
+        if isinstance(exc, GXDLMSExceptionResponse):
+            if exc.exceptionServiceError == ExceptionServiceError.INVOCATION_COUNTER_ERROR:
+                return InvocationCounterError(
+                    f"invocation counter rejected by the meter while {step} "
+                    f"(the meter expects at least {exc.serviceErrorValue}); "
+                    "read the meter's counter with -v 0.0.43.1.0.255"
+                )
+            return MeterProtocolError(f"the meter refused the request while {step}: {exc}")
+        if isinstance(exc, GXDLMSException):
+            parts = [p.strip().rstrip(".") for p in str(exc).splitlines() if p.strip()]
+            text = ". ".join(parts) + "." if parts else "Association rejected by the meter."
+            return AuthenticationError(text)
+        if isinstance(exc, GXDLMSConfirmedServiceError):
+            return ObjectError(f"the meter refused the request while {step}: {exc}")
+        text = str(exc)
+        if "authentication" in text.lower() or "invalid password" in text.lower():
+            return AuthenticationError(f"authentication failed while {step}")
+        return MeterProtocolError(f"the meter's answer could not be understood while {step}")
