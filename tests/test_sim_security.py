@@ -192,7 +192,8 @@ def _hls_associate(reader) -> None:
 def test_hls_gmac_session() -> None:
     import datetime
 
-    from gurux_dlms import GXDLMSException
+    from gurux_dlms import GXDLMSException, GXDLMSExceptionResponse
+    from gurux_dlms.enums import ExceptionServiceError
     from gurux_dlms.objects import GXDLMSData, GXDLMSProfileGeneric, GXDLMSRegister
 
     from dlms2amqp.simulator import model
@@ -241,12 +242,15 @@ def test_hls_gmac_session() -> None:
             public.close()
         assert 100 < last < counter + 1
 
-        # When a session replays an old counter, Then the meter refuses the association
+        # When a session replays an old counter, Then the meter refuses it with
+        # invocation-counter-error and names the counter it expects (last + 1)
         replay = _secure_reader(port, 100)
         try:
-            with pytest.raises(GXDLMSException) as info:
+            with pytest.raises(GXDLMSExceptionResponse) as info:
                 _hls_associate(replay)
-            assert int(info.value.diagnostic) == 13  # authentication-failure
+            error = info.value.exceptionServiceError
+            assert error == ExceptionServiceError.INVOCATION_COUNTER_ERROR
+            assert info.value.serviceErrorValue == last + 1
         finally:
             replay.sock.close()
 
