@@ -1,0 +1,98 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""SessionPool: keep one associated session per meter between requests.
+
+Opening a session costs round trips (TCP, SNRM/UA, AARQ/AARE, HLS); a meter
+read every few seconds by a head-end can reuse its association.  A pooled
+session is only reused with exactly the same connection settings; one that
+the meter closed meanwhile is detected (the socket is readable while idle) or
+fails on first use, and the reader then opens a fresh one transparently.
+``hits``/``misses``/``expired`` are plain counters the daemon exports as metrics.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Optional
+
+from .connstring import ConnSettings
+from .session import MeterSession
+
+
+class SessionPool:
+    def __init__(self, idle_timeout: float = 30.0, max_sessions: int = 10000):
+        self.idle_timeout = idle_timeout
+        self.max_sessions = max_sessions
+        self._sessions: dict = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.expired = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def take(self, settings: ConnSettings) -> Optional[MeterSession]:
+        """The pooled session for this meter if it fits these settings, else None."""
+        with self._lock:
+            entry = self._sessions.pop(settings.meter_key, None)
+        session = None
+        if entry is not None:
+            fingerprint, candidate = entry
+            now = time.monotonic()
+            if (
+                fingerprint == settings.session_fingerprint()
+                and candidate.alive
+                and now - candidate.last_used < self.idle_timeout
+                and not (candidate.media is not None and candidate.media.is_stale())
+            ):
+                session = candidate
+            else:
+                candidate.broken = candidate.broken or candidate.media is None
+                if candidate.media is not None and candidate.media.is_stale():
+                    candidate.broken = True
+                candidate.close()
+        with self._lock:
+            if session is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+        self.close_idle()
+        return session
+
+    def put(self, session: MeterSession) -> None:
+        """Keep an associated session for the next request to the same meter."""
+        if not session.alive or self.idle_timeout <= 0:
+            session.close()
+            return
+        key = session.settings.meter_key
+        with self._lock:
+            old = self._sessions.pop(key, None)
+            full = len(self._sessions) >= self.max_sessions
+            if not full:
+                self._sessions[key] = (session.settings.session_fingerprint(), session)
+        if old is not None and old[1] is not session:
+            old[1].close()
+        if full:
+            session.close()
+
+    def close_idle(self) -> int:
+        """Release sessions idle for longer than ``idle_timeout``; returns how many."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [
+                k for k, (_, s) in self._sessions.items() if now - s.last_used >= self.idle_timeout
+            ]
+            victims = [self._sessions.pop(k)[1] for k in stale]
+            self.expired += len(victims)
+        for session in victims:
+            session.close()
+        return len(victims)
+
+    def close_all(self) -> None:
+        with self._lock:
+            victims = [s for _, s in self._sessions.values()]
+            self._sessions.clear()
+        for session in victims:
+            session.close()

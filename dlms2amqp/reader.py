@@ -1,0 +1,317 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""execute(request) -> reply dict: the whole read, with no AMQP in it.
+
+Thread-safe: the daemon runs it from many threads at once, each for a
+different meter.  It never raises for request or meter errors; those become a
+``notok`` reply whose ``Error`` is a field engineer's message.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import axdr
+from .connstring import ConnSettings, parse_connection_string
+from .counters import CounterStore
+from .errors import (
+    GatewayError,
+    MeterConnectionError,
+    MeterProtocolError,
+    MeterTimeoutError,
+    ObjectError,
+    RequestError,
+)
+from .pool import SessionPool
+from .reply import DATETIME_FORMATS, NAIVE_DATES_NOTE, error_reply, ok_reply, record
+from .request import ReadRequest
+from .session import NOT_FOUND, DataAccessError, MeterSession, range_selector
+
+log = logging.getLogger(__name__)
+
+_OBIS_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
+CLOCK_OBIS = "0.0.1.0.0.255"
+PROFILE, REGISTER, EXT_REGISTER, DATA, CLOCK = 7, 3, 4, 1, 8
+
+
+@dataclass
+class ReaderOptions:
+    frame_timeout: float = 5.0  # seconds per frame wait
+    request_timeout: float = 60.0  # whole request deadline
+    datetime_format: str = "iso"  # or "dotnet"
+    state_dir: Optional[Path] = None  # invocation counters
+    trace: bool = False
+    trace_sink: Optional[Callable[[str], None]] = None  # default: stderr
+
+
+_stores: dict = {}
+_stores_lock = threading.Lock()
+
+
+def _counter_store(state_dir: Optional[Path]) -> Optional[CounterStore]:
+    if state_dir is None:
+        return None
+    key = str(Path(state_dir).resolve())
+    with _stores_lock:
+        store = _stores.get(key)
+        if store is None:
+            store = _stores[key] = CounterStore(Path(state_dir))
+        return store
+
+
+def execute(
+    request: ReadRequest, options: ReaderOptions, pool: Optional[SessionPool] = None
+) -> dict:
+    """Run one request; returns the reply dict (``ok`` or ``notok``), never raises for errors."""
+    try:
+        records = _run(request, options, pool)
+    except GatewayError as exc:
+        return error_reply(request.msg_id, exc.message)
+    except Exception:
+        log.exception("internal error while reading a meter")
+        return error_reply(request.msg_id, "internal error in the gateway while reading the meter")
+    return ok_reply(request.msg_id, records, NAIVE_DATES_NOTE if request.naive_dates else "")
+
+
+def check_obis(obis: str) -> str:
+    if not _OBIS_RE.match(obis) or any(int(p) > 255 for p in obis.split(".")):
+        raise RequestError(
+            f"ObisCode {obis[:40]!r} is not a logical name (example: 1.0.99.1.0.255)"
+        )
+    return obis
+
+
+def guess_class(obis: str) -> int:
+    """Class id by OBIS convention; a wrong guess is corrected from the object list."""
+    a, _b, c, d, _e, _f = (int(p) for p in obis.split("."))
+    if c in (98, 99):
+        return PROFILE
+    if obis == CLOCK_OBIS or (a == 0 and c == 1 and d == 0):
+        return CLOCK
+    if a == 0 or c in (0, 96, 97):
+        return DATA
+    return REGISTER
+
+
+def make_tracer(settings: ConnSettings, sink: Optional[Callable[[str], None]]) -> Callable:
+    """Frame printer that masks the password, the keys and the AARQ's authentication value."""
+    secrets = []
+    for value in (settings.password, settings.authentication_key, settings.block_cipher_key,
+                  settings.dedicated_key):  # fmt: skip
+        if value:
+            raw = value.reveal()
+            secrets.append(raw.encode() if isinstance(raw, str) else raw)
+    out = sink or (lambda line: print(line, file=sys.stderr, flush=True))
+
+    def trace(direction: str, data: bytes) -> None:
+        data = bytes(data)
+        hexes = [f"{b:02X}" for b in data]
+        spans = []
+        for secret in secrets if direction == "TX" else ():
+            start = data.find(secret)
+            while start >= 0:
+                spans.append((start, start + len(secret)))
+                start = data.find(secret, start + 1)
+        # the AARQ's calling-authentication-value: AC len 80 len value
+        for m in re.finditer(rb"\xac(.)\x80(.)", data, re.DOTALL):
+            if m.group(1)[0] == m.group(2)[0] + 2:
+                spans.append((m.end(), m.end() + m.group(2)[0]))
+        for start, end in spans:
+            for i in range(start, min(end, len(hexes))):
+                hexes[i] = "**"
+        out(f"{direction} {' '.join(hexes)}")
+
+    return trace
+
+
+def _run(request: ReadRequest, options: ReaderOptions, pool: Optional[SessionPool]) -> list:
+    if request.cmd != "READ":
+        raise RequestError(f"Unknown command {request.cmd[:32]!r}: only READ is supported")
+    if options.datetime_format not in DATETIME_FORMATS:
+        raise RequestError("datetime format must be iso or dotnet")
+    settings = parse_connection_string(request.connection_string)
+    if not settings.get_list:
+        check_obis(request.obis)
+    deadline = time.monotonic() + options.request_timeout
+    counters = _counter_store(options.state_dir)
+    trace = make_tracer(settings, options.trace_sink) if options.trace else None
+
+    session = pool.take(settings) if pool is not None else None
+    if session is not None:
+        session.deadline = deadline
+        session.trace = trace
+        if session.media is not None:
+            session.media.trace = trace
+        try:
+            records = _read(session, request, settings, options)
+        except (MeterConnectionError, MeterProtocolError, MeterTimeoutError):
+            # the pooled association died: open a fresh one, within the same deadline
+            session.broken = True
+            session.close()
+            session = None
+        else:
+            _done(session, pool)
+            return records
+    session = MeterSession(settings, options.frame_timeout, counters, trace)
+    ok = False
+    try:
+        session.open(deadline)
+        records = _read(session, request, settings, options)
+        ok = True
+        return records
+    finally:
+        if ok and pool is not None:
+            _done(session, pool)
+        else:
+            session.close()
+
+
+def _done(session: MeterSession, pool: Optional[SessionPool]) -> None:
+    session.trace = None
+    if session.media is not None:
+        session.media.trace = None
+    if pool is not None:
+        pool.put(session)
+    else:
+        session.close()
+
+
+def _code(obis: str, attr: int) -> str:
+    return obis if attr == 2 else f"{obis}:{attr}"
+
+
+def _get(session: MeterSession, obis: str, attr: int, selector: int = 0, params=None):
+    """GET with the class id guessed, corrected from the object list when the meter objects."""
+    class_id = session.class_cache.get(obis) or guess_class(obis)
+    try:
+        return class_id, session.get_raw(class_id, obis, attr, selector, params)
+    except DataAccessError as exc:
+        if exc.code not in NOT_FOUND or obis in session.class_cache:
+            raise
+        original = exc
+    try:
+        session.load_object_list()
+    except ObjectError:
+        raise original from None
+    real = session.class_cache.get(obis)
+    if real is None:
+        raise ObjectError(f"unknown object {obis}: not in the meter's object list") from original
+    return real, session.get_raw(real, obis, attr, selector, params)
+
+
+def _read(session: MeterSession, request: ReadRequest, settings: ConnSettings, options) -> list:
+    fmt = options.datetime_format
+    if settings.get_list:
+        return _read_list(session, settings.get_list, fmt)
+    obis = request.obis
+    class_id = session.class_cache.get(obis) or guess_class(obis)
+    if class_id == PROFILE:
+        return _read_profile(session, request, fmt)
+    class_id, raw = _get(session, obis, 2)
+    session.class_cache[obis] = class_id
+    if class_id == PROFILE:
+        return _read_profile(session, request, fmt)
+    return _records_for(session, class_id, obis, raw, fmt)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _records_for(session: MeterSession, class_id: int, obis: str, raw: bytes, fmt: str) -> list:
+    value = axdr.decode_all(raw)
+    if class_id == CLOCK:
+        dt = axdr.to_datetime(value) if isinstance(value, bytes) else value
+        shown = dt.isoformat() if isinstance(dt, datetime) else value
+        return [record(dt if isinstance(dt, datetime) else _now(), obis, shown, fmt)]
+    if class_id in (REGISTER, EXT_REGISTER):
+        scaler = unit = None
+        su = axdr.decode_all(session.get_raw(class_id, obis, 3))
+        if isinstance(su, list) and len(su) == 2:
+            scaler, unit = su
+        when = _now()
+        if class_id == EXT_REGISTER:
+            captured = axdr.decode_all(session.get_raw(class_id, obis, 5))
+            dt = axdr.to_datetime(captured) if isinstance(captured, bytes) else captured
+            if isinstance(dt, datetime):
+                when = dt
+        return [record(when, obis, value, fmt, scaler=scaler, unit=unit)]
+    return [record(_now(), obis, value, fmt)]
+
+
+def _read_list(session: MeterSession, items: list, fmt: str) -> list:
+    records = []
+    for obis, attr in items:
+        class_id, raw = _get(session, obis, attr)
+        value = axdr.decode_all(raw)
+        if isinstance(value, bytes) and len(value) == 12 and class_id == CLOCK:
+            dt = axdr.to_datetime(value)
+            value = dt.isoformat() if dt else value
+        records.append(record(_now(), _code(obis, attr), value, fmt))
+    return records
+
+
+def _read_profile(session: MeterSession, request: ReadRequest, fmt: str) -> list:
+    obis = request.obis
+    class_id, raw = _get(session, obis, 3)
+    if class_id != PROFILE:
+        raise ObjectError(f"{obis} is not a profile (class {class_id})")
+    session.class_cache[obis] = PROFILE
+    capture = axdr.decode_all(raw)
+    columns = []
+    clock_col = None
+    for i, col in enumerate(capture or []):
+        try:
+            col_class, ln, attr = col[0], col[1], col[2]
+            col_obis = ".".join(str(b) for b in ln)
+        except (TypeError, IndexError):
+            raise MeterProtocolError(
+                f"the capture objects of {obis} could not be understood"
+            ) from None
+        if clock_col is None and col_class == CLOCK and attr == 2:
+            clock_col = i
+        columns.append(_code(col_obis, attr))
+    start, end = request.dt_from, request.dt_to
+    if start is None and end is None:
+        raw = session.get_raw(PROFILE, obis, 2)
+    else:
+        end = end or _now()
+        start = start or end - timedelta(days=1)
+        step = f"reading {obis} from {start.isoformat()} to {end.isoformat()}"
+        raw = session.get_raw(PROFILE, obis, 2, 1, range_selector(start, end), step=step)
+    rows = axdr.decode_profile(raw)
+    return profile_records(rows, columns, clock_col, fmt)
+
+
+def profile_records(rows: list, columns: list, clock_col: Optional[int], fmt: str) -> list:
+    """One record per row and per column other than the clock."""
+    out = []
+    append = out.append
+    to_dt = axdr.to_datetime
+    others = [(j, code) for j, code in enumerate(columns) if j != clock_col]
+    from .reply import format_datetime, value_to_str
+
+    for row in rows:
+        dt = None
+        if clock_col is not None and clock_col < len(row):
+            stamp = row[clock_col]
+            dt = to_dt(stamp) if isinstance(stamp, bytes) else stamp
+        when = format_datetime(dt, fmt) if isinstance(dt, datetime) else ""
+        for j, code in others:
+            if j < len(row):
+                v = row[j]
+                append(
+                    {
+                        "DateTime": when,
+                        "Code": code,
+                        "Value": v if type(v) is str else value_to_str(v),
+                    }
+                )
+    return out
