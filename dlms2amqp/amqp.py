@@ -33,7 +33,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def connection_parameters(
-    cfg: Config, heartbeat: Optional[int] = None
+    cfg: Config, heartbeat: Optional[int] = None, name: str = "dlms2amqp"
 ) -> pika.ConnectionParameters:
     """Parameters from the configuration, TLS with certificate verification when asked."""
     ssl_options = None
@@ -60,7 +60,8 @@ def connection_parameters(
         connection_attempts=1,
         socket_timeout=10,
         stack_timeout=30,
-        client_properties={"connection_name": "dlms2amqp"},
+        # shown by rabbitmqctl list_connections / the management UI
+        client_properties={"connection_name": name},
     )
 
 
@@ -95,9 +96,11 @@ def broker_error(cfg: Config, e: BaseException) -> BrokerError:
     return BrokerError(f"Broker {where}: {type(e).__name__} {e}")
 
 
-def connect(cfg: Config, heartbeat: Optional[int] = None) -> pika.BlockingConnection:
+def connect(
+    cfg: Config, heartbeat: Optional[int] = None, name: str = "dlms2amqp"
+) -> pika.BlockingConnection:
     try:
-        return pika.BlockingConnection(connection_parameters(cfg, heartbeat))
+        return pika.BlockingConnection(connection_parameters(cfg, heartbeat, name))
     except CONNECTION_ERRORS as e:
         raise broker_error(cfg, e) from e
 

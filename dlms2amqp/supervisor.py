@@ -102,6 +102,7 @@ class Supervisor:
         self.next_job = 1
         self.signals: list[int] = []
         self.ioloop = IOLoop()
+        self.connection_name = f"dlms2amqpd {cfg.InQueue} pid {os.getpid()}"
         # broker state
         self.conn: Any = None
         self.ch: Any = None
@@ -315,7 +316,7 @@ class Supervisor:
             return
         cfg = self.cfg
         try:
-            setup = amqp.connect(cfg)
+            setup = amqp.connect(cfg, name=self.connection_name + " setup")
             try:
                 amqp.declare_topology(setup, cfg)
             finally:
@@ -330,7 +331,7 @@ class Supervisor:
             self.connection_lost(e)
             return
         self.conn = pika.SelectConnection(
-            amqp.connection_parameters(cfg),
+            amqp.connection_parameters(cfg, name=self.connection_name),
             on_open_callback=lambda c: c.channel(on_open_callback=self._on_channel),
             on_open_error_callback=lambda _c, e: self.connection_lost(e),
             on_close_callback=self._on_connection_closed,

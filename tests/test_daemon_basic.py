@@ -203,3 +203,44 @@ def test_quorum_mode_declares_delivery_limit(run_daemon: Any, broker: Broker) ->
     assert "x-delivery-limit" in line and "quorum" in line and "at-least-once" in line
     broker.publish(d.cfg["InQueue"], req("q1", Cmd="X"))
     assert broker.replies(d.cfg["OutQueue"], 1, timeout=30)[0]["InMsgID"] == "q1"
+
+
+def _close_broker_connections(marker: str) -> int:
+    """Close (server side, like close_all_connections) only the connections named marker."""
+    r = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    closed = 0
+    for line in r.stdout.splitlines():
+        if f'"{marker}' in line:
+            pid = line.split("\t", 1)[0]
+            subprocess.run(
+                ["rabbitmqctl", "-q", "close_connection", pid, "test: broker closes connection"],
+                capture_output=True,
+                timeout=60,
+                check=True,
+            )
+            closed += 1
+    return closed
+
+
+def test_reconnects_after_connection_closed_by_broker(run_daemon: Any, broker: Broker) -> None:
+    needs_reader()
+    d: Daemon = run_daemon(ReconnectMaxDelay=1.0)
+    inq, outq = d.cfg["InQueue"], d.cfg["OutQueue"]
+    broker.publish(inq, req("before", Cmd="X"))
+    assert broker.replies(outq, 1, timeout=30)
+    # When the broker closes the daemon's connection (ConnectionClosedByBroker 320)
+    assert _close_broker_connections(f"dlms2amqpd {inq} pid") == 1
+    deadline = time.monotonic() + 30
+    while d.metric("dlms2amqp_broker_reconnects_total") < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # Then it reconnects and goes on answering
+    assert d.metric("dlms2amqp_broker_reconnects_total") >= 1
+    assert d.metric("dlms2amqp_broker_connected") == 1
+    broker.publish(inq, req("after", Cmd="X"))
+    assert broker.replies(outq, 1, timeout=30)[0]["InMsgID"] == "after"
+    assert any(e["event"] == "broker_connection_lost" for e in d.events())
