@@ -280,16 +280,20 @@ class Supervisor:
             except Exception as e:  # noqa: BLE001 - keep serving
                 self.log.exception("internal_error", error=type(e).__name__)
 
+    def _pool_stats(self, w: WorkerHandle, stats: dict[str, float]) -> None:
+        """Pool counters of one worker -> the master's metrics (a new worker starts at 0)."""
+        hits = stats.get("hits", 0.0)
+        if hits > w.pool_hits:
+            self.metrics.pool_hits.inc(hits - w.pool_hits)
+        w.pool_hits = hits
+        w.pool_idle = stats.get("idle", 0.0)
+        self.metrics.pool_connections.set(sum(x.pool_idle for x in self.workers))
+
     def _on_worker_message(self, w: WorkerHandle, msg: tuple) -> None:
         w.last_seen = time.monotonic()
         kind = msg[0]
         if kind == "hb":
-            stats = msg[1]
-            if "hits" in stats:
-                w.pool_hits = stats["hits"]
-            if "idle" in stats:
-                w.pool_idle = stats["idle"]
-            self.metrics.pool_connections.set(sum(x.pool_idle for x in self.workers))
+            self._pool_stats(w, msg[1])
         elif kind == "ready":
             w.ready = True
             self.boot_failures = 0
@@ -298,15 +302,14 @@ class Supervisor:
             if job:
                 job.started = time.monotonic()
         elif kind == "done":
-            _, jid, reply_id, body, status, rows, seconds, pooled = msg
+            _, jid, reply_id, body, status, rows, seconds, stats = msg
+            self._pool_stats(w, stats)
             w.jobs.discard(jid)
             job = self.jobs.get(jid)
             if job is None:
                 return
             self.metrics.meter_session.observe(seconds)
-            if pooled:
-                self.metrics.pool_hits.inc()
-            self.complete(job, reply_id, body, status, rows, pooled=pooled)
+            self.complete(job, reply_id, body, status, rows)
 
     # --- broker (asynchronous: pika SelectConnection on our own IOLoop) -----------------
     def connect(self) -> None:
@@ -659,14 +662,7 @@ class Supervisor:
         self._send(w, ("job", job.job_id, request, meter_key))
 
     def complete(
-        self,
-        job: Job,
-        reply_id: str,
-        body: bytes,
-        status: str,
-        rows: int,
-        pooled: bool = False,
-        error: str = "",
+        self, job: Job, reply_id: str, body: bytes, status: str, rows: int, error: str = ""
     ) -> None:
         self.jobs.pop(job.job_id, None)
         self.by_key.pop(job.key, None)
@@ -688,7 +684,6 @@ class Supervisor:
             status=status,
             duration_ms=round(dt * 1000, 1),
             rows=rows,
-            pooled=pooled,
             attempts=job.attempts,
             **({"error": error} if error else {}),
         )

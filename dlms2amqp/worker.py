@@ -10,7 +10,7 @@ The worker knows nothing of AMQP.  It talks to the master over one duplex pipe:
 
     master -> worker   ("job", job_id, ReadRequest, meter_key) | ("reopen",) | ("stop",)
     worker -> master   ("ready", pid) | ("hb", stats) | ("start", job_id)
-                       | ("done", job_id, reply_id, body, status, rows, seconds, pooled)
+                       | ("done", job_id, reply_id, body, status, rows, seconds, pool_stats)
 
 A heartbeat every second proves the worker is alive; the master kills a silent one.
 """
@@ -72,20 +72,10 @@ def _make_pool(settings: WorkerSettings) -> Any:
 
 
 def _pool_stats(pool: Any) -> dict[str, float]:
-    """Counters the master exports (hits, idle connections), whatever the pool offers."""
+    """Pool counters the master exports: reuses so far (``hits``) and idle sessions."""
     if pool is None:
         return {}
-    stats = getattr(pool, "stats", None)
-    if callable(stats):
-        stats = stats()
-    if isinstance(stats, dict):
-        return {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
-    out: dict[str, float] = {}
-    for name in ("hits", "idle", "opened"):
-        v = getattr(pool, name, None)
-        if isinstance(v, (int, float)):
-            out[name] = float(v)
-    return out
+    return {"hits": float(getattr(pool, "hits", 0)), "idle": float(len(pool))}
 
 
 class Worker:
@@ -103,6 +93,9 @@ class Worker:
             state_dir=settings.state_dir,
             trace=settings.trace,
         )
+        if settings.trace:
+            tlog = logsetup.get_logger("dlms2amqp.trace")
+            self.options.trace_sink = lambda line: tlog.info("frame", frame=line)
         self.pool = _make_pool(settings)
         self.executor = ThreadPoolExecutor(settings.sessions, thread_name_prefix="session")
         self.lock = threading.Lock()
@@ -143,7 +136,6 @@ class Worker:
 
         self.out.send(("start", job_id))
         t0 = time.monotonic()
-        before = _pool_stats(self.pool).get("hits", 0.0)
         try:
             reply = execute(request, self.options, self.pool)
         except Exception as e:  # noqa: BLE001 - execute must not raise; never lose a reply
@@ -152,7 +144,6 @@ class Worker:
                 request.msg_id, "Internal error in the gateway while reading the meter"
             )
         seconds = time.monotonic() - t0
-        pooled = _pool_stats(self.pool).get("hits", 0.0) > before
         body = replymod.dumps(reply)
         self.out.send(
             (
@@ -163,7 +154,7 @@ class Worker:
                 reply.get("Status", "notok"),
                 len(reply.get("DataRecords") or ()),
                 seconds,
-                pooled,
+                _pool_stats(self.pool),
             )
         )
 
@@ -174,6 +165,8 @@ class Worker:
         while True:
             now = time.monotonic()
             if now >= next_hb:
+                if self.pool is not None:
+                    self.pool.close_idle()  # idle associations expire without traffic too
                 self.out.send(("hb", _pool_stats(self.pool)))
                 next_hb = now + HEARTBEAT_SECONDS
             if not self.conn.poll(max(0.0, next_hb - time.monotonic())):
@@ -197,10 +190,9 @@ class Worker:
         with self.lock:
             self.waiting.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
-        close = getattr(self.pool, "close", None)
-        if callable(close):
+        if self.pool is not None:
             try:
-                close()
+                self.pool.close_all()  # release idle associations politely
             except Exception:  # noqa: BLE001 - exiting anyway
                 pass
         logsetup.get_logger("dlms2amqp.worker").info("worker_stopped", abandoned=self.running)
