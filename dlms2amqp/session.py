@@ -15,6 +15,7 @@ and the media in ``finally`` and never raises.
 
 from __future__ import annotations
 
+import importlib
 import struct
 import time
 from datetime import datetime, timezone
@@ -65,6 +66,19 @@ def _get_value_from_data(cls, settings, reply):
 if not getattr(GXDLMS, "_dlms2amqp_raw", False):
     GXDLMS.getValueFromData = classmethod(_get_value_from_data)
     GXDLMS._dlms2amqp_raw = True
+
+
+# Gurux prints to stdout from inside the library ("Encryption is applied." per frame, and
+# key material on some signing paths); stdout belongs to the CLI's JSON.  Silence those
+# modules' print (a module-level name shadows the builtin for that module only).
+def _no_print(*_args, **_kwargs) -> None:
+    return None
+
+
+for _name in ("GXDLMSChippering", "GXSecure", "GXDLMSSettings", "_GXAPDU", "GXDLMS",
+              "GXDLMSLNCommandHandler", "GXDLMSSNCommandHandler", "GXDLMSTranslator"):  # fmt: skip
+    _module = importlib.import_module(f"gurux_dlms.{_name}")
+    _module.print = _no_print
 
 _AUTH = {
     "None": Authentication.NONE,
@@ -254,19 +268,29 @@ class MeterSession:
     def open(self, deadline: float) -> None:
         """Connect and associate; on failure everything is released before raising."""
         self.deadline = deadline
-        try:
-            if self.settings.invocation_counter_obis and self._ciphered():
-                meter_counter = self._read_public_counter()
-            else:
-                meter_counter = None
-            self.client = self._make_client()
-            if self._ciphered():
-                self._init_counter(meter_counter)
-            self.media = self._open_media()
-            self._associate(self.client)
-        except BaseException:
-            self.close()
-            raise
+        meter_counter = None
+        for attempt in (1, 2):
+            try:
+                if attempt == 1 and self.settings.invocation_counter_obis and self._ciphered():
+                    meter_counter = self._read_public_counter()
+                self.client = self._make_client()
+                if self._ciphered():
+                    self._init_counter(meter_counter)
+                self.media = self._open_media()
+                self._associate(self.client)
+                return
+            except InvocationCounterError as exc:
+                self.broken = True
+                self.close()
+                self.broken = False
+                expected = getattr(exc, "expected", None)
+                if attempt == 2 or not expected:
+                    raise
+                # the meter told which counter it expects: resynchronise once, upwards only
+                meter_counter = max(meter_counter or 0, expected - 1)
+            except BaseException:
+                self.close()
+                raise
 
     def _ciphered(self) -> bool:
         s = self.settings
@@ -310,8 +334,8 @@ class MeterSession:
 
     def _init_counter(self, meter_counter: Optional[int]) -> None:
         s = self.settings
-        next_ic = max(meter_counter + 1 if meter_counter is not None else 0,
-                      s.initial_invocation_counter or 0)  # fmt: skip
+        next_ic = max(meter_counter + 1 if meter_counter is not None else 1,
+                      s.initial_invocation_counter or 1)  # fmt: skip
         if self.counters is not None:
             meter_id = s.meter_system_title.hex() if s.meter_system_title else s.meter_key
             self._counter_key = counter_key(meter_id, s.system_title, s.block_cipher_key.reveal())
@@ -455,9 +479,19 @@ class MeterSession:
             self._reserve()
         self.media.send(bytes(frame))
         buf = GXByteBuffer()
+        received = 0
         while True:
-            timeout = min(self.frame_timeout, self._remaining(step))
-            chunk = self.media.recv(timeout, step)
+            try:
+                timeout = min(self.frame_timeout, self._remaining(step))
+                chunk = self.media.recv(timeout, step)
+            except MeterTimeoutError as exc:
+                if received:
+                    raise MeterProtocolError(
+                        f"the meter's answer is not a valid DLMS frame while {step} "
+                        f"({received} bytes received, no complete frame)"
+                    ) from exc
+                raise
+            received += len(chunk)
             buf.set(chunk)
             if self.client.getData(buf, reply, None):
                 return
@@ -467,11 +501,15 @@ class MeterSession:
     def _translate(self, exc: Exception, step: str) -> MeterError:
         if isinstance(exc, GXDLMSExceptionResponse):
             if exc.exceptionServiceError == ExceptionServiceError.INVOCATION_COUNTER_ERROR:
-                return InvocationCounterError(
+                err = InvocationCounterError(
                     f"invocation counter rejected by the meter while {step} "
                     f"(the meter expects at least {exc.serviceErrorValue}); "
                     "read the meter's counter with -v 0.0.43.1.0.255"
                 )
+                err.expected = (
+                    exc.serviceErrorValue if isinstance(exc.serviceErrorValue, int) else None
+                )
+                return err
             return MeterProtocolError(f"the meter refused the request while {step}: {exc}")
         if isinstance(exc, GXDLMSException):
             parts = [p.strip().rstrip(".") for p in str(exc).splitlines() if p.strip()]
