@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +177,14 @@ def test_send_and_dump_end_to_end(run_daemon: Any, broker: Broker, tmp_path: Pat
             assert rep["Status"] == "ok", rep["Error"]
             rows = model.load_profile_rows(k, start, end)
             assert len(rows) == 97
-            assert {str(row[2]) for row in rows} <= values(rep)  # import column
-            assert {str(row[3]) for row in rows} <= values(rep)  # export column
+            want = {}
+            for t, st, imp, exp in rows:
+                when = datetime.fromtimestamp(t, timezone.utc).isoformat()
+                want[(when, "0.0.96.10.1.255")] = str(st)
+                want[(when, ENERGY)] = str(imp)
+                want[(when, "1.0.2.8.0.255")] = str(exp)
+            got = {(r["DateTime"], r["Code"]): r["Value"] for r in rep["DataRecords"]}
+            assert got == want
         ev = d.events("request")
         assert {e["msg_id"] for e in ev} == {"0", "1", "2"}
         assert all(e["status"] == "ok" and e["rows"] > 0 and "endpoint" in e for e in ev)

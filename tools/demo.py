@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -105,18 +106,25 @@ def wait_consuming(daemon: subprocess.Popen, queue: str, tmp: Path, timeout: flo
     raise SystemExit("demo: daemon not consuming in time")
 
 
-def expected_values(k: int, start: int, end: int) -> set[str]:
-    """Import-energy values the reply for meter k must contain, one per quarter-hour."""
-    return {str(row[2]) for row in model.load_profile_rows(k, start, end)}
+def expected_records(k: int, start: int, end: int) -> dict[tuple[str, str], str]:
+    """(DateTime, Code) -> Value the reply for meter k must hold, from the data model."""
+    out = {}
+    for t, st, imp, exp in model.load_profile_rows(k, start, end):
+        when = datetime.fromtimestamp(t, timezone.utc).isoformat()
+        out[(when, "0.0.96.10.1.255")] = str(st)
+        out[(when, "1.0.1.8.0.255")] = str(imp)
+        out[(when, "1.0.2.8.0.255")] = str(exp)
+    return out
 
 
 def check(reply: dict, k: int, start: int, end: int) -> Optional[str]:
     if reply.get("Status") != "ok":
         return f"notok: {reply.get('Error')}"
-    values = {str(r.get("Value")) for r in reply.get("DataRecords", [])}
-    missing = expected_values(k, start, end) - values
-    if missing:
-        return f"{len(missing)} quarter-hours missing or wrong (e.g. {sorted(missing)[:3]})"
+    got = {(r.get("DateTime"), r.get("Code")): r.get("Value") for r in reply["DataRecords"]}
+    want = expected_records(k, start, end)
+    wrong = [key for key, v in want.items() if got.get(key) != v]
+    if wrong or len(got) != len(want):
+        return f"{len(wrong)} of {len(want)} values differ, {len(got)} records (e.g. {wrong[:2]})"
     return None
 
 
