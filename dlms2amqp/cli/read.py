@@ -21,13 +21,28 @@ from ..request import ReadRequest, parse_datetime
 EXIT_OK, EXIT_NOTOK, EXIT_USAGE = 0, 1, 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors never echo a connection string (it may hold a password or keys)."""
+
+    hidden: tuple = ()
+
+    def error(self, message: str):
+        for text in self.hidden:
+            if text:
+                message = message.replace(text, "<connection string>")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    # no -h: connection strings start with "-h host"; --help only
+    p = _Parser(
+        add_help=False,
         prog="dlms2amqp-read",
         description="Read one OBIS code from one meter and print the reply JSON.",
         epilog='example: dlms2amqp-read "-h 127.0.0.1 -p 4060 -c 32 -a Low -P 00000000 '
         '-i WRAPPER" 1.0.99.1.0.255 --from 2020-12-15T00:00+03:00 --to 2020-12-16T00:00+03:00',
     )
+    p.add_argument("--help", action="help", help="show this help and exit")
     p.add_argument("connection_string", help="Gurux-style connection string, quoted")
     p.add_argument("obis", help="OBIS code (logical name), e.g. 1.0.99.1.0.255")
     p.add_argument("--from", dest="dt_from", metavar="ISO", help="profile start (ISO 8601)")
@@ -45,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser.hidden = tuple(a.strip() for a in argv if " " in a.strip() or "-P" in a)
     args = parser.parse_args(argv)
     if args.timeout <= 0 or args.frame_timeout <= 0:
         parser.error("--timeout and --frame-timeout must be positive")
