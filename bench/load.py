@@ -513,9 +513,8 @@ def _ceiling_proc(jobs: list[tuple[str, bytes]], threads: int, barrier: Any, out
     import resource
     from concurrent.futures import ThreadPoolExecutor
 
-    from dlms2amqp.request import parse_request
-
     from dlms2amqp import reader
+    from dlms2amqp.request import parse_request
 
     reqs = [(mid, parse_request(body)) for mid, body in jobs]
     options = reader.ReaderOptions()
