@@ -102,6 +102,8 @@ def _to_time(raw: bytes) -> Optional[time]:
 
 def decode(data: bytes, pos: int = 0) -> tuple[Any, int]:
     """Decode one tagged value at ``pos``; returns (value, next position)."""
+    if type(data) is not bytes:
+        data = bytes(data)
     try:
         return _decode(data, pos)
     except (IndexError, struct.error) as exc:
@@ -129,9 +131,30 @@ def _decode(data: bytes, pos: int) -> tuple[Any, int]:
         count, pos = _length(data, pos)
         items = []
         append = items.append
+        size = len(data)
+        fixed_get = _FIXED.get
         for _ in range(count):
-            value, pos = _decode(data, pos)
-            append(value)
+            # leaves inline (profile rows are mostly these): no call per value
+            child = data[pos]
+            fixed = fixed_get(child)
+            if fixed is not None:
+                end = pos + 1 + fixed.size
+                if end > size:
+                    raise IndexError
+                append(fixed.unpack_from(data, pos + 1)[0])
+                pos = end
+            elif child == OCTET_STRING and data[pos + 1] < 0x80:
+                end = pos + 2 + data[pos + 1]
+                if end > size:
+                    raise IndexError
+                append(data[pos + 2 : end])
+                pos = end
+            elif child == UINT8 or child == ENUM:
+                append(data[pos + 1])
+                pos += 2
+            else:
+                value, pos = _decode(data, pos)
+                append(value)
         return items, pos
     if tag == OCTET_STRING:
         n, pos = _length(data, pos)

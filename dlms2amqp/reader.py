@@ -30,7 +30,15 @@ from .errors import (
     RequestError,
 )
 from .pool import SessionPool
-from .reply import DATETIME_FORMATS, NAIVE_DATES_NOTE, error_reply, ok_reply, record
+from .reply import (
+    DATETIME_FORMATS,
+    NAIVE_DATES_NOTE,
+    error_reply,
+    format_datetime,
+    ok_reply,
+    record,
+    value_to_str,
+)
 from .request import ReadRequest
 from .session import NOT_FOUND, DataAccessError, MeterSession, range_selector
 
@@ -291,27 +299,24 @@ def _read_profile(session: MeterSession, request: ReadRequest, fmt: str) -> list
 
 
 def profile_records(rows: list, columns: list, clock_col: Optional[int], fmt: str) -> list:
-    """One record per row and per column other than the clock."""
+    """One record per row and per column other than the clock (the hot loop of a read)."""
     out = []
     append = out.append
     to_dt = axdr.to_datetime
     others = [(j, code) for j, code in enumerate(columns) if j != clock_col]
-    from .reply import format_datetime, value_to_str
-
+    width = len(columns)
     for row in rows:
         dt = None
         if clock_col is not None and clock_col < len(row):
             stamp = row[clock_col]
             dt = to_dt(stamp) if isinstance(stamp, bytes) else stamp
         when = format_datetime(dt, fmt) if isinstance(dt, datetime) else ""
+        short = len(row) < width
         for j, code in others:
-            if j < len(row):
-                v = row[j]
-                append(
-                    {
-                        "DateTime": when,
-                        "Code": code,
-                        "Value": v if type(v) is str else value_to_str(v),
-                    }
-                )
+            if short and j >= len(row):
+                continue
+            v = row[j]
+            t = type(v)
+            text = v if t is str else str(v) if t is int else value_to_str(v)
+            append({"DateTime": when, "Code": code, "Value": text})
     return out
