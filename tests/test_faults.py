@@ -68,7 +68,11 @@ def test_meter_faults(lab: Lab) -> None:
 
 
 def test_bad_request_corpus(lab: Lab) -> None:
-    _check(faultlib.scenario_bad_requests(lab))
+    res = faultlib.scenario_bad_requests(lab)
+    _check(res)
+    if res.evidence.get("internal_errors"):
+        # answered/dead-lettered as promised, but with a reason a field engineer cannot act on
+        pytest.xfail(f"daemon bug: dead-lettered as internal error: {res.evidence}")
 
 
 def test_flood(lab: Lab) -> None:
@@ -77,3 +81,7 @@ def test_flood(lab: Lab) -> None:
 
 def test_broker_tls(lab: Lab, tmp_path: Path) -> None:
     _check(faultlib.scenario_tls(lab))
+
+
+def test_cipher_kill_restart(lab: Lab) -> None:
+    _check(faultlib.scenario_cipher_kill(lab), allow_repeats=True)
