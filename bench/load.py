@@ -364,7 +364,7 @@ def run_daemon_scenario(
         groups = [
             ProcGroup("daemon", daemon.pid),
             ProcGroup("simulator", sim.child.pid),
-            ProcGroup("rabbitmq", loadlib.find_pid_by_comm("beam.smp")),
+            ProcGroup("rabbitmq", loadlib.find_listener_pid(loadlib.BROKER_PORT)),
         ]
         with Sampler(groups) as sampler:
             cpu0 = sampler.snapshot()

@@ -123,6 +123,40 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
+def find_listener_pid(port: int) -> Optional[int]:
+    """The process listening on TCP ``port`` (e.g. the broker on 5672).
+
+    Several RabbitMQ nodes may run here (fault tests start their own), so the broker is
+    found by its listening socket rather than by name.
+    """
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(parts[9])
+        except OSError:
+            continue
+    if not inodes:
+        return None
+    targets = {f"socket:[{i}]" for i in inodes}
+    for pid in _all_pids():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in targets:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
 def find_pid_by_comm(name: str) -> Optional[int]:
     """The first process whose command name is ``name`` (e.g. RabbitMQ's ``beam.smp``)."""
     for pid in _all_pids():
