@@ -254,14 +254,31 @@ def _records_for(session: MeterSession, class_id: int, obis: str, raw: bytes, fm
     return [record(_now(), obis, value, fmt)]
 
 
+def _list_value(value, class_id: int):
+    if isinstance(value, bytes) and len(value) == 12 and class_id == CLOCK:
+        dt = axdr.to_datetime(value)
+        return dt.isoformat() if dt else value
+    return value
+
+
 def _read_list(session: MeterSession, items: list, fmt: str) -> list:
+    """-g: one GET-with-list when the meter negotiated it, else one GET per attribute."""
+    if len(items) > 1 and session.supports_list_reads():
+        classes = [session.class_cache.get(o) or guess_class(o) for o, _ in items]
+        try:
+            values = session.get_list([(c, o, a) for c, (o, a) in zip(classes, items)])
+        except (ObjectError, MeterProtocolError):
+            pass  # refused or partly unknown: read one by one, with class correction
+        else:
+            now = _now()
+            return [
+                record(now, _code(o, a), _list_value(v, c), fmt)
+                for c, (o, a), v in zip(classes, items, values)
+            ]
     records = []
     for obis, attr in items:
         class_id, raw = _get(session, obis, attr)
-        value = axdr.decode_all(raw)
-        if isinstance(value, bytes) and len(value) == 12 and class_id == CLOCK:
-            dt = axdr.to_datetime(value)
-            value = dt.isoformat() if dt else value
+        value = _list_value(axdr.decode_all(raw), class_id)
         records.append(record(_now(), _code(obis, attr), value, fmt))
     return records
 

@@ -128,6 +128,31 @@ HDLC_MAX_INFO = 247
 MAX_REPLY_BYTES = 8 * 1024 * 1024
 
 
+def gurux_to_native(v):
+    """A value decoded by Gurux -> the natives axdr returns (list reads only; small)."""
+    name = type(v).__name__
+    if name == "GXDateTime":
+        dt = v.value
+        return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    if name == "GXDate":
+        return v.value.date()
+    if name == "GXTime":
+        return v.value.time()
+    if name == "GXBitString":
+        return str(v)
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v)
+    if isinstance(v, list):
+        return [gurux_to_native(x) for x in v]
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, float):
+        return float(v)
+    return v
+
+
 class DataAccessError(ObjectError):
     def __init__(self, message: str, code: int):
         super().__init__(message)
@@ -394,11 +419,27 @@ class MeterSession:
             frames = self.client.readList(objs)
         except ValueError as exc:
             raise ObjectError("the meter does not support reading a list in one request") from exc
-        reply = self._request(frames, "reading a list of attributes", raw=False)
+        try:
+            reply = self._request(frames, "reading a list of attributes", raw=False)
+        except (MeterProtocolError, ObjectError):
+            # an exception-response to GET-with-list leaves the association usable
+            self.broken = False
+            raise
         if reply.error:
             text = DATA_ACCESS_RESULTS.get(reply.error, f"error {reply.error}")
             raise DataAccessError(f"the meter refused the list read: {text}", reply.error)
-        return list(reply.value or [])
+        values = [gurux_to_native(v) for v in (reply.value or [])]
+        if len(values) != len(items):
+            raise MeterProtocolError("the meter answered the list read with a different count")
+        return values
+
+    def supports_list_reads(self) -> bool:
+        from gurux_dlms.enums import Conformance
+
+        try:
+            return bool(self.client.negotiatedConformance & Conformance.MULTIPLE_REFERENCES)
+        except (AttributeError, TypeError):
+            return False
 
     def _short_name(self, obis: str) -> int:
         sn = self.class_cache.get(("sn", obis))

@@ -202,3 +202,16 @@ def test_random_axdr_matches_expected_and_gurux(case):
     raw, expected = case
     assert axdr.decode_all(raw) == expected
     assert gurux_decode(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "name, hexdata",
+    [(c[0], c[1]) for c in CASES if c[0] not in ("time", "null")],
+)
+def test_list_read_normalisation_of_gurux_values(name, hexdata):
+    # GET-with-list values are decoded by Gurux, then turned into our natives
+    from dlms2amqp.session import gurux_to_native
+
+    raw = bytes.fromhex(hexdata)
+    value = _GXCommon.getData(GXDLMSSettings(False, None), GXByteBuffer(raw), _GXDataInfo())
+    assert gurux_to_native(value) == axdr.decode_all(raw)
