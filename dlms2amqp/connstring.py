@@ -224,8 +224,13 @@ def parse_connection_string(text: str) -> ConnSettings:
         tok = tokens[i]
         i += 1
         if not tok.startswith("-") or len(tok) < 2:
+            # never echo the token: it may be the second word of an unquoted password
+            after = (
+                f" after option {tokens[i - 3]}" if i >= 3 and tokens[i - 3].startswith("-") else ""
+            )
             raise ConnectionStringError(
-                f"ConnectionString: unexpected {tok[:20]!r}; options look like -h 127.0.0.1"
+                f"ConnectionString: unexpected word{after}; options look like -h 127.0.0.1 "
+                'and values with spaces need quotes (-P "a b")'
             )
         opt = tok[1:]
         if opt == "sp":  # the seed's example of a serial port

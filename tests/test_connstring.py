@@ -118,7 +118,8 @@ def test_quoting_and_backslashes_kept():
         ("-h x -p 1 -S COM1", "exclude each other"),
         ("-h x -p 1 -i HdlcWithModeE", "needs a serial port"),
         ('-h x -p 1 -P "open', "unclosed quote"),
-        ("h x", "unexpected 'h'"),
+        ("h x", "unexpected word;"),
+        ("-h x -p 1 -P two words", "unexpected word after option -P"),
     ],
 )
 def test_errors_name_the_option(text, words):
@@ -132,3 +133,9 @@ def test_bad_key_value_not_echoed():
         parse_connection_string("-h x -p 1 -A SECRETKEYZZ")
     assert "SECRETKEYZZ" not in str(info.value)
     assert "option -A" in str(info.value)
+
+
+def test_unquoted_password_words_not_echoed():
+    with pytest.raises(ConnectionStringError) as info:
+        parse_connection_string("-h x -p 1 -P first SECONDWORD")
+    assert "SECONDWORD" not in str(info.value) and "first" not in str(info.value)
