@@ -178,7 +178,17 @@ class SerialMedia(Media):
         attrs[4] = attrs[5] = speed
         attrs[6][t.VMIN] = 0
         attrs[6][t.VTIME] = 0
-        t.tcsetattr(self.fd, t.TCSANOW, attrs)
+        try:
+            t.tcsetattr(self.fd, t.TCSANOW, attrs)
+        except t.error as exc:
+            # Linux ptys force 8 bits without parity and may answer EINVAL to other
+            # settings; a pty has no line to configure, so that is not an error.
+            if os.path.realpath(self.endpoint).startswith("/dev/pts/"):
+                return
+            raise MeterConnectionError(
+                f"serial port {self.endpoint} refused the line settings "
+                f"{baud} {data_bits}{parity}{stop_bits}"
+            ) from exc
 
     def send(self, data: bytes) -> None:
         if self.trace:
