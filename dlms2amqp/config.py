@@ -222,6 +222,12 @@ KEYS: tuple[Key, ...] = (
     Key("MaxBodyBytes", 65536, _int_range(256, 16 * 1024 * 1024), "largest request body"),
     Key("ReplyStoreSize", 100000, _int_range(0, 10_000_000), "recent replies kept for dedup"),
     Key("ShutdownGrace", 30.0, _float_range(0, 3600), "seconds to finish work on SIGTERM"),
+    Key(
+        "WorkerTimeout",
+        15.0,
+        _float_range(1, 3600),
+        "a worker process silent this long (no heartbeat) is killed and replaced",
+    ),
 )
 
 KEY_BY_NAME = {k.name: k for k in KEYS}

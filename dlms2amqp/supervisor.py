@@ -40,7 +40,6 @@ IOLoop = pika.adapters.select_connection.IOLoop
 
 TICK_SECONDS = 0.1
 SUPERVISE_SECONDS = 0.5
-HEARTBEAT_LIMIT = 15.0  # a worker silent this long is killed
 HANG_MARGIN = 15.0  # seconds past RequestTimeout before a session counts as hung
 BOOT_TIMEOUT = 60.0
 BOOT_FAILURES_LIMIT = 3
@@ -198,7 +197,7 @@ class Supervisor:
         now = time.monotonic()
         for w in list(self.workers):
             if w.proc.is_alive():
-                if w.ready and now - w.last_seen > HEARTBEAT_LIMIT:
+                if w.ready and now - w.last_seen > self.cfg.WorkerTimeout:
                     self.kill(w, "silent")
                 elif not w.ready and now - w.born > BOOT_TIMEOUT:
                     self.kill(w, "boot_timeout")

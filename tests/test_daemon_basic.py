@@ -244,3 +244,39 @@ def test_reconnects_after_connection_closed_by_broker(run_daemon: Any, broker: B
     broker.publish(inq, req("after", Cmd="X"))
     assert broker.replies(outq, 1, timeout=30)[0]["InMsgID"] == "after"
     assert any(e["event"] == "broker_connection_lost" for e in d.events())
+
+
+def test_poison_request_over_delivery_limit_is_dead_lettered(
+    tmp_path: Path, broker: Broker
+) -> None:
+    needs_reader()
+    from dlms2amqp import amqp
+    from dlms2amqp.config import build_config
+
+    cfg = daemon_config(tmp_path, broker, QueueType="quorum", DeliveryLimit=2)
+    inq = cfg["InQueue"]
+    with broker.connection() as conn:
+        amqp.declare_topology(conn, build_config(cfg))
+    # Given a request that was delivered twice already without an answer (as if it had
+    # crashed whoever took it): x-delivery-count 2 on the next delivery
+    broker.publish(inq, req("poison", Cmd="X"))
+    with broker.connection() as conn:
+        ch = conn.channel()
+        for _ in range(2):
+            deadline = time.monotonic() + 10
+            method = None
+            while method is None and time.monotonic() < deadline:
+                method, _p, _b = ch.basic_get(inq, auto_ack=False)
+            assert method is not None
+            ch.basic_nack(method.delivery_tag, requeue=True)
+    # When the daemon gets it
+    d = Daemon(write_config(tmp_path, cfg), cfg, broker).start()
+    try:
+        dead = broker.get_all(inq + ".dead", 1, timeout=30)
+        # Then it is dead-lettered with the reason, not read again
+        assert len(dead) == 1
+        assert "poison" in dead[0][1].headers["x-dlms2amqp-reason"]
+        assert broker.count(cfg["OutQueue"]) == 0
+        assert d.metric("dlms2amqp_dead_lettered_total", 'reason="delivery_limit"') == 1
+    finally:
+        assert d.stop() == 0

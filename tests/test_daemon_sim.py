@@ -9,6 +9,7 @@ of the simulator, not from the daemon's own account.
 from __future__ import annotations
 
 import json
+import os
 import select
 import signal
 import socket
@@ -293,3 +294,30 @@ def test_worker_killed_mid_session_request_answered(run_daemon: Any, broker: Bro
         assert all(energy_ok(by_id[f"w{k}"], k, t0, time.time()) for k in range(n)), replies
         assert d.metric("dlms2amqp_worker_restarts_total") >= 2
         assert any(e.get("attempts") == 2 for e in d.events("request"))
+
+
+def test_frozen_worker_is_replaced_and_its_request_answered(
+    run_daemon: Any, broker: Broker
+) -> None:
+    with running_simulator(1, "--latency", "200") as sim:
+        d: Daemon = run_daemon(Workers=1, WorkerTimeout=3.0)
+        (pid,) = d.children()
+        t0 = time.time()
+        publish_all(broker, d.cfg["InQueue"], [request("frozen", sim.port)])
+        deadline = time.monotonic() + 30
+        while d.metric("dlms2amqp_requests_in_flight") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # When the worker stops sending heartbeats mid-session (SIGSTOP: hung, not dead)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            replies = broker.replies(d.cfg["OutQueue"], 1, timeout=60)
+        finally:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        # Then the master killed and replaced it, and the request was answered
+        assert len(replies) == 1 and energy_ok(replies[0], 0, t0, time.time()), replies
+        after = d.children()
+        assert len(after) == 1 and pid not in after
+        assert d.metric("dlms2amqp_worker_restarts_total", 'reason="silent"') == 1
