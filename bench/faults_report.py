@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                         spec["fault"],
                         via_proxy=spec.get("via_proxy", False),
                         allow_repeats=spec.get("allow_repeats", False),
+                        config=spec.get("config"),
                     )
                 )
                 print(results[-1].summary(), flush=True)

@@ -1133,6 +1133,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "kill -9 worker": {"fault": fault_kill_worker, "allow_repeats": True},
     "kill -9 master + restart": {"fault": fault_kill_master, "allow_repeats": True},
     "SIGTERM + restart": {"fault": fault_sigterm},
+    "close_all_connections (quorum)": {"fault": fault_close_all, "config": {"QueueType": "quorum"}},
+    "kill -9 master + restart (quorum)": {
+        "fault": fault_kill_master,
+        "allow_repeats": True,
+        "config": {"QueueType": "quorum"},
+    },
 }
 
 
@@ -1332,7 +1338,7 @@ def bad_request_corpus(meter_port: int) -> list[tuple[str, str | None, bytes]]:
 def scenario_bad_requests(lab: Lab) -> Result:
     """Every malformed request is answered or dead-lettered with a reason; daemon stays up."""
     corpus = bad_request_corpus(lab.sim.port)
-    res = Result(Row("bad-request corpus", sent=len(corpus) + 3))
+    res = Result(Row("bad-request corpus", sent=len(corpus) + 4))
     with daemon_env(lab, "corpus") as env:
         pid = env.daemon.pid
         lab.client.publish(env.in_q, [(f"corpus-{i}", b) for i, (_, _, b) in enumerate(corpus)])
@@ -1341,12 +1347,17 @@ def scenario_bad_requests(lab: Lab) -> Result:
             for k in range(3)
         ]
         lab.client.publish(env.in_q, good)
+        # a reply that cannot be routed (reply_to names no queue): returned by the broker
+        unroutable = read_request("corpus-noreplyq", lab.sim.port + 5)
+        lab.client.publish(
+            env.in_q, [("corpus-noreplyq", unroutable)], reply_to="d2af.no-such-reply-queue"
+        )
 
         def accounted() -> int:
             items = env.collector.snapshot()
             return len(items)
 
-        wait_for(lambda: accounted() >= len(corpus) + 3, 90, 0.3)
+        wait_for(lambda: accounted() >= len(corpus) + 4, 90, 0.3)
         time.sleep(1.0)
         items = env.collector.snapshot()
         alive = env.daemon.alive() and env.daemon.pid == pid
@@ -1380,6 +1391,13 @@ def scenario_bad_requests(lab: Lab) -> Result:
             res.row.lost += 1
             res.problems.append(f"{mid}: good request after the corpus not answered ok")
     reasons = {dead_letter_reason(r)[:80] for r in dead}
+    # the daemon may dead-letter the request or its reply (which carries InMsgID)
+    nr = [r for r in dead if r.body == unroutable or reply_in_id(r) == "corpus-noreplyq"]
+    if nr and dead_letter_reason(nr[0]):
+        res.row.dead_lettered += 1
+    else:
+        res.row.lost += 1
+        res.problems.append("reply to a missing reply_to queue: request not dead-lettered")
     res.evidence = {"daemon_alive_same_pid": alive, "reasons": sorted(reasons)}
     # an "internal error" reason means a path the daemon does not handle: worth a clear message
     res.evidence["internal_errors"] = sorted(
@@ -1390,7 +1408,7 @@ def scenario_bad_requests(lab: Lab) -> Result:
     )
     if not alive:
         res.problems.append("daemon died or was restarted during the corpus")
-    res.row.notes = f"{len(corpus)} bad + 3 good"
+    res.row.notes = f"{len(corpus)} bad + 3 good + 1 unroutable reply_to"
     lab.rows.append(res.row)
     ROWS.append(res.row)
     return res
@@ -1688,3 +1706,23 @@ def scenario_cipher_kill(lab: Lab, first: int = 6, after: int = 3) -> Result:
     lab.rows.append(res.row)
     ROWS.append(res.row)
     return res
+
+
+def check_queue_mismatch(lab: Lab) -> dict[str, Any]:
+    """InQueue exists as a classic queue, the daemon is configured for quorum: clear exit."""
+    uid = f"mismatch-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+    in_q, out_q = f"d2af.{uid}.in", f"d2af.{uid}.out"
+    conn = lab.client.connect()
+    try:
+        conn.channel().queue_declare(in_q, durable=True)
+    finally:
+        conn.close()
+    d = Daemon(lab.workdir / uid, lab.daemon_config(in_q, out_q, lab.node.port, QueueType="quorum"))
+    try:
+        d.start()
+        rc = d.wait_exit(60)
+        text = d.output() + d.log_text()
+    finally:
+        d.stop()
+        lab.client.delete_queues([in_q, out_q, in_q + ".dead"])
+    return {"exit_code": rc, "text": text, "leaks": scan_canaries([("mismatch", text.encode())])}

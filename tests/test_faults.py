@@ -56,6 +56,7 @@ def test_fault_under_load(lab: Lab, name: str) -> None:
         spec["fault"],
         via_proxy=spec.get("via_proxy", False),
         allow_repeats=spec.get("allow_repeats", False),
+        config=spec.get("config"),
     )
     # Then every request is answered once (or dead-lettered), nothing read twice, no leak
     _check(res, spec.get("allow_repeats", False))
@@ -85,3 +86,12 @@ def test_broker_tls(lab: Lab, tmp_path: Path) -> None:
 
 def test_cipher_kill_restart(lab: Lab) -> None:
     _check(faultlib.scenario_cipher_kill(lab), allow_repeats=True)
+
+
+def test_existing_queue_with_other_arguments_is_a_clear_error(lab: Lab) -> None:
+    # Given InQueue already declared as a classic queue, When the daemon wants a quorum queue
+    out = faultlib.check_queue_mismatch(lab)
+    # Then it stops with the configuration exit code and says what to do
+    assert out["exit_code"] == 78, out["text"][-2000:]
+    assert "already exists" in out["text"] and "QueueType" in out["text"], out["text"][-2000:]
+    assert not out["leaks"]
