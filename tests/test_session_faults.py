@@ -105,6 +105,9 @@ def test_gmac_ciphered_reads_with_persisted_counter(sim, tmp_path):
     assert second["Status"] == "ok", second["Error"]
     mark2 = store.load(path.name)
     assert mark2 > mark1 > 0
+    # and the meter saw counters above the first mark (no resynchronisation was needed)
+    seen = read(sim.port, "-c 16", "0.0.43.1.0.255", sim.interface)
+    assert mark1 < int(seen["DataRecords"][0]["Value"]) <= mark2
     # The key is not in the file name or content
     assert "000102030405" not in path.name.upper() and "D0D1D2" not in path.name.upper()
 
