@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests import faultlib  # noqa: E402
 from tests.faultlib import SCENARIOS, Lab, format_table  # noqa: E402
 
-EXTRA = ("meter faults", "bad-request corpus", "flood 100k", "cipher", "broker TLS")
+EXTRA = ("meter faults", "bad-request corpus", "flood 100k", "poison", "cipher", "broker TLS")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(
                 faultlib.scenario_flood(lab, total=args.flood_total, seconds=args.flood_seconds)
             )
+        if wanted("poison"):
+            results.append(faultlib.scenario_poison_worker_crash(lab))
         if wanted("cipher"):
             results.append(faultlib.scenario_cipher_kill(lab))
         if wanted("broker TLS"):

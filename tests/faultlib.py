@@ -1726,3 +1726,64 @@ def check_queue_mismatch(lab: Lab) -> dict[str, Any]:
         d.stop()
         lab.client.delete_queues([in_q, out_q, in_q + ".dead"])
     return {"exit_code": rc, "text": text, "leaks": scan_canaries([("mismatch", text.encode())])}
+
+
+def scenario_poison_worker_crash(lab: Lab, others: int = 10) -> Result:
+    """A request that kills its worker every time (we SIGKILL the workers as soon as its
+    meter sees a connection) must end as a notok reply after one retry, not loop; the other
+    requests are still answered."""
+    poison_port = lab.sim.port + lab.meters - 2
+    res = Result(Row("poison: worker dies on every attempt", sent=others + 1))
+    with contextlib.ExitStack() as st:
+        proxy = TcpProxy([poison_port], count_dlms=True)
+        st.callback(proxy.close)
+        env = st.enter_context(daemon_env(lab, "poison"))
+        kills: list[int] = []
+        stop = threading.Event()
+
+        def killer() -> None:
+            seen = 0
+            while not stop.is_set():
+                n = proxy.stats[poison_port].connections
+                if n > seen:
+                    seen = n
+                    for pid in worker_pids(env.daemon):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                            kills.append(pid)
+                time.sleep(0.02)
+
+        t = threading.Thread(target=killer, daemon=True)
+        t.start()
+        st.callback(stop.set)
+        ids = ["poison"] + [f"poison-other-{k}" for k in range(others)]
+        bodies = [("poison", read_request("poison", proxy.port_of[poison_port]))]
+        bodies += [(i, read_request(i, lab.sim.port + k)) for k, i in enumerate(ids[1:])]
+        lab.client.publish(env.in_q, bodies)
+        env.collector.wait_ids(set(ids), 120)
+        time.sleep(3.0)  # a looping request would show more connections/kills here
+        stop.set()
+        items = env.collector.snapshot()
+        res.leaks = leak_scan(env.daemon, items, env.dlq)
+        attempts = proxy.stats[poison_port].connections
+        alive = env.daemon.alive()
+    res.row = judge(res.row.fault, ids, items, {env.out_q}, env.dlq)
+    d = next((reply_dict(r) for r in items if reply_in_id(r) == "poison"), {})
+    dead = [r for r in items if r.queue == env.dlq and reply_in_id(r) == "poison"]
+    if not dead and d.get("Status") != "notok":
+        res.problems.append(f"poison request not answered notok nor dead-lettered: {d}")
+    if attempts > 3:
+        res.problems.append(f"poison request tried {attempts} times (loop)")
+    if not alive:
+        res.problems.append("daemon died")
+    if not kills:
+        res.problems.append("no worker was killed: fault not injected")
+    res.evidence = {
+        "attempts": attempts,
+        "workers_killed": len(kills),
+        "error": str(d.get("Error", ""))[:120] or (dead_letter_reason(dead[0]) if dead else ""),
+    }
+    res.row.notes = f"{attempts} attempts, {len(kills)} workers killed: {res.evidence['error']}"
+    lab.rows.append(res.row)
+    ROWS.append(res.row)
+    return res

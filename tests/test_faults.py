@@ -95,3 +95,7 @@ def test_existing_queue_with_other_arguments_is_a_clear_error(lab: Lab) -> None:
     assert out["exit_code"] == 78, out["text"][-2000:]
     assert "already exists" in out["text"] and "QueueType" in out["text"], out["text"][-2000:]
     assert not out["leaks"]
+
+
+def test_poison_request_that_kills_its_worker(lab: Lab) -> None:
+    _check(faultlib.scenario_poison_worker_crash(lab), allow_repeats=True)
