@@ -164,6 +164,12 @@ def _run(request: ReadRequest, options: ReaderOptions, pool: Optional[SessionPoo
             session.broken = True
             session.close()
             session = None
+        except ObjectError:
+            _done(session, pool)  # unknown object / access denied: the association is fine
+            raise
+        except BaseException:
+            session.close()
+            raise
         else:
             _done(session, pool)
             return records

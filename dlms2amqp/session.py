@@ -19,7 +19,7 @@ import importlib
 import struct
 import time
 from datetime import datetime, timezone
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXDLMSException, GXReplyData
 from gurux_dlms.enums import (
@@ -128,7 +128,7 @@ HDLC_MAX_INFO = 247
 MAX_REPLY_BYTES = 8 * 1024 * 1024
 
 
-def gurux_to_native(v):
+def gurux_to_native(v: Any) -> Any:
     """A value decoded by Gurux -> the natives axdr returns (list reads only; small)."""
     name = type(v).__name__
     if name == "GXDateTime":

@@ -244,3 +244,18 @@ def test_hdlc_frame_sizes_and_addresses(sim, extra):
     rows = model.load_profile_rows(0, ts(start), ts(end))
     assert len(reply["DataRecords"]) == 3 * len(rows) == 3 * (7 * 96 + 1)
     assert reply["DataRecords"][-1]["Value"] == str(rows[-1][3])
+
+
+def test_pooled_session_survives_an_unknown_object(sim):
+    # Given a pooled association, when a request names an unknown object
+    pool = SessionPool(idle_timeout=30)
+    try:
+        assert read(sim, "1.0.1.8.0.255", pool=pool)["Status"] == "ok"
+        bad = read(sim, "1.2.3.4.5.6", pool=pool)
+        good = read(sim, "1.0.2.8.0.255", pool=pool)
+    finally:
+        pool.close_all()
+    # Then the error is reported and the association is kept for the next request
+    assert bad["Status"] == "notok" and "unknown object" in bad["Error"]
+    assert good["Status"] == "ok"
+    assert (pool.hits, pool.misses) == (2, 1)
