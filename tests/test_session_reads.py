@@ -259,3 +259,47 @@ def test_pooled_session_survives_an_unknown_object(sim):
     assert bad["Status"] == "notok" and "unknown object" in bad["Error"]
     assert good["Status"] == "ok"
     assert (pool.hits, pool.misses) == (2, 1)
+
+
+EXT_TEMPLATE = """<Objects>
+    <GXDLMSExtendedRegister>
+        <LN>1.0.1.6.0.255</LN>
+        <Access>1111111</Access>
+        <Value Type="6">4321</Value>
+        <Scaler>0.1</Scaler>
+        <Unit>27</Unit>
+        <Status Type="17">0</Status>
+        <CaptureTime>2026-01-15T08:30:00+02:00</CaptureTime>
+    </GXDLMSExtendedRegister>
+    <GXDLMSAssociationLogicalName>
+        <LN>0.0.40.0.0.255</LN>
+        <Version>2</Version>
+        <ObjectList>
+            <GXDLMSExtendedRegister>
+                <LN>1.0.1.6.0.255</LN>
+            </GXDLMSExtendedRegister>
+        </ObjectList>
+        <ClientSAP>16</ClientSAP>
+        <ServerSAP>1</ServerSAP>
+        <AuthenticationMechanismName>
+            <MechanismId>0</MechanismId>
+        </AuthenticationMechanismName>
+    </GXDLMSAssociationLogicalName>
+</Objects>
+"""
+
+
+def test_extended_register_found_through_the_object_list(tmp_path):
+    # Given a meter (Gurux template) with an extended register whose OBIS looks like a
+    # plain register: the first GET (class 3) is refused, the object list says class 4
+    path = tmp_path / "ext.xml"
+    path.write_text(EXT_TEMPLATE)
+    with running_simulator(1, "-x", str(path)) as s:
+        s.interface = "WRAPPER"
+        reply = read(s, "1.0.1.6.0.255", conn="-c 16")
+    assert reply["Status"] == "ok", reply["Error"]
+    # Then the value, scaler/unit and the capture time (in the meter's offset) are reported
+    assert reply["DataRecords"] == [
+        {"DateTime": "2026-01-15T08:30:00+02:00", "Code": "1.0.1.6.0.255", "Value": "4321",
+         "Scaler": -1, "Unit": 27}
+    ]  # fmt: skip
