@@ -243,7 +243,7 @@ def _records_for(session: MeterSession, class_id: int, obis: str, raw: bytes, fm
     value = axdr.decode_all(raw)
     if class_id == CLOCK:
         dt = axdr.to_datetime(value) if isinstance(value, bytes) else value
-        shown = dt.isoformat() if isinstance(dt, datetime) else value
+        shown = format_datetime(dt, fmt) if isinstance(dt, datetime) else value
         return [record(dt if isinstance(dt, datetime) else _now(), obis, shown, fmt)]
     if class_id in (REGISTER, EXT_REGISTER):
         scaler = unit = None
@@ -260,10 +260,11 @@ def _records_for(session: MeterSession, class_id: int, obis: str, raw: bytes, fm
     return [record(_now(), obis, value, fmt)]
 
 
-def _list_value(value, class_id: int):
+def _list_value(value, class_id: int, fmt: str):
+    """A clock's date-time octet string is shown as a date-time in the reply's format."""
     if isinstance(value, bytes) and len(value) == 12 and class_id == CLOCK:
         dt = axdr.to_datetime(value)
-        return dt.isoformat() if dt else value
+        return format_datetime(dt, fmt) if dt else value
     return value
 
 
@@ -278,13 +279,13 @@ def _read_list(session: MeterSession, items: list, fmt: str) -> list:
         else:
             now = _now()
             return [
-                record(now, _code(o, a), _list_value(v, c), fmt)
+                record(now, _code(o, a), _list_value(v, c, fmt), fmt)
                 for c, (o, a), v in zip(classes, items, values)
             ]
     records = []
     for obis, attr in items:
         class_id, raw = _get(session, obis, attr)
-        value = _list_value(axdr.decode_all(raw), class_id)
+        value = _list_value(axdr.decode_all(raw), class_id, fmt)
         records.append(record(_now(), _code(obis, attr), value, fmt))
     return records
 

@@ -303,3 +303,10 @@ def test_extended_register_found_through_the_object_list(tmp_path):
         {"DateTime": "2026-01-15T08:30:00+02:00", "Code": "1.0.1.6.0.255", "Value": "4321",
          "Scaler": -1, "Unit": 27}
     ]  # fmt: skip
+
+
+def test_clock_in_dotnet_format(sim):
+    reply = read(sim, "0.0.1.0.0.255", conn="-c 16", datetime_format="dotnet")
+    [rec] = reply["DataRecords"]
+    assert rec["Value"] == rec["DateTime"]
+    assert rec["Value"].endswith((" AM", " PM")) and rec["Value"].count("/") == 2
