@@ -5,10 +5,10 @@ Why not ``gurux_net.GXNet``: it starts a receiver thread per open connection
 and hands bytes over through a lock and an event; a worker holding hundreds of
 pooled sessions would hold hundreds of extra threads.  Measured with
 ``bench/read_bench.py`` (one-day load profile, whole request, WRAPPER, Low,
-loopback, busy 2-core machine, median of 5 interleaved rounds, 100 reads):
-plain socket 2.9 ms CPU / 4.2 ms wall per read, GXNet 3.8 ms CPU / 7.2 ms
-wall (quick run: 2.2 / 3.9 against 2.75 / 3.9).  The plain socket is cheaper,
-never slower, and needs no thread, so it is kept.
+loopback, shared 2-core machine, median of 5 interleaved rounds, 100 reads),
+CPU / wall per read: plain socket 2.9 / 4.2 ms against GXNet 3.8 / 7.2 ms on a
+busy run, 1.7 / 3.1 ms against 2.4 / 2.9 ms on a quieter one.  The plain socket
+costs 25-30 % less CPU, is not slower, and needs no thread, so it is kept.
 
 Serial lines are driven with ``termios`` directly (no pyserial, no thread):
 raw mode, the settings of ``-S port:baud:8None1``, and the IEC 62056-21 mode E
