@@ -890,7 +890,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.repeat_meters = min(args.repeat_meters, 100)
         args.repeat_times = min(args.repeat_times, 3)
         args.sessions = min(args.sessions, 64)
-        args.prefetch = min(args.prefetch, 256)
+        args.prefetch = min(args.prefetch, 128)
         args.stall = min(args.stall, 45.0)
     if args.compare:
         args.baseline = args.ceiling = args.latency = args.repeat = True
