@@ -215,6 +215,7 @@ class MeterSession:
         self.media: Optional[Media] = None
         self.client: Optional[GXDLMSClient] = None
         self.associated = False
+        self.linked = False  # HDLC link up (UA received): DISC it on close
         self.broken = False
         self.last_used = time.monotonic()
         self._counter_key: Optional[str] = None
@@ -325,6 +326,7 @@ class MeterSession:
         if client.interfaceType in (InterfaceType.HDLC, InterfaceType.HDLC_WITH_MODE_E):
             reply = self._request(client.snrmRequest(), "HDLC connection (SNRM)", raw=False)
             self._parse("HDLC connection (SNRM)", client.parseUAResponse, reply.data)
+            self.linked = True
         reply = self._request(client.aarqRequest(), "association", raw=False)
         self._parse("association", client.parseAareResponse, reply.data)
         self.associated = True
@@ -468,19 +470,21 @@ class MeterSession:
         """Release the association (unless broken) and the media; never raises."""
         media, client = self.media, self.client
         try:
-            if media is not None and client is not None and self.associated and not self.broken:
+            if media is not None and client is not None and not self.broken:
                 self.deadline = time.monotonic() + min(self.frame_timeout, 2.0)
-                try:
-                    self._request(client.releaseRequest(), "release", raw=False)
-                except Exception:  # noqa: S110 - best effort, the media is closed below
-                    pass
-                if client.interfaceType != InterfaceType.WRAPPER:
+                if self.associated:
+                    try:
+                        self._request(client.releaseRequest(), "release", raw=False)
+                    except Exception:  # noqa: S110 - best effort, the media is closed below
+                        pass
+                if self.linked and client.interfaceType != InterfaceType.WRAPPER:
                     try:
                         self._request(client.disconnectRequest(), "disconnect", raw=False)
                     except Exception:  # noqa: S110
                         pass
         finally:
             self.associated = False
+            self.linked = False
             self.media = None
             if media is not None:
                 media.close()
