@@ -1,6 +1,11 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Invocation counters persisted per (meter, client system title, key).
 
+Counters are kept per (meter system title, client system title, key).  The
+meter's title is known before the association only from ``-M`` or from the
+address -> title alias learnt at the previous session; otherwise the address
+stands in for it until the AARE tells the title.
+
 A ciphering meter rejects an APDU whose invocation counter is not greater than
 the last one it accepted.  If the gateway restarts and starts again from a
 counter the meter already saw, every request fails.  So counters are reserved
@@ -17,6 +22,7 @@ import re
 import tempfile
 import threading
 from pathlib import Path
+from typing import Optional
 
 from .errors import ConfigError
 
@@ -40,6 +46,27 @@ class CounterStore:
         except OSError as exc:
             raise ConfigError(f"cannot create the state directory {self.dir}: {exc}") from exc
         self._lock = threading.Lock()
+
+    def alias(self, meter_key: str) -> Optional[str]:
+        """The meter system title (hex) last seen at this address, if any."""
+        try:
+            text = (self.dir / "by-address" / _SAFE.sub("_", meter_key)).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return text if re.fullmatch(r"[0-9a-f]{16}", text) else None
+
+    def set_alias(self, meter_key: str, system_title_hex: str) -> None:
+        """Remember which meter (system title) answers at this address."""
+        if self.alias(meter_key) == system_title_hex:
+            return
+        folder = self.dir / "by-address"
+        folder.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        with os.fdopen(fd, "w") as f:
+            f.write(system_title_hex + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / _SAFE.sub("_", meter_key))
 
     def _path(self, key: str) -> Path:
         return self.dir / key

@@ -304,6 +304,8 @@ class MeterSession:
                     self._init_counter(meter_counter)
                 self.media = self._open_media()
                 self._associate(self.client)
+                if self._counter_key is not None:
+                    self._learn_system_title()
                 return
             except InvocationCounterError as exc:
                 self.broken = True
@@ -364,10 +366,32 @@ class MeterSession:
         next_ic = max(meter_counter + 1 if meter_counter is not None else 1,
                       s.initial_invocation_counter or 1)  # fmt: skip
         if self.counters is not None:
-            meter_id = s.meter_system_title.hex() if s.meter_system_title else s.meter_key
+            meter_id = (
+                s.meter_system_title.hex()
+                if s.meter_system_title
+                else self.counters.alias(s.meter_key) or s.meter_key
+            )
             self._counter_key = counter_key(meter_id, s.system_title, s.block_cipher_key.reveal())
             next_ic = max(next_ic, self.counters.load(self._counter_key) + 1)
         self.client.ciphering.invocationCounter = next_ic
+        self._reserve()
+
+    def _learn_system_title(self) -> None:
+        """Key the counter by the meter's system title from now on (the AARE told it)."""
+        title = self.client.settings.sourceSystemTitle
+        if not title or len(title) != 8:
+            return
+        s = self.settings
+        new_key = counter_key(bytes(title).hex(), s.system_title, s.block_cipher_key.reveal())
+        if new_key != self._counter_key:
+            # counters already used with this meter elsewhere (another address) stay used
+            prior = self.counters.load(new_key)
+            if prior >= self.client.ciphering.invocationCounter:
+                self.client.ciphering.invocationCounter = prior + 1
+            mark = max(self._reserved, self.counters.load(self._counter_key))
+            self._reserved = self.counters.reserve(new_key, mark)
+            self._counter_key = new_key
+        self.counters.set_alias(s.meter_key, bytes(title).hex())
         self._reserve()
 
     def _reserve(self) -> None:

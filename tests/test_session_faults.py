@@ -12,6 +12,7 @@ import pytest
 from dlms2amqp.counters import CounterStore
 from dlms2amqp.reader import ReaderOptions, execute
 from dlms2amqp.request import parse_request
+from dlms2amqp.simulator import model
 from tests.helpers_sim import running_simulator
 
 pytestmark = pytest.mark.integration
@@ -98,7 +99,10 @@ def test_gmac_ciphered_reads_with_persisted_counter(sim, tmp_path):
     assert first["Status"] == "ok", first["Error"]
     assert len(first["DataRecords"]) == 3 * 5
     store = CounterStore(tmp_path)
-    [path] = list((tmp_path / "counters").iterdir())
+    # the counter is kept under the meter's system title, learnt from the AARE
+    title = model.system_title(0).hex()
+    [path] = [p for p in (tmp_path / "counters").iterdir() if p.name.startswith(title)]
+    assert store.alias(f"tcp:127.0.0.1:{sim.port}") == title
     mark1 = store.load(path.name)
     # When read again, the counter used is above the persisted mark: never reused
     second = read(sim.port, GMAC, "1.0.1.8.0.255", sim.interface, state_dir=tmp_path)
@@ -135,3 +139,20 @@ def test_wrong_block_key_is_refused():
         reply = read(s.port, bad)
     assert reply["Status"] == "notok"
     assert "0F0F0F" not in reply["Error"].upper()
+
+
+def test_counter_follows_the_meter_to_a_new_address(tmp_path):
+    # Given meter 0 read with ciphering: its counter mark is kept under its system title
+    with running_simulator(1) as first:
+        assert read(first.port, GMAC, state_dir=tmp_path)["Status"] == "ok"
+    store = CounterStore(tmp_path)
+    title = model.system_title(0).hex()
+    [path] = [p for p in (tmp_path / "counters").iterdir() if p.name.startswith(title)]
+    mark = store.load(path.name)
+    # When the same meter (same system title) answers at another address, told by -M
+    with running_simulator(1) as moved:
+        reply = read(moved.port, f"{GMAC} -M {title}", state_dir=tmp_path)
+        seen = read(moved.port, "-c 16", "0.0.43.1.0.255")
+    # Then the counters it gets continue above the mark, never from 1
+    assert reply["Status"] == "ok", reply["Error"]
+    assert int(seen["DataRecords"][0]["Value"]) > mark
