@@ -120,6 +120,8 @@ class Oracle:
             allowed = {str(model.import_wh(k, n * 900)) for n in range(self.n_start - 1, n_now + 2)}
             if str(rec.get("Value")) not in allowed:
                 return f"Value {rec.get('Value')!r} not in {sorted(allowed)}"
+            if rec.get("Scaler") != 0 or rec.get("Unit") != 30:  # Wh, as the design card says
+                return f"Scaler/Unit {rec.get('Scaler')!r}/{rec.get('Unit')!r}, expected 0/30"
             return None
         exp = self.expected_profile(k)
         got: dict[tuple[int, str], str] = {}
