@@ -117,6 +117,7 @@ class Supervisor:
         # life cycle
         self.started_consuming = False
         self.last_supervise = 0.0
+        self.last_tick = 0.0
         self.stopping = False
         self.closing = False
         self.stop_deadline = 0.0
@@ -751,6 +752,13 @@ class Supervisor:
         try:
             self.handle_signals()
             now = time.monotonic()
+            if now - self.last_tick > 2.0 and self.last_tick:
+                # the loop itself was held up (a blocking connect to a silent broker): the
+                # workers' heartbeats wait in their pipes, they are not silent
+                self.log.warning("master_stalled", seconds=round(now - self.last_tick, 1))
+                for w in self.workers:
+                    w.last_seen = max(w.last_seen, now)
+            self.last_tick = now
             if now - self.last_supervise >= SUPERVISE_SECONDS:
                 self.last_supervise = now
                 self.supervise()
