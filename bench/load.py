@@ -862,7 +862,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeat-meters", type=int, default=1000)
     p.add_argument("--repeat-times", type=int, default=10)
     p.add_argument("--ceiling-meters", type=int, default=0, help="default: all meters")
-    p.add_argument("--ceiling-threads", type=int, default=16)
+    p.add_argument("--ceiling-threads", type=int, default=4)
     p.add_argument(
         "--rate",
         type=float,
