@@ -71,7 +71,7 @@ class ConnSettings:
     dedicated_key: Optional[Secret] = None
     initial_invocation_counter: Optional[int] = None
     standard: str = "DLMS"
-    gateway: Optional[tuple] = None  # (network_id, physical_device_address)
+    gateway: Optional[tuple] = None  # (network_id, physical device address bytes)
     interface: str = "HDLC"
     mac_address: Optional[int] = None
     gbt_window_size: int = 1
@@ -336,7 +336,18 @@ def _apply(s: ConnSettings, opt: str, value: str, seen_s: bool) -> None:
             raise ConnectionStringError(
                 "option -G: expected NetworkId:PhysicalDeviceAddress (example: 1:12345678)"
             )
-        s.gateway = (_int("G", net, 0, 255, "a network id"), addr.strip())
+        text = addr.strip()
+        if len(text) % 2:
+            text = "0" + text
+        try:
+            device = bytes.fromhex(text)
+        except ValueError:
+            raise ConnectionStringError(
+                f"option -G: {addr.strip()!r} is not a hexadecimal physical device address"
+            ) from None
+        if not device:
+            raise ConnectionStringError("option -G: the physical device address is empty")
+        s.gateway = (_int("G", net, 0, 255, "a network id"), device)
     elif opt == "i":
         low = value.strip().lower()
         if low in ("plc", "plchdlc", "lpwan", "wisun", "plcprime", "coap", "wirelessmbus"):

@@ -258,6 +258,15 @@ class MeterSession:
                 ln, s.client_address, server, _AUTH[s.authentication], password, itype
             )
         client.standard = _STANDARD[s.standard]
+        if s.gbt_window_size != 1:
+            client.setGbtWindowSize(s.gbt_window_size)
+        if s.gateway is not None:
+            from gurux_dlms.GXDLMSGateway import GXDLMSGateway
+
+            gateway = GXDLMSGateway()
+            gateway.networkId = s.gateway[0]
+            gateway.physicalDeviceAddress = bytearray(s.gateway[1])
+            client.gateway = gateway
         client.autoIncreaseInvokeID = s.auto_increase_invoke_id
         if s.manufacturer_id:
             client.manufacturerId = s.manufacturer_id

@@ -55,7 +55,7 @@ def test_every_option():
     assert s.block_cipher_key.reveal() == bytes.fromhex(KEY_B)
     assert s.dedicated_key.reveal() == bytes.fromhex("00112233445566778899AABBCCDDEEFF")
     assert s.initial_invocation_counter == 42 and s.standard == "IDIS"
-    assert s.gateway == (1, "1234") and s.mac_address == 1
+    assert s.gateway == (1, bytes.fromhex("1234")) and s.mac_address == 1
     assert (s.gbt_window_size, s.hdlc_window_size, s.hdlc_frame_size) == (2, 3, 247)
     assert s.manufacturer_id == "LGZ" and s.trace == "Verbose"
     for secret in (KEY_A, KEY_B, "pw ", "00112233445566778899"):
@@ -113,6 +113,7 @@ def test_quoting_and_backslashes_kept():
         ("-h x -p 1 -w 9", "option -w: 9 is out of range 1..7"),
         ("-h x -p 1 -L 12", "option -L"),
         ("-h x -p 1 -G 5", "option -G"),
+        ("-h x -p 1 -G 1:xyz", "option -G: 'xyz' is not a hexadecimal"),
         ("-h x", "option -p (TCP port) is missing"),
         ("-c 16", "needs -h host and -p port, or -S"),
         ("-h x -p 1 -S COM1", "exclude each other"),
