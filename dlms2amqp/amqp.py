@@ -165,6 +165,10 @@ def properties(
     correlation_id: Optional[str] = None,
     headers: Optional[dict[str, Any]] = None,
 ) -> pika.BasicProperties:
+    if correlation_id is not None and len(correlation_id.encode()) > 255:
+        # an AMQP short string: an over-long MsgID (a rejected request) cannot be echoed
+        # here; the reply body's InMsgID still carries what could be read of it
+        correlation_id = None
     return pika.BasicProperties(
         content_type=JSON,
         delivery_mode=PERSISTENT,

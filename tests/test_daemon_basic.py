@@ -280,3 +280,15 @@ def test_poison_request_over_delivery_limit_is_dead_lettered(
         assert d.metric("dlms2amqp_dead_lettered_total", 'reason="delivery_limit"') == 1
     finally:
         assert d.stop() == 0
+
+
+def test_overlong_msgid_gets_notok_reply(run_daemon: Any, broker: Broker) -> None:
+    needs_reader()
+    d: Daemon = run_daemon()
+    broker.publish(d.cfg["InQueue"], req("é" * 200 + "x" * 10000))
+    rep = broker.get_all(d.cfg["OutQueue"], 1, timeout=30)
+    assert len(rep) == 1
+    body = json.loads(rep[0][2])
+    assert body["Status"] == "notok" and "MsgID" in body["Error"]
+    assert rep[0][1].correlation_id is None  # 255-byte AMQP limit
+    assert d.metric("dlms2amqp_dead_lettered_total") == 0
