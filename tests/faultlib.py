@@ -1126,6 +1126,26 @@ def fault_sigterm(ctx: Ctx) -> dict[str, Any]:
     return {"exit_code": rc, "stop_seconds": round(took, 1), "answered_before_restart": answered}
 
 
+def fault_memory_alarm(ctx: Ctx) -> dict[str, Any]:
+    """Broker memory alarm (publishers blocked) for 10 s under load, then cleared."""
+    ctx.wait_some_progress()
+    node = ctx.lab.node
+    node.ctl("set_vm_memory_high_watermark", "absolute", "1")
+    try:
+        time.sleep(4)
+        during0 = ctx.replies()
+        time.sleep(6)
+        during1 = ctx.replies()
+        alarms = node.ctl("eval", "rabbit_alarm:get_alarms().", check=False).stdout.strip()
+    finally:
+        node.ctl("set_vm_memory_high_watermark", "0.8")
+    ctx.notes = f"replies during the alarm: {during1 - during0} in 6 s"
+    assert "memory" in alarms, f"no memory alarm raised: {alarms[:200]}"
+    assert during1 == during0, "replies still published while the broker blocked publishers"
+    assert ctx.daemon.alive(), "daemon died"
+    return {"alarm": alarms[:120], "replies_during_alarm": during1 - during0}
+
+
 SCENARIOS: dict[str, dict[str, Any]] = {
     "broker stop_app/start_app": {"fault": fault_broker_restart},
     "close_all_connections": {"fault": fault_close_all},
@@ -1133,6 +1153,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "kill -9 worker": {"fault": fault_kill_worker, "allow_repeats": True},
     "kill -9 master + restart": {"fault": fault_kill_master, "allow_repeats": True},
     "SIGTERM + restart": {"fault": fault_sigterm},
+    "memory alarm (blocked publishers)": {
+        "fault": fault_memory_alarm,
+        "config": {"BlockedConnectionTimeout": 5},
+    },
     "close_all_connections (quorum)": {"fault": fault_close_all, "config": {"QueueType": "quorum"}},
     "kill -9 master + restart (quorum)": {
         "fault": fault_kill_master,

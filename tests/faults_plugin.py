@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Prints the fault table at the end of a pytest run that ran fault tests.
 
-Register in tests/conftest.py with ``pytest_plugins = ["tests.faults_plugin"]``.
+tests/test_faults.py registers it when it runs; tests/conftest.py may also list it in
+``pytest_plugins = ["tests.faults_plugin"]`` (registered once either way).
 """
 
 from __future__ import annotations

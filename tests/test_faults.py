@@ -31,11 +31,18 @@ def _daemon_missing() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
+def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Lab:
     why = _daemon_missing()
     if why:
         pytest.skip(why)
-    with Lab(tmp_path_factory.mktemp("faults")) as lab:
+    # print the table at the end of the run even when conftest does not register the plugin
+    from tests import faults_plugin
+
+    pm = request.config.pluginmanager
+    if not any(p is faults_plugin for p in pm.get_plugins()):
+        pm.register(faults_plugin, "tests.faults_plugin")
+    # one node for everything, with a TLS listener for the amqps test
+    with Lab(tmp_path_factory.mktemp("faults"), tls=True) as lab:
         yield lab
 
 
