@@ -126,3 +126,33 @@ def test_broker_unreachable_is_reported_without_password(tmp_path: Path, broker:
         assert "Cannot connect to broker amqp://guest@127.0.0.1" in err
         assert "BrokerCanary42" not in err + res.stdout.decode()
         assert "Traceback" not in err
+
+
+def test_dump_follow_prints_new_replies_until_interrupted(tmp_path: Path, broker: Broker) -> None:
+    import signal
+
+    cfg = daemon_config(tmp_path, broker)
+    conf = write_config(tmp_path, cfg)
+    broker.declare(cfg["OutQueue"])
+    p = subprocess.Popen(
+        [sys.executable, "-m", "dlms2amqp.cli.dump", "-c", str(conf), "--follow"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not broker.consumers(cfg["OutQueue"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.5)  # longer than the default --timeout: --follow keeps waiting
+        broker.publish(cfg["OutQueue"], b'{"InMsgID": "late", "Status": "ok"}')
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert json.loads(line)["InMsgID"] == "late"
+        p.send_signal(signal.SIGINT)
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    assert broker.count(cfg["OutQueue"]) == 0
