@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Gateway-side CPU per profile read: stock Gurux decoding vs ours, in one run.
 
