@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import os
+import queue
 import signal
 import threading
 import time
@@ -51,15 +52,32 @@ class WorkerSettings:
 
 
 class _PipeOut:
-    """Thread-safe sender (many session threads answer on one pipe)."""
+    """Thread-safe sender that never blocks its callers (many session threads answer).
+
+    Every message goes through one sender thread.  Were the main loop to write to the
+    pipe itself, a full pipe in both directions would deadlock: the master blocked
+    sending us jobs while we block sending it results and, in doing so, stop reading.
+    Here the main loop only ever reads, so the master's sends always complete.
+    What is queued is bounded by the master's prefetch.
+    """
 
     def __init__(self, conn: Connection):
         self.conn = conn
-        self.lock = threading.Lock()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._pump, name="pipe-out", daemon=True)
+        self.thread.start()
 
     def send(self, msg: tuple) -> None:
-        with self.lock:
-            self.conn.send(msg)
+        self.queue.put(msg)
+
+    def _pump(self) -> None:
+        while True:
+            msg = self.queue.get()
+            try:
+                self.conn.send(msg)
+            except (OSError, ValueError):
+                # the master is gone: nobody can publish our results; stop at once
+                os._exit(0)
 
 
 def _make_pool(settings: WorkerSettings) -> Any:
