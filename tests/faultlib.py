@@ -955,6 +955,11 @@ def leak_scan(
 ) -> list[str]:
     """Canaries in the daemon's files and output, in replies, in dead-letter metadata."""
     blobs = files_under(daemon.workdir)
+    # positive control: the config file holds the broker password, the scanner must see it
+    if daemon.config_path.exists() and not scan_canaries(
+        [("config", daemon.config_path.read_bytes())]
+    ):
+        raise AssertionError("canary scanner does not find the broker password in the config")
     blobs = [(n, b) for n, b in blobs if not n.endswith((".sqlite3", ".sqlite3-wal", ".json"))]
     for r in items:
         if r.queue == dlq:
@@ -1226,7 +1231,12 @@ def scenario_meter_faults(lab: Lab, per_fault: int = 3, healthy: int = 12) -> li
             for f in METER_FAULTS
         }
         env = st.enter_context(
-            daemon_env(lab, "meterfaults", {"RequestTimeout": request_timeout, "FrameTimeout": 3})
+            daemon_env(
+                lab,
+                "meterfaults",
+                # frame traces on: the Low password inside the AARQ must still be masked
+                {"RequestTimeout": request_timeout, "FrameTimeout": 3, "Trace": True},
+            )
         )
         groups: dict[str, list[tuple[str, bytes]]] = {}
         for f, sim in sims.items():
@@ -1234,7 +1244,10 @@ def scenario_meter_faults(lab: Lab, per_fault: int = 3, healthy: int = 12) -> li
                 (f"mf{f}-{k}", read_request(f"mf{f}-{k}", sim.port + k)) for k in range(per_fault)
             ]
         groups["healthy"] = [
-            (f"mf-healthy-{k}", read_request(f"mf-healthy-{k}", lab.sim.port + k))
+            (
+                f"mf-healthy-{k}",
+                read_request(f"mf-healthy-{k}", lab.sim.port + k, extra="-t Verbose"),
+            )
             for k in range(healthy)
         ]
         everything = [b for g in groups.values() for b in g]
