@@ -182,3 +182,26 @@ def test_serial_path_through_socat_pty_pair():
     assert r.returncode == 0, r.stdout[-400:]
     assert orjson.loads(r.stdout)["DataRecords"][0]["Unit"] == 30
     assert orjson.loads(serial.stdout)["DataRecords"][0]["Value"] == model.serial_number(0)
+
+
+def test_invocation_counter_survives_a_process_restart(tmp_path):
+    # Given a ciphered meter read by one dlms2amqp-read process with --state-dir
+    gmac = (
+        "-c 48 -a HighGMAC -C AuthenticationEncryption -T 4775727578313233 "
+        "-A D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF -B 000102030405060708090A0B0C0D0E0F"
+    )
+    state = str(tmp_path)
+    with running_simulator(1) as s:
+        conn = f"-h 127.0.0.1 -p {s.port} -i WRAPPER {gmac}"
+        first = run(conn, "1.0.1.8.0.255", "--state-dir", state)
+        marks = [
+            int(p.read_text())
+            for p in (tmp_path / "counters").iterdir()
+            if p.is_file() and not p.name.startswith(".")
+        ]
+        # When a new process reads again (a restart)
+        second = run(conn, "1.0.1.8.0.255", "--state-dir", state)
+        seen = run(f"-h 127.0.0.1 -p {s.port} -i WRAPPER -c 16", "0.0.43.1.0.255")
+    # Then it continued above the persisted mark instead of resending old counters
+    assert first.returncode == 0 and second.returncode == 0, second.stdout
+    assert int(orjson.loads(seen.stdout)["DataRecords"][0]["Value"]) > max(marks)
