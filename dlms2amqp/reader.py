@@ -66,11 +66,15 @@ _stores_lock = threading.Lock()
 def _counter_store(state_dir: Optional[Path]) -> Optional[CounterStore]:
     if state_dir is None:
         return None
+    store = _stores.get(state_dir)  # hot path: no path resolution per request
+    if store is not None:
+        return store
     key = str(Path(state_dir).resolve())
     with _stores_lock:
         store = _stores.get(key)
         if store is None:
             store = _stores[key] = CounterStore(Path(state_dir))
+        _stores[state_dir] = store
         return store
 
 
