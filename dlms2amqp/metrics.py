@@ -30,7 +30,7 @@ class Metrics:
         )
         self.request_duration = Histogram(
             p + "request_duration_seconds",
-            "Time from delivery to reply confirmed",
+            "Time from delivery to the reply being published",
             buckets=_BUCKETS,
             registry=r,
         )

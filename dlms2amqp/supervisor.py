@@ -139,6 +139,10 @@ class Supervisor:
                 self.log.info("log_reopened")
             elif not self.stopping:
                 self.begin_stop(signal.Signals(sig).name)
+            else:
+                # a second TERM/INT: do not wait for the grace period, requeue what is left
+                self.log.warning("stop_now", signal=signal.Signals(sig).name)
+                self.stop_deadline = 0.0
 
     # --- workers -------------------------------------------------------------------------
     def _settings(self, index: int) -> WorkerSettings:

@@ -321,3 +321,25 @@ def test_frozen_worker_is_replaced_and_its_request_answered(
         after = d.children()
         assert len(after) == 1 and pid not in after
         assert d.metric("dlms2amqp_worker_restarts_total", 'reason="silent"') == 1
+
+
+def test_second_sigterm_stops_at_once_and_requeues(run_daemon: Any, broker: Broker) -> None:
+    n = 6
+    with running_simulator(n, "--latency", "1000") as sim:
+        d: Daemon = run_daemon(ShutdownGrace=120.0, Workers=1, SessionsPerWorker=2, Prefetch=n)
+        inq, outq = d.cfg["InQueue"], d.cfg["OutQueue"]
+        publish_all(broker, inq, [request(f"q{k}", sim.port + k) for k in range(n)])
+        deadline = time.monotonic() + 30
+        while d.metric("dlms2amqp_requests_in_flight") < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # When an operator presses ^C twice
+        d.signal(signal.SIGINT)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        d.signal(signal.SIGINT)
+        assert d.proc is not None
+        # Then the daemon does not wait for the 120 s grace period, and nothing is lost
+        assert d.proc.wait(30) == 0
+        assert time.monotonic() - t0 < 20
+        done, left = broker.count(outq) or 0, broker.count(inq) or 0
+        assert done + left == n and left > 0, (done, left)
