@@ -825,10 +825,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help=f"read register {REGISTER_OBIS} instead of the load profile",
     )
     p.add_argument("--workers", type=int, default=2, help="daemon Workers (default 2)")
-    # 80 x 2 / 160: more in flight deadlocks the daemon as of this writing (a worker pipe
-    # fills both ways); --latency-sessions 256 --latency-prefetch 1024 tries 512 sessions.
-    p.add_argument("--sessions", type=int, default=80, help="daemon SessionsPerWorker")
-    p.add_argument("--prefetch", type=int, default=160, help="daemon Prefetch")
+    # 2 x 256 sessions: the "512 sessions in flight" of the targets
+    p.add_argument("--sessions", type=int, default=256, help="daemon SessionsPerWorker")
+    p.add_argument("--prefetch", type=int, default=1024, help="daemon Prefetch")
     p.add_argument(
         "--idle-timeout",
         type=float,
