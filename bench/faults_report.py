@@ -23,8 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests import faultlib  # noqa: E402
 from tests.faultlib import SCENARIOS, Lab, format_table  # noqa: E402
 
-EXTRA = ("meter faults", "bad-request corpus", "flood 100k", "poison", "cipher", "broker TLS")
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -62,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(
                 faultlib.scenario_flood(lab, total=args.flood_total, seconds=args.flood_seconds)
             )
+        for qt in ("classic", "quorum"):
+            if wanted(f"delivery limit ({qt})"):
+                results.append(faultlib.scenario_delivery_limit(lab, qt))
         if wanted("poison"):
             results.append(faultlib.scenario_poison_worker_crash(lab))
         if wanted("cipher"):

@@ -1831,3 +1831,75 @@ def scenario_poison_worker_crash(lab: Lab, others: int = 10) -> Result:
     lab.rows.append(res.row)
     ROWS.append(res.row)
     return res
+
+
+def scenario_delivery_limit(lab: Lab, queue_type: str = "classic", limit: int = 2) -> Result:
+    """A request that is never answered because the daemon dies during it, again and again.
+
+    The meter never answers (``--silent``), the master is killed with SIGKILL while the
+    session waits, and restarted.  After ``DeliveryLimit`` deliveries the request must be
+    dead-lettered with a reason instead of looping forever.
+    """
+    from tests.helpers_sim import running_simulator
+
+    name = f"delivery limit {limit} ({queue_type})"
+    res = Result(Row(name, sent=1))
+    cycles = 0
+    with contextlib.ExitStack() as st:
+        sim = st.enter_context(running_simulator(1, "--silent", "-P", CANARY_PASSWORD))
+        proxy = TcpProxy([sim.port], count_dlms=True)
+        st.callback(proxy.close)
+        env = st.enter_context(
+            daemon_env(
+                lab,
+                f"dlimit-{queue_type}",
+                {
+                    "QueueType": queue_type,
+                    "DeliveryLimit": limit,
+                    "RequestTimeout": 120,
+                    "FrameTimeout": 100,
+                },
+            )
+        )
+        mid = f"dlimit-{queue_type}"
+        lab.client.publish(env.in_q, [(mid, read_request(mid, proxy.port_of[sim.port]))])
+        t0 = time.monotonic()
+        marks: list[float] = []
+        while cycles < limit + 3:
+            marks.append(round(time.monotonic() - t0, 1))
+            # wait until delivery number cycles+1 is inside its meter session (or answered);
+            # counted from the start, because the restarted daemon may connect very quickly
+            wait_for(
+                lambda n=cycles: proxy.stats[sim.port].connections > n or env.collector.snapshot(),
+                30,
+            )
+            if env.collector.snapshot():
+                break
+            time.sleep(0.5)
+            env.daemon.kill9()
+            cycles += 1
+            env.daemon.start()
+            env.daemon.wait_consuming(lab.client, env.in_q)
+        env.collector.wait_ids({mid}, 30)
+        marks.append(round(time.monotonic() - t0, 1))
+        time.sleep(0.5)
+        items = env.collector.snapshot()
+        res.leaks = leak_scan(env.daemon, items, env.dlq)
+    marks.append(round(time.monotonic() - t0, 1))
+    res.row = judge(name, [mid], items, {env.out_q}, env.dlq)
+    dead = [r for r in items if r.queue == env.dlq]
+    reason = dead_letter_reason(dead[0]) if dead else ""
+    res.evidence = {"kill_cycles": cycles, "meter_sessions": proxy.stats[sim.port].connections}
+    res.evidence["cycle_starts_s"] = marks
+    res.evidence["reason"] = reason[:120]
+    if not dead:
+        res.problems.append(
+            f"not dead-lettered after {cycles} kill cycles (DeliveryLimit {limit}); got "
+            f"{[reply_dict(r).get('Error') for r in items][:3]}"
+        )
+    if cycles > limit + 1:
+        res.problems.append(f"{cycles} deliveries for DeliveryLimit {limit}")
+    res.row.notes = f"{cycles} kill -9 cycles; reason: {reason[:70]}"
+    lab.rows.append(res.row)
+    ROWS.append(res.row)
+    return res

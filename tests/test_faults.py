@@ -106,3 +106,10 @@ def test_existing_queue_with_other_arguments_is_a_clear_error(lab: Lab) -> None:
 
 def test_poison_request_that_kills_its_worker(lab: Lab) -> None:
     _check(faultlib.scenario_poison_worker_crash(lab), allow_repeats=True)
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_delivery_limit_dead_letters_a_request_that_never_completes(
+    lab: Lab, queue_type: str
+) -> None:
+    _check(faultlib.scenario_delivery_limit(lab, queue_type), allow_repeats=True)
