@@ -8,7 +8,9 @@ many times a request was dispatched, which catches poison requests on classic qu
 (they have no ``x-delivery-count``).
 
 SQLite in WAL mode: one file, atomic writes, crash-safe, in the standard library.
-Only the master process touches it, from one thread.
+Only the master process touches it, from one thread.  Bodies are stored zlib-compressed
+(level 1): a one-day load profile reply shrinks about 15 times, which makes the write
+cheaper than the compression.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +29,7 @@ CREATE TABLE IF NOT EXISTS replies (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     key TEXT UNIQUE NOT NULL,
     reply_id TEXT NOT NULL,
-    body BLOB NOT NULL,
+    body BLOB NOT NULL,  -- zlib-compressed
     ts REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS attempts (
@@ -68,20 +71,30 @@ class ReplyStore:
         if not self.capacity:
             return None
         row = self._db.execute("SELECT reply_id, body FROM replies WHERE key=?", (key,)).fetchone()
-        return (row[0], bytes(row[1])) if row else None
+        return (row[0], zlib.decompress(row[1])) if row else None
 
     def put(self, key: str, reply_id: str, body: bytes) -> tuple[str, bytes]:
         """Store a reply unless one exists; returns the reply to publish (the first one)."""
         if not self.capacity:
             return reply_id, body
-        existing = self.get(key)
-        if existing:
-            return existing
-        self._db.execute(
-            "INSERT INTO replies(key, reply_id, body, ts) VALUES (?,?,?,?)",
-            (key, reply_id, body, time.time()),
-        )
-        self._db.execute("DELETE FROM attempts WHERE key=?", (key,))
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO replies(key, reply_id, body, ts) VALUES (?,?,?,?)",
+                (key, reply_id, zlib.compress(body, 1), time.time()),
+            )
+            inserted = cur.rowcount == 1
+            if inserted:
+                db.execute("DELETE FROM attempts WHERE key=?", (key,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if not inserted:
+            existing = self.get(key)
+            if existing:
+                return existing
         self._writes += 1
         if self._writes % 1000 == 0:
             self.prune()
@@ -97,12 +110,11 @@ class ReplyStore:
 
     def count_attempt(self, key: str) -> int:
         """Record one more dispatch of a request; returns how many there have been."""
-        self._db.execute(
+        row = self._db.execute(
             "INSERT INTO attempts(key, n, ts) VALUES (?, 1, ?) "
-            "ON CONFLICT(key) DO UPDATE SET n = n + 1, ts = excluded.ts",
+            "ON CONFLICT(key) DO UPDATE SET n = n + 1, ts = excluded.ts RETURNING n",
             (key, time.time()),
-        )
-        row = self._db.execute("SELECT n FROM attempts WHERE key=?", (key,)).fetchone()
+        ).fetchone()
         return int(row[0])
 
     def forget_attempts(self, key: str) -> None:

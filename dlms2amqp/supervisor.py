@@ -8,7 +8,9 @@ thread, on one pika IOLoop: the broker connection (SelectConnection), the worker
 stop).  We chose this over a BlockingConnection plus a result thread handing results over
 with ``add_callback_threadsafe``: one thread owning all master state needs no locks, a
 worker result wakes the loop at once, and publisher confirms are pipelined (a blocking
-publish that waits for its own confirm managed ~580 replies/s here).  Signal handlers
+publish that waits for its own confirm managed ~580 replies/s here).  The only other
+threads are one sender per worker, which write queued messages to that worker's pipe (a
+pipe write blocks while the worker is busy) and touch no other state.  Signal handlers
 only queue the signal; the tick handles it (gunicorn style).
 """
 
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import signal
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -86,6 +90,23 @@ class WorkerHandle:
     kill_reason: Optional[str] = None
     pool_hits: float = 0.0
     pool_idle: float = 0.0
+    outbox: Any = None  # queue.SimpleQueue of messages for the sender thread
+
+
+def _sender(conn: Connection, outbox: Any) -> None:
+    """Write messages to one worker's pipe.
+
+    A pipe write blocks while the worker (busy with its session threads) has not read the
+    previous ones; doing it here keeps the event loop free.  Ends on None or a dead pipe.
+    """
+    while True:
+        msg = outbox.get()
+        if msg is None:
+            return
+        try:
+            conn.send(msg)
+        except (OSError, ValueError):
+            return  # dead worker: supervise() replaces it and re-sends its jobs
 
 
 class Supervisor:
@@ -172,6 +193,10 @@ class Supervisor:
         child.close()
         now = time.monotonic()
         w = WorkerHandle(index, proc, parent, born=now, last_seen=now)
+        w.outbox = queue.SimpleQueue()
+        threading.Thread(
+            target=_sender, args=(parent, w.outbox), name=f"to-worker{index}", daemon=True
+        ).start()
         if index < len(self.workers):
             self.workers[index] = w
         else:
@@ -182,12 +207,9 @@ class Supervisor:
         self.log.info("worker_started", worker=index, pid=proc.pid)
         return w
 
-    def _send(self, w: WorkerHandle, msg: tuple) -> bool:
-        try:
-            w.conn.send(msg)
-            return True
-        except (OSError, ValueError):
-            return False  # dead worker: supervise() handles it
+    def _send(self, w: WorkerHandle, msg: tuple) -> None:
+        """Queue a message for the worker (never blocks the event loop)."""
+        w.outbox.put(msg)
 
     def kill(self, w: WorkerHandle, reason: str) -> None:
         if w.kill_reason is None:
@@ -254,6 +276,7 @@ class Supervisor:
                 self.log.warning("request_retried", msg_id=job.msg_id, endpoint=job.endpoint)
 
     def _close_pipe(self, w: WorkerHandle) -> None:
+        w.outbox.put(None)
         if not w.conn.closed:
             try:
                 self.ioloop.remove_handler(w.conn.fileno())
