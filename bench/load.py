@@ -437,6 +437,7 @@ def run_daemon_scenario(
         st.cpu_s[g] = cpu1[g] - cpu0[g]
         st.cpu_ms_per_read[g] = 1000.0 * st.cpu_s[g] / done if done else None
         st.peak_rss_mb[g] = peaks[g] / MB
+    st.config["loadavg1"] = round(os.getloadavg()[0], 2)
     report_line(st)
     return st
 
@@ -736,7 +737,9 @@ def markdown(runs: dict[str, RunStats], targets: list[dict], rat: dict, meta: di
         f"# Load benchmark {meta['started']}",
         "",
         f"`{meta['command']}` on {meta['host']} ({meta['cpus']} CPUs); "
-        f"read {meta['obis']} over {meta['interface']}{days}.",
+        f"read {meta['obis']} over {meta['interface']}{days}. The machine is shared: "
+        f"load average {meta['loadavg_start']} at start, {meta['loadavg_end']} at the end "
+        "(per run under Configurations).",
         "",
         "| run | requests | ok | notok | wrong | lost | wall s | reads/s | "
         "p50/p95/p99 s | daemon ms/read | sim ms/read | rabbit ms/read | "
@@ -913,6 +916,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "command": "bench/load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "host": os.uname().nodename,
         "cpus": os.cpu_count(),
+        "loadavg_start": round(os.getloadavg()[0], 2),
         "obis": spec.obis,
         "interface": spec.interface,
         "days": None if args.registers else args.days,
@@ -1010,6 +1014,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    meta["loadavg_end"] = round(os.getloadavg()[0], 2)
     targets = evaluate_targets(runs, args)
     rat = ratios(runs)
     args.results_dir.mkdir(parents=True, exist_ok=True)
