@@ -135,7 +135,7 @@ _CPUS = os.cpu_count() or 1
 #: Every configuration key, in the order of the example file.  The seed's keys come first.
 KEYS: tuple[Key, ...] = (
     Key("HostName", "127.0.0.1", _nonempty, "host name or IP address of the RabbitMQ server"),
-    Key("Port", 5672, _int_range(1, 65535), "port of the RabbitMQ server (5671 for TLS)"),
+    Key("Port", 5672, _int_range(1, 65535), "port of the RabbitMQ server (default 5671 with Tls)"),
     Key("VirtualHost", "/", _nonempty, "virtual host on the RabbitMQ server"),
     Key("UserName", "guest", _nonempty, "user name on the RabbitMQ server"),
     Key(
@@ -306,6 +306,8 @@ def build_config(raw: dict[str, Any], path: Optional[Path] = None) -> Config:
                 raise ConfigError(f"Configuration key {key.name}{_where(path)} {e}") from None
         else:
             values[key.name] = key.default
+    if values["Tls"] and "Port" not in raw:
+        values["Port"] = 5671  # the amqps port, unless the file says otherwise
     for name in ("DeadLetterExchange", "DeadLetterQueue"):
         if values[name] and len(values[name].encode()) > 255:
             raise ConfigError(f"Configuration key {name}{_where(path)} must be at most 255 bytes")

@@ -128,3 +128,9 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert r.returncode == 78
     assert "Prefetch" in r.stderr and str(bad) in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_tls_defaults_to_amqps_port(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, '{"Tls": true}')).Port == 5671
+    assert load_config(write(tmp_path, '{"Tls": true, "Port": 15671}')).Port == 15671
+    assert load_config(write(tmp_path, "{}")).Port == 5672
