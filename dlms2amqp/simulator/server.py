@@ -22,7 +22,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Union, cast
 
 from dlms2amqp.simulator import axdr_enc as ax
 from dlms2amqp.simulator import cosem, framing, model
@@ -659,7 +659,7 @@ class Server:
     def close(self) -> None:
         for key in list(self.sel.get_map().values()):
             try:
-                key.fileobj.close()
+                cast(socket.socket, key.fileobj).close()
             except OSError:
                 pass
         self.sel.close()
@@ -729,17 +729,20 @@ class Server:
             return
         link = conn.link
         for fr in frames:
-            if conn.reset and conn.session.associated and (link is None or fr.control & 1 == 0):
+            is_info = isinstance(fr, framing.WrapperFrame) or fr.control & 1 == 0
+            if conn.reset and conn.session.associated and is_info:
                 # mid-session: the first data request after the association
                 self._reset_conn(conn)
                 return
             if conn.garbage:
                 self._send(conn, os.urandom(7) + b"\x7e\x00\xff garbage")
                 continue
-            if link is None:
+            if isinstance(fr, framing.WrapperFrame):
                 reply = self._handle(conn, fr.source, fr.apdu)
                 if reply is not None:
                     self._send(conn, framing.wrapper_encode(fr.destination, fr.source, reply))
+                continue
+            if link is None:  # an HDLC frame on a wrapper port cannot be decoded; be safe
                 continue
             out, delivered = link.on_frame(fr)
             if link.disconnected:

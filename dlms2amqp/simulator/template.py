@@ -841,9 +841,11 @@ def build_device(template: Template, password: Optional[bytes] = None) -> cosem.
     for a in template.associations:
         secret = b""
         if a.mechanism_id == cosem.MECH_LOW:
-            secret = (
-                password if password is not None else bytes(a.secret.reveal()) if a.secret else b""
-            )
+            if password is not None:
+                secret = password
+            elif a.secret:
+                raw = a.secret.reveal()
+                secret = raw.encode() if isinstance(raw, str) else bytes(raw)
         associations.append(cosem.Association(a.client_sap, a.mechanism_id, secret=secret))
     if not associations:
         raise TemplateError(
