@@ -817,7 +817,7 @@ def worker_pids(daemon: Daemon) -> list[int]:
 class Lab:
     """A private broker node, a latency simulator and helpers to run one fault scenario."""
 
-    def __init__(self, workdir: Path, meters: int = 60, latency_ms: int = 300, tls: bool = False):
+    def __init__(self, workdir: Path, meters: int = 40, latency_ms: int = 300, tls: bool = False):
         from tests.brokernode import BrokerNode
 
         self.workdir = workdir
@@ -1158,6 +1158,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "kill -9 worker": {"fault": fault_kill_worker, "allow_repeats": True},
     "kill -9 master + restart": {"fault": fault_kill_master, "allow_repeats": True},
     "SIGTERM + restart": {"fault": fault_sigterm},
+    "SIGTERM, 2 s grace + restart": {
+        "fault": fault_sigterm,
+        "allow_repeats": True,  # a session cut at the end of the grace period is read again
+        "config": {"ShutdownGrace": 2},
+    },
     "memory alarm (blocked publishers)": {
         "fault": fault_memory_alarm,
         "config": {"BlockedConnectionTimeout": 5},
@@ -1636,7 +1641,7 @@ def scenario_tls(lab: Lab, requests: int = 5) -> Result:
         wrong = make_test_pki(lab.workdir / f"{uid}-wrongca")
         bad = Daemon(lab.workdir / f"{uid}-wrong", {**base, **tls_cfg, "TlsCaFile": str(wrong.ca)})
         bad.start()
-        time.sleep(8)
+        time.sleep(5)
         never_declared = client.queue_depth(in_q) is None
         refused = never_declared and (bad.alive() or bad.proc.returncode != 0)
         bad_out = bad.output() + bad.log_text()

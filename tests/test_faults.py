@@ -84,7 +84,7 @@ def test_bad_request_corpus(lab: Lab) -> None:
 
 
 def test_flood(lab: Lab) -> None:
-    _check(faultlib.scenario_flood(lab, seconds=40.0))
+    _check(faultlib.scenario_flood(lab, seconds=25.0))
 
 
 def test_broker_tls(lab: Lab, tmp_path: Path) -> None:
