@@ -200,6 +200,10 @@ def _serial(s: ConnSettings, value: str) -> None:
         s.stop_bits = m.group("stop")
 
 
+#: options whose values are secrets (never echoed, nor what follows them on error)
+SECRET_OPTIONS = frozenset("PABD")
+
+
 def tokenize(text: str) -> list:
     """Split like a shell, with quotes, but keep backslashes (Windows paths)."""
     lexer = shlex.shlex(text, posix=True)
@@ -220,6 +224,7 @@ def parse_connection_string(text: str) -> ConnSettings:
     s = ConnSettings()
     i = 0
     seen_s = False
+    secret_seen = False
     while i < len(tokens):
         tok = tokens[i]
         i += 1
@@ -241,12 +246,28 @@ def parse_connection_string(text: str) -> ConnSettings:
             s.auto_increase_invoke_id = True
             continue
         if len(opt) != 1 or opt not in "hpSaPcsnlrtgCVKvoTMABDFdGimWwfL":
-            raise ConnectionStringError(f"unknown option {tok[:20]!r} in ConnectionString")
+            shown = (
+                " (not shown: it follows a password or key)" if secret_seen else (f" {tok[:20]!r}")
+            )
+            raise ConnectionStringError(
+                f"unknown option{shown} in ConnectionString; values with spaces need quotes"
+            )
         if i >= len(tokens):
             raise ConnectionStringError(f"option -{opt} needs a value")
         value = tokens[i]
         i += 1
-        _apply(s, opt, value, seen_s)
+        try:
+            _apply(s, opt, value, seen_s)
+        except ConnectionStringError:
+            if not secret_seen or opt in SECRET_OPTIONS:
+                raise
+            # the value may be the second word of an unquoted password: never echo it
+            raise ConnectionStringError(
+                f"option -{opt}: invalid value (not shown: it follows a password or key; "
+                'values with spaces need quotes, -P "a b")'
+            ) from None
+        if opt in SECRET_OPTIONS:
+            secret_seen = True
         if opt == "s":
             seen_s = True
     _check(s)

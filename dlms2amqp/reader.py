@@ -112,21 +112,33 @@ def guess_class(obis: str) -> int:
     return REGISTER
 
 
-def make_tracer(settings: ConnSettings, sink: Optional[Callable[[str], None]]) -> Callable:
-    """Frame printer that masks the password, the keys and the AARQ's authentication value."""
-    secrets = []
-    for value in (settings.password, settings.authentication_key, settings.block_cipher_key,
-                  settings.dedicated_key):  # fmt: skip
-        if value:
-            raw = value.reveal()
-            secrets.append(raw.encode() if isinstance(raw, str) else raw)
-    out = sink or (lambda line: print(line, file=sys.stderr, flush=True))
+class FrameTracer:
+    """Frame printer that masks the password, the keys and the AARQ's authentication value.
 
-    def trace(direction: str, data: bytes) -> None:
+    A Low password travels in clear inside the AARQ, and an AARQ may be split over several
+    HDLC frames, so a pattern search per frame cannot be trusted to find all of it.  While
+    the session sends its AARQ (``masking``), every TX byte after the first four is
+    masked; the other frames are shown with the known secrets and any
+    calling-authentication-value masked.
+    """
+
+    def __init__(self, settings: ConnSettings, sink: Optional[Callable[[str], None]]):
+        self.secrets = []
+        for value in (settings.password, settings.authentication_key,
+                      settings.block_cipher_key, settings.dedicated_key):  # fmt: skip
+            if value:
+                raw = value.reveal()
+                self.secrets.append(raw.encode() if isinstance(raw, str) else raw)
+        self.out = sink or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.masking = False
+
+    def __call__(self, direction: str, data: bytes) -> None:
         data = bytes(data)
         hexes = [f"{b:02X}" for b in data]
         spans = []
-        for secret in secrets if direction == "TX" else ():
+        if direction == "TX" and self.masking:
+            spans.append((4, len(data)))
+        for secret in self.secrets if direction == "TX" else ():
             start = data.find(secret)
             while start >= 0:
                 spans.append((start, start + len(secret)))
@@ -138,9 +150,11 @@ def make_tracer(settings: ConnSettings, sink: Optional[Callable[[str], None]]) -
         for start, end in spans:
             for i in range(start, min(end, len(hexes))):
                 hexes[i] = "**"
-        out(f"{direction} {' '.join(hexes)}")
+        self.out(f"{direction} {' '.join(hexes)}")
 
-    return trace
+
+def make_tracer(settings: ConnSettings, sink: Optional[Callable[[str], None]]) -> FrameTracer:
+    return FrameTracer(settings, sink)
 
 
 def _run(request: ReadRequest, options: ReaderOptions, pool: Optional[SessionPool]) -> list:

@@ -338,7 +338,15 @@ class MeterSession:
             reply = self._request(client.snrmRequest(), "HDLC connection (SNRM)", raw=False)
             self._parse("HDLC connection (SNRM)", client.parseUAResponse, reply.data)
             self.linked = True
-        reply = self._request(client.aarqRequest(), "association", raw=False)
+        # the AARQ may carry a password in clear, maybe over several frames: mask it all
+        masking = hasattr(self.trace, "masking")
+        if masking:
+            self.trace.masking = True  # type: ignore[union-attr]
+        try:
+            reply = self._request(client.aarqRequest(), "association", raw=False)
+        finally:
+            if masking:
+                self.trace.masking = False  # type: ignore[union-attr]
         self._parse("association", client.parseAareResponse, reply.data)
         self.associated = True
         if client.getIsAuthenticationRequired():

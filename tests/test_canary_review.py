@@ -2,8 +2,8 @@
 """Canary tests from the independent review: secrets must not leak through paths the
 other suites do not cover (frame traces split over HDLC frames, connection-string errors).
 
-Tests marked ``xfail(strict=True)`` prove a leak that is still open; they turn into
-failures (XPASS) once the fix lands, so the marker must then be removed.
+Each test first proved a leak (the AARQ split over HDLC frames, words after an
+unquoted password echoed in errors); both are fixed and the tests guard the fixes.
 """
 
 from __future__ import annotations
@@ -56,11 +56,6 @@ def test_trace_masks_password_in_one_frame() -> None:
     assert _leaks(res.stdout + res.stderr, LONG_PW.encode()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 1: reader.make_tracer masks the password only when the whole "
-    "AARQ sits in one frame; with -f 32 its tail is printed in clear in the next frame",
-)
 def test_trace_masks_password_split_over_hdlc_frames() -> None:
     with running_simulator(1, "-P", LONG_PW, interface="HDLC") as sim:
         res = _read(sim.port, LONG_PW, "-f 32")
@@ -99,11 +94,6 @@ def test_connstring_error_hides_unquoted_secret_words(text: str) -> None:
     assert "CANARY" not in repr(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 2: connstring echoes the token after an unquoted password "
-    "when it starts with '-' (unknown option) or follows another option (-c, -d, -i ...)",
-)
 @pytest.mark.parametrize(
     "text",
     [
