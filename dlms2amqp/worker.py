@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import os
 import queue
+import resource
 import signal
 import threading
 import time
@@ -80,13 +81,33 @@ class _PipeOut:
                 os._exit(0)
 
 
+def _open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one; returns the soft limit in force.
+
+    Each pooled association holds a socket: with systemd's default of 1024 a pool of
+    thousands of meters would otherwise end in "Too many open files".
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 65536 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def _make_pool(settings: WorkerSettings) -> Any:
-    """The session layer's pool, or None when pooling is off."""
+    """The session layer's pool (bounded by the open-files limit), or None when off."""
+    limit = _open_files_limit()
     if settings.idle_timeout <= 0:
         return None
     from .pool import SessionPool
 
-    return SessionPool(idle_timeout=settings.idle_timeout)
+    # keep room for the running sessions, the pipe, logs and the state files
+    room = max(0, limit - settings.sessions - 64)
+    return SessionPool(idle_timeout=settings.idle_timeout, max_sessions=min(10000, room))
 
 
 def _pool_stats(pool: Any) -> dict[str, float]:

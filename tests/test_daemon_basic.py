@@ -25,10 +25,6 @@ pytestmark = pytest.mark.integration
 CANARY_PW = "CanaryMeterPw31"
 
 
-def needs_reader() -> None:
-    pytest.importorskip("dlms2amqp.reader", reason="session layer not there yet")
-
-
 def req(msg_id: str, **over: Any) -> bytes:
     r = {
         "MsgID": msg_id,
@@ -55,7 +51,6 @@ def test_bad_config_exits_78_naming_key_and_file(tmp_path: Path, broker: Broker)
 
 
 def test_unknown_cmd_bad_request_and_reply_properties(run_daemon: Any, broker: Broker) -> None:
-    needs_reader()
     d: Daemon = run_daemon()
     inq, outq = d.cfg["InQueue"], d.cfg["OutQueue"]
     # Given an unknown command, a request without ObisCode, and a bad connection string
@@ -87,7 +82,6 @@ def test_unknown_cmd_bad_request_and_reply_properties(run_daemon: Any, broker: B
 
 
 def test_malformed_bodies_dead_lettered_with_reason(run_daemon: Any, broker: Broker) -> None:
-    needs_reader()
     d: Daemon = run_daemon(MaxBodyBytes=4096)
     inq = d.cfg["InQueue"]
     bodies = {
@@ -114,7 +108,6 @@ def test_malformed_bodies_dead_lettered_with_reason(run_daemon: Any, broker: Bro
 def test_reply_to_and_store_answers_repeat_without_new_reply(
     run_daemon: Any, broker: Broker, tmp_path: Path
 ) -> None:
-    needs_reader()
     d: Daemon = run_daemon()
     inq, outq = d.cfg["InQueue"], d.cfg["OutQueue"]
     mine = broker.queue_name("replyto")
@@ -145,7 +138,6 @@ def test_reply_to_and_store_answers_repeat_without_new_reply(
 
 
 def test_reply_to_missing_queue_is_dead_lettered(run_daemon: Any, broker: Broker) -> None:
-    needs_reader()
     d: Daemon = run_daemon()
     inq = d.cfg["InQueue"]
     broker.publish(inq, req("nq", Cmd="X"), reply_to="test.no.such.queue.ever")
@@ -156,7 +148,6 @@ def test_reply_to_missing_queue_is_dead_lettered(run_daemon: Any, broker: Broker
 
 
 def test_sighup_reopens_log(run_daemon: Any, broker: Broker) -> None:
-    needs_reader()
     d: Daemon = run_daemon()
     log = Path(d.cfg["DebugFile"])
     rotated = log.with_suffix(".1")
@@ -178,7 +169,6 @@ def test_sighup_reopens_log(run_daemon: Any, broker: Broker) -> None:
 def test_existing_queue_with_other_arguments_is_a_clear_error(
     tmp_path: Path, broker: Broker
 ) -> None:
-    needs_reader()
     cfg = daemon_config(tmp_path, broker, QueueType="quorum")
     broker.declare(cfg["InQueue"])  # an existing classic queue, as the seed made them
     d = Daemon(write_config(tmp_path, cfg), cfg, broker)
@@ -191,7 +181,6 @@ def test_existing_queue_with_other_arguments_is_a_clear_error(
 
 
 def test_quorum_mode_declares_delivery_limit(run_daemon: Any, broker: Broker) -> None:
-    needs_reader()
     d: Daemon = run_daemon(QueueType="quorum", DeliveryLimit=3)
     r = subprocess.run(
         ["rabbitmqctl", "-q", "list_queues", "name", "arguments"],
@@ -228,7 +217,6 @@ def _close_broker_connections(marker: str) -> int:
 
 
 def test_reconnects_after_connection_closed_by_broker(run_daemon: Any, broker: Broker) -> None:
-    needs_reader()
     d: Daemon = run_daemon(ReconnectMaxDelay=1.0)
     inq, outq = d.cfg["InQueue"], d.cfg["OutQueue"]
     broker.publish(inq, req("before", Cmd="X"))
@@ -249,7 +237,6 @@ def test_reconnects_after_connection_closed_by_broker(run_daemon: Any, broker: B
 def test_poison_request_over_delivery_limit_is_dead_lettered(
     tmp_path: Path, broker: Broker
 ) -> None:
-    needs_reader()
     from dlms2amqp import amqp
     from dlms2amqp.config import build_config
 
@@ -283,7 +270,6 @@ def test_poison_request_over_delivery_limit_is_dead_lettered(
 
 
 def test_overlong_msgid_gets_notok_reply(run_daemon: Any, broker: Broker) -> None:
-    needs_reader()
     d: Daemon = run_daemon()
     broker.publish(d.cfg["InQueue"], req("é" * 200 + "x" * 10000))
     rep = broker.get_all(d.cfg["OutQueue"], 1, timeout=30)

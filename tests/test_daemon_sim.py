@@ -28,7 +28,6 @@ from dlms2amqp.simulator import model
 from .conftest import ROOT, Broker, Daemon
 from .helpers_sim import running_simulator
 
-pytest.importorskip("dlms2amqp.reader", reason="session layer not there yet")
 pytestmark = pytest.mark.integration
 
 ENERGY = "1.0.1.8.0.255"

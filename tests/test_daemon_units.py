@@ -109,3 +109,29 @@ def test_attempt_counter_survives_restart(tmp_path: Path) -> None:
     s.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_worker_pool_is_bounded_by_the_open_files_limit() -> None:
+    import resource
+    import subprocess
+    import sys
+
+    # Given a worker process whose hard open-files limit is 300 (set in a child process,
+    # so this test process keeps its own limits)
+    code = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (200, 300))\n"
+        "from dlms2amqp.worker import WorkerSettings, _make_pool\n"
+        "s = WorkerSettings(index=0, sessions=16, request_timeout=5, frame_timeout=1,\n"
+        "                   idle_timeout=30, state_dir=None, datetime_format='iso',\n"
+        "                   trace=False, debug_file=None, log_level='Info')\n"
+        "pool = _make_pool(s)\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], pool.max_sessions)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    soft, max_sessions = (int(x) for x in out.stdout.split())
+    # Then the soft limit was raised to the hard one, and the pool leaves room for the
+    # running sessions and the process's own files
+    assert soft == 300
+    assert max_sessions == 300 - 16 - 64
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] != 200
