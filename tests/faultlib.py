@@ -635,14 +635,6 @@ def rss_kb(pids: Iterable[int]) -> int:
     return total
 
 
-def daemon_available() -> bool:
-    try:
-        import dlms2amqp.cli.daemon  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not landed yet"
-        return False
-    return True
-
-
 @dataclass
 class Daemon:
     """The real dlms2amqpd in a subprocess, with its own config, state dir and log."""

@@ -20,21 +20,8 @@ from tests.faultlib import SCENARIOS, Lab, Result
 pytestmark = pytest.mark.faults
 
 
-def _daemon_missing() -> str | None:
-    if not faultlib.daemon_available():
-        return "dlms2amqp.cli.daemon not importable"
-    try:
-        import dlms2amqp.reader  # noqa: F401
-    except ImportError:
-        return "session layer (dlms2amqp.reader) not there yet"
-    return None
-
-
 @pytest.fixture(scope="module")
 def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Lab:
-    why = _daemon_missing()
-    if why:
-        pytest.skip(why)
     # print the table at the end of the run even when conftest does not register the plugin
     from tests import faults_plugin
 
