@@ -80,11 +80,15 @@ class SessionPool:
     def close_idle(self) -> int:
         """Release sessions idle for longer than ``idle_timeout``; returns how many."""
         now = time.monotonic()
+        victims = []
         with self._lock:
-            stale = [
-                k for k, (_, s) in self._sessions.items() if now - s.last_used >= self.idle_timeout
-            ]
-            victims = [self._sessions.pop(k)[1] for k in stale]
+            # ``put`` re-inserts at the end, so the dict is ordered by when sessions were
+            # returned: stop at the first one still fresh (O(expired), not O(pool)).
+            for key, (_, session) in self._sessions.items():
+                if now - session.last_used < self.idle_timeout:
+                    break
+                victims.append(key)
+            victims = [self._sessions.pop(k)[1] for k in victims]
             self.expired += len(victims)
         for session in victims:
             session.close()

@@ -347,12 +347,17 @@ def profile_records(rows: list, columns: list, clock_col: Optional[int], fmt: st
     to_dt = axdr.to_datetime
     others = [(j, code) for j, code in enumerate(columns) if j != clock_col]
     width = len(columns)
+    iso = fmt == "iso"
+    iso_from_raw = axdr.iso_from_raw
     for row in rows:
-        dt = None
+        when = ""
         if clock_col is not None and clock_col < len(row):
             stamp = row[clock_col]
-            dt = to_dt(stamp) if isinstance(stamp, bytes) else stamp
-        when = format_datetime(dt, fmt) if isinstance(dt, datetime) else ""
+            if iso and type(stamp) is bytes:
+                when = iso_from_raw(stamp) or ""
+            else:
+                dt = to_dt(stamp) if isinstance(stamp, bytes) else stamp
+                when = format_datetime(dt, fmt) if isinstance(dt, datetime) else ""
         short = len(row) < width
         for j, code in others:
             if short and j >= len(row):

@@ -310,9 +310,9 @@ class Supervisor:
     def _pool_stats(self, w: WorkerHandle, stats: dict[str, float]) -> None:
         """Pool counters of one worker -> the master's metrics (a new worker starts at 0)."""
         hits = stats.get("hits", 0.0)
-        if hits > w.pool_hits:
+        if hits > w.pool_hits:  # stats from several threads may arrive out of order
             self.metrics.pool_hits.inc(hits - w.pool_hits)
-        w.pool_hits = hits
+            w.pool_hits = hits
         w.pool_idle = stats.get("idle", 0.0)
         self.metrics.pool_connections.set(sum(x.pool_idle for x in self.workers))
 

@@ -215,3 +215,27 @@ def test_list_read_normalisation_of_gurux_values(name, hexdata):
     raw = bytes.fromhex(hexdata)
     value = _GXCommon.getData(GXDLMSSettings(False, None), GXByteBuffer(raw), _GXDataInfo())
     assert gurux_to_native(value) == axdr.decode_all(raw)
+
+
+@given(
+    year=st.sampled_from([0, 1, 999, 1999, 2020, 2026, 9999, 0xFFFF]),
+    month=st.integers(0, 14),
+    day=st.integers(0, 33),
+    hour=st.integers(0, 25),
+    minute=st.integers(0, 61),
+    second=st.integers(0, 61),
+    hundredths=st.sampled_from([0, 1, 7, 50, 99, 100, 0xFE, 0xFF]),
+    deviation=st.sampled_from([0, -180, 180, 60, -330, 0x8000 - 0x10000, 720, -720]),
+)
+def test_iso_from_raw_matches_datetime_formatting(
+    year, month, day, hour, minute, second, hundredths, deviation
+) -> None:
+
+    from dlms2amqp.reply import format_datetime
+
+    raw = struct.pack(
+        ">HBBBBBBBhB", year, month, day, 0xFF, hour, minute, second, hundredths, deviation, 0
+    )
+    dt = axdr.to_datetime(raw)
+    expected = format_datetime(dt, "iso") if dt is not None else None
+    assert axdr.iso_from_raw(raw) == expected
