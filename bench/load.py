@@ -173,8 +173,11 @@ def start_simulator(args: argparse.Namespace, tmp: Path, count: int, latency_ms:
     first = loadlib.free_port_range(count)
     argv = shlex.split(args.sim_cmd) + ["-p", str(first), "-N", str(count)]
     argv += ["-i", "HDLC" if args.hdlc else "WRAPPER", "-t", "Error"]
-    if args.sim_procs > 1:
-        argv += ["--procs", str(args.sim_procs)]
+    # 0 = auto: a pooling daemon holds one connection per meter besides its listening
+    # socket, so keep each simulator process at 5,000 meters (10,000+ descriptors)
+    procs = args.sim_procs or -(-count // 5000)
+    if procs > 1:
+        argv += ["--procs", str(procs)]
     if latency_ms:
         argv += ["--latency", str(latency_ms)]
     child = loadlib.start_child("simulator", argv, tmp / f"sim-{first}.log")
@@ -853,7 +856,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=loadlib.venv_bin("dlms2amqpd"),
         help="daemon command (default: dlms2amqpd beside this Python)",
     )
-    p.add_argument("--sim-procs", type=int, default=1, help="simulator --procs")
+    p.add_argument(
+        "--sim-procs", type=int, default=0, help="simulator --procs (0 = one per 5,000 meters)"
+    )
     p.add_argument("--baseline-meters", type=int, default=200)
     p.add_argument(
         "--baseline-latency-meters",

@@ -160,6 +160,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if msg:
         print(f"dlms2amqp-sim: {msg}", file=sys.stderr)
         return EXIT_START
+    # A gateway that pools associations keeps one connection per meter open, besides the
+    # listening socket: take what the hard limit allows up to two descriptors per meter.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    roomy = 2 * per_proc + 256
+    raise_nofile(roomy if hard == resource.RLIM_INFINITY else min(hard, roomy))
     if procs > 1:
         return _run_procs(device, args, opts, procs, per_proc)
     server = Server(device, args.host, args.port, args.count, opts)
