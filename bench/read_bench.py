@@ -64,7 +64,7 @@ class GxNetMedia(Media):
         p.count = 1
         p.waitTime = int(timeout * 1000)
         if not self.net.receive(p):
-            raise MeterTimeoutError(f"timeout while {step}")
+            raise MeterTimeoutError(f"timeout during {step}")
         return bytes(p.reply)
 
     def close(self):

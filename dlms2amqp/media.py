@@ -79,21 +79,21 @@ class TcpMedia(Media):
 
     def recv(self, timeout: float, step: str) -> bytes:
         if timeout <= 0:
-            raise MeterTimeoutError(f"timeout while {step} (request deadline reached)")
+            raise MeterTimeoutError(f"timeout during {step} (request deadline reached)")
         self.sock.settimeout(timeout)
         try:
             chunk = self.sock.recv(65536)
         except socket.timeout as exc:
             raise MeterTimeoutError(
-                f"timeout while {step}: no answer from {self.endpoint} in {timeout:.1f} s"
+                f"timeout during {step}: no answer from {self.endpoint} in {timeout:.1f} s"
             ) from exc
         except OSError as exc:
             raise MeterConnectionError(
-                f"connection to {self.endpoint} lost while {step}: {exc.strerror or exc}"
+                f"connection to {self.endpoint} lost during {step}: {exc.strerror or exc}"
             ) from exc
         if not chunk:
             raise MeterConnectionError(
-                f"the meter at {self.endpoint} closed the connection while {step}"
+                f"the meter at {self.endpoint} closed the connection during {step}"
             )
         if self.trace:
             self.trace("RX", chunk)
@@ -212,11 +212,11 @@ class SerialMedia(Media):
 
     def recv(self, timeout: float, step: str) -> bytes:
         if timeout <= 0:
-            raise MeterTimeoutError(f"timeout while {step} (request deadline reached)")
+            raise MeterTimeoutError(f"timeout during {step} (request deadline reached)")
         r, _, _ = select.select([self.fd], [], [], timeout)
         if not r:
             raise MeterTimeoutError(
-                f"timeout while {step}: no answer on {self.endpoint} in {timeout:.1f} s"
+                f"timeout during {step}: no answer on {self.endpoint} in {timeout:.1f} s"
             )
         try:
             chunk = os.read(self.fd, 65536)
@@ -224,10 +224,10 @@ class SerialMedia(Media):
             return b""
         except OSError as exc:
             raise MeterConnectionError(
-                f"serial port {self.endpoint} failed while {step}: {exc.strerror or exc}"
+                f"serial port {self.endpoint} failed during {step}: {exc.strerror or exc}"
             ) from exc
         if not chunk:
-            raise MeterConnectionError(f"serial port {self.endpoint} was closed while {step}")
+            raise MeterConnectionError(f"serial port {self.endpoint} was closed during {step}")
         if self.trace:
             self.trace("RX", chunk)
         return chunk

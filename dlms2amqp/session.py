@@ -296,7 +296,7 @@ class MeterSession:
     def _remaining(self, step: str) -> float:
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise MeterTimeoutError(f"timeout while {step} (request deadline reached)")
+            raise MeterTimeoutError(f"timeout during {step} (request deadline reached)")
         return left
 
     # --- public API -----------------------------------------------------------------
@@ -560,7 +560,7 @@ class MeterSession:
 
     def _exchange(self, frame, reply: GXReplyData, step: str) -> None:
         if self.media is None:
-            raise MeterConnectionError(f"no connection to the meter while {step}")
+            raise MeterConnectionError(f"no connection to the meter during {step}")
         if self._counter_key is not None:
             self._reserve()
         self.media.send(bytes(frame))
@@ -573,7 +573,7 @@ class MeterSession:
             except MeterTimeoutError as exc:
                 if received:
                     raise MeterProtocolError(
-                        f"the meter's answer is not a valid DLMS frame while {step} "
+                        f"the meter's answer is not a valid DLMS frame during {step} "
                         f"({received} bytes received, no complete frame)"
                     ) from exc
                 raise
@@ -582,13 +582,13 @@ class MeterSession:
             if self.client.getData(buf, reply, None):
                 return
             if buf.size > MAX_REPLY_BYTES:
-                raise MeterProtocolError(f"the meter's answer is too long while {step}")
+                raise MeterProtocolError(f"the meter's answer is too long during {step}")
 
     def _translate(self, exc: Exception, step: str) -> MeterError:
         if isinstance(exc, GXDLMSExceptionResponse):
             if exc.exceptionServiceError == ExceptionServiceError.INVOCATION_COUNTER_ERROR:
                 err = InvocationCounterError(
-                    f"invocation counter rejected by the meter while {step} "
+                    f"invocation counter rejected by the meter during {step} "
                     f"(the meter expects at least {exc.serviceErrorValue}); "
                     "read the meter's counter with -v 0.0.43.1.0.255"
                 )
@@ -596,14 +596,14 @@ class MeterSession:
                     exc.serviceErrorValue if isinstance(exc.serviceErrorValue, int) else None
                 )
                 return err
-            return MeterProtocolError(f"the meter refused the request while {step}: {exc}")
+            return MeterProtocolError(f"the meter refused the request during {step}: {exc}")
         if isinstance(exc, GXDLMSException):
             parts = [p.strip().rstrip(".") for p in str(exc).splitlines() if p.strip()]
             text = ". ".join(parts) + "." if parts else "Association rejected by the meter."
             return AuthenticationError(text)
         if isinstance(exc, GXDLMSConfirmedServiceError):
-            return ObjectError(f"the meter refused the request while {step}: {exc}")
+            return ObjectError(f"the meter refused the request during {step}: {exc}")
         text = str(exc)
         if "authentication" in text.lower() or "invalid password" in text.lower():
-            return AuthenticationError(f"authentication failed while {step}")
-        return MeterProtocolError(f"the meter's answer could not be understood while {step}")
+            return AuthenticationError(f"authentication failed during {step}")
+        return MeterProtocolError(f"the meter's answer could not be understood during {step}")

@@ -59,7 +59,7 @@ def test_silent_meter_times_out_within_deadline(interface):
         took = time.monotonic() - t0
     assert reply["Status"] == "notok"
     step = "HDLC connection (SNRM)" if interface == "HDLC" else "association"
-    assert reply["Error"].startswith(f"timeout while {step}")
+    assert reply["Error"].startswith(f"timeout during {step}")
     assert took < 3.5
 
 
@@ -68,14 +68,14 @@ def test_request_deadline_bounds_the_whole_read():
         t0 = time.monotonic()
         reply = read(sim.port, frame_timeout=5, request_timeout=1)
         assert time.monotonic() - t0 < 2.0
-    assert "timeout while association" in reply["Error"]
+    assert "timeout during association" in reply["Error"]
 
 
 def test_garbage_is_a_protocol_error_or_timeout():
     with running_simulator(1, "--garbage") as sim:
         reply = read(sim.port, frame_timeout=1, request_timeout=5)
     assert reply["Status"] == "notok"
-    assert "is not a valid DLMS frame while association" in reply["Error"]
+    assert "is not a valid DLMS frame during association" in reply["Error"]
     assert "Traceback" not in reply["Error"] and "object at 0x" not in reply["Error"]
 
 
