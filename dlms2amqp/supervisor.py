@@ -139,6 +139,8 @@ class Supervisor:
         self.started_consuming = False
         self.last_supervise = 0.0
         self.last_tick = 0.0
+        self.rx_bytes = -1  # broker bytes received, and when they last changed
+        self.rx_seen_at = 0.0
         self.stopping = False
         self.closing = False
         self.stop_deadline = 0.0
@@ -785,7 +787,9 @@ class Supervisor:
                 self.log.warning("master_stalled", seconds=round(now - self.last_tick, 1))
                 for w in self.workers:
                     w.last_seen = max(w.last_seen, now)
+                self.rx_seen_at = now  # likewise the broker's bytes wait in the socket
             self.last_tick = now
+            self.watch_broker(now)
             if now - self.last_supervise >= SUPERVISE_SECONDS:
                 self.last_supervise = now
                 self.supervise()
@@ -813,6 +817,32 @@ class Supervisor:
             self.log.exception("internal_error", error=type(e).__name__)
         if not self.closing:
             self.ioloop.call_later(TICK_SECONDS, self.tick)
+
+    def watch_broker(self, now: float) -> None:
+        """Drop a connection that has received nothing for 1.5 heartbeats.
+
+        The broker sends a heartbeat every half heartbeat, so a healthy connection is
+        never that quiet.  pika's own check only fires after up to 2 x (heartbeat + 5) s,
+        which leaves replies waiting four times longer after a silent network cut.
+        """
+        conn = self.conn
+        if conn is None or not conn.is_open or self.cfg.Heartbeat <= 0:
+            self.rx_seen_at = now
+            return
+        received = conn.bytes_received
+        if received != self.rx_bytes:
+            self.rx_bytes, self.rx_seen_at = received, now
+            return
+        silent = now - self.rx_seen_at
+        if silent > 1.5 * self.cfg.Heartbeat:
+            self.log.warning("broker_silent", seconds=round(silent, 1))
+            self.rx_seen_at = now
+            # the same path pika takes on its own heartbeat timeout
+            conn._terminate_stream(
+                pika.exceptions.AMQPHeartbeatTimeout(
+                    f"nothing received from the broker for {silent:.0f} s"
+                )
+            )
 
     def run(self) -> int:
         self.install_signals()
