@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dlms2amqp.simulator import axdr_enc as ax  # noqa: E402
-from dlms2amqp.simulator import cosem, model  # noqa: E402
+from dlms2amqp.simulator import cosem, model, ports  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -158,27 +158,6 @@ def client(host: str, port: int, count: int, conns: int, reads: int, day: int, o
         out.send(("error", str(e)))
 
 
-def free_range(host: str, count: int) -> int:
-    """First port of COUNT consecutive free ports below the ephemeral range."""
-    import random
-
-    for _ in range(50):
-        first = random.randint(1025, 32000 - count)
-        socks = []
-        try:
-            for port in range(first, first + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((host, port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise SystemExit(f"no {count} consecutive free ports found")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("-N", "--count", type=int, default=10000)
@@ -189,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     args = p.parse_args(argv)
     if args.port is None:
-        args.port = free_range(args.host, args.count)
+        args.port = ports.free_port_range(args.count, args.host, low=1025, high=32000)
     now = int(time.time())
     day = calendar.timegm(time.gmtime(now - 86400)[:3] + (0, 0, 0, 0, 0, 0))
     cmd = [sys.executable, "-m", "dlms2amqp.cli.sim", "-N", str(args.count), "-p", str(args.port)]

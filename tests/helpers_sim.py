@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -21,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
+
+from dlms2amqp.simulator.ports import free_port_range
 
 SIM_CMD = [sys.executable, "-m", "dlms2amqp.cli.sim"]
 
@@ -37,30 +38,6 @@ class SimInfo:
     @property
     def last_port(self) -> int:
         return self.port + self.count - 1
-
-
-def _range_free(host: str, first: int, count: int) -> bool:
-    socks = []
-    try:
-        for p in range(first, first + count):
-            s = socket.socket()
-            socks.append(s)
-            s.bind((host, p))
-        return True
-    except OSError:
-        return False
-    finally:
-        for s in socks:
-            s.close()
-
-
-def free_port_range(count: int, host: str = "127.0.0.1") -> int:
-    """First port of ``count`` consecutive ports that are free now (below the ephemeral range)."""
-    for _ in range(200):
-        first = random.randint(20000, 31000 - count)
-        if _range_free(host, first, count):
-            return first
-    raise RuntimeError(f"no {count} consecutive free ports found")
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import signal
 import socket
@@ -28,7 +27,7 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dlms2amqp.simulator import model  # noqa: E402
+from dlms2amqp.simulator import model, ports  # noqa: E402
 
 PY = sys.executable
 DAY = 86400
@@ -41,21 +40,10 @@ def free_port() -> int:
 
 
 def free_port_range(count: int) -> int:
-    for _ in range(200):
-        first = random.randint(20000, 31000 - count)
-        socks = []
-        try:
-            for p in range(first, first + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise SystemExit("demo: no free port range for the simulator")
+    try:
+        return ports.free_port_range(count)
+    except RuntimeError as e:
+        raise SystemExit(f"demo: {e}") from None
 
 
 def start_simulator(count: int, tmp: Path) -> tuple[subprocess.Popen, int]:
