@@ -40,6 +40,31 @@ from ..errors import ConfigError
 from ..secret import Secret
 from . import axdr_enc as ax
 from . import cosem
+from .axdr_enc import (  # DLMS data type numbers (Blue Book / Gurux DataType)
+    ARRAY,
+    BCD,
+    BIT_STRING,
+    BOOLEAN,
+    DATE,
+    DATETIME,
+    ENUM,
+    FLOAT32,
+    FLOAT64,
+    INT8,
+    INT16,
+    INT32,
+    INT64,
+    NULL,
+    OCTET_STRING,
+    STRUCTURE,
+    TIME,
+    UINT8,
+    UINT16,
+    UINT32,
+    UINT64,
+)
+from .axdr_enc import UTF8_STRING as STRING_UTF8
+from .axdr_enc import VISIBLE_STRING as STRING
 from .cosem import OTHER_REASON, DataAccessError
 
 __all__ = [
@@ -58,32 +83,6 @@ __all__ = [
 #: A typed DLMS value: (data type number, Python value).  Arrays and structures
 #: hold a list of DlmsValue; octet strings, date-times, dates and times hold bytes.
 DlmsValue = tuple[int, Any]
-
-# DLMS data type numbers (Blue Book / Gurux DataType)
-NULL = 0
-ARRAY = 1
-STRUCTURE = 2
-BOOLEAN = 3
-BIT_STRING = 4
-INT32 = 5
-UINT32 = 6
-OCTET_STRING = 9
-STRING = 10
-STRING_UTF8 = 12
-BCD = 13
-INT8 = 15
-INT16 = 16
-UINT8 = 17
-UINT16 = 18
-COMPACT_ARRAY = 19
-INT64 = 20
-UINT64 = 21
-ENUM = 22
-FLOAT32 = 23
-FLOAT64 = 24
-DATETIME = 25
-DATE = 26
-TIME = 27
 
 _INT_RANGES = {
     INT8: (-(1 << 7), (1 << 7) - 1),
