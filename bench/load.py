@@ -412,24 +412,7 @@ def run_daemon_scenario(
     for mid, (t, body) in replies.items():
         st.latencies.append(t - sent_at.get(mid, first))
         st.reply_times.append(t - first)
-        try:
-            reply = json.loads(body)
-        except ValueError:
-            st.wrong += 1
-            st.wrong_examples.append(f"{mid}: reply is not JSON")
-            continue
-        if reply.get("Status") != "ok":
-            st.notok += 1
-            if len(st.notok_examples) < 5:
-                st.notok_examples.append(f"{mid}: {reply.get('Error')}")
-            continue
-        why = oracle.check(meter_of.get(mid, -1), reply)
-        if why is None:
-            st.ok += 1
-        else:
-            st.wrong += 1
-            if len(st.wrong_examples) < 5:
-                st.wrong_examples.append(f"{mid}: {why}")
+        grade(st, oracle, mid, meter_of.get(mid, -1), body)
     st.lost = sum(1 for mid, _ in messages if mid not in replies)
     done = len(replies)
     st.reads_per_s = done / st.wall_s if st.wall_s > 0 else 0.0
@@ -443,6 +426,28 @@ def run_daemon_scenario(
     st.config["loadavg1"] = round(os.getloadavg()[0], 2)
     report_line(st)
     return st
+
+
+def grade(st: RunStats, oracle: Oracle, mid: str, meter: int, body: bytes) -> None:
+    """Count one reply as ok, notok or wrong (checked against the simulator's data model)."""
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        st.wrong += 1
+        st.wrong_examples.append(f"{mid}: reply is not JSON")
+        return
+    if reply.get("Status") != "ok":
+        st.notok += 1
+        if len(st.notok_examples) < 5:
+            st.notok_examples.append(f"{mid}: {reply.get('Error')}")
+        return
+    why = oracle.check(meter, reply)
+    if why is None:
+        st.ok += 1
+    else:
+        st.wrong += 1
+        if len(st.wrong_examples) < 5:
+            st.wrong_examples.append(f"{mid}: {why}")
 
 
 def dead_letter_names(cfg: dict[str, Any]) -> list[str]:
@@ -586,19 +591,7 @@ def run_ceiling(
         for mid, t, body in items:
             t_end = max(t_end, t)
             st.reply_times.append(t - t_start)
-            reply = json.loads(body)
-            if reply.get("Status") != "ok":
-                st.notok += 1
-                if len(st.notok_examples) < 5:
-                    st.notok_examples.append(f"{mid}: {reply.get('Error')}")
-                continue
-            why = oracle.check(int(mid.rsplit("-", 1)[1]), reply)
-            if why is None:
-                st.ok += 1
-            else:
-                st.wrong += 1
-                if len(st.wrong_examples) < 5:
-                    st.wrong_examples.append(f"{mid}: {why}")
+            grade(st, oracle, mid, int(mid.rsplit("-", 1)[1]), body)
     done = st.ok + st.notok + st.wrong
     st.lost = st.requests - done
     st.wall_s = t_end - t_start
