@@ -525,7 +525,7 @@ def _ceiling_proc(jobs: list[tuple[str, bytes]], threads: int, barrier: Any, out
     import resource
     from concurrent.futures import ThreadPoolExecutor
 
-    from dlms2amqp import reader
+    from dlms2amqp.meter import reader
     from dlms2amqp.request import parse_request
 
     reqs = [(mid, parse_request(body)) for mid, body in jobs]

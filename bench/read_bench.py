@@ -26,12 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dlms2amqp import session as session_mod  # noqa: E402
-from dlms2amqp.connstring import parse_connection_string  # noqa: E402
 from dlms2amqp.errors import MeterTimeoutError  # noqa: E402
-from dlms2amqp.media import Media  # noqa: E402
-from dlms2amqp.pool import SessionPool  # noqa: E402
-from dlms2amqp.reader import ReaderOptions, execute  # noqa: E402
+from dlms2amqp.meter import session as session_mod  # noqa: E402
+from dlms2amqp.meter.connstring import parse_connection_string  # noqa: E402
+from dlms2amqp.meter.media import Media  # noqa: E402
+from dlms2amqp.meter.pool import SessionPool  # noqa: E402
+from dlms2amqp.meter.reader import ReaderOptions, execute  # noqa: E402
 from dlms2amqp.reply import format_datetime, ok_reply, value_to_str  # noqa: E402
 from dlms2amqp.request import ReadRequest  # noqa: E402
 from tests.helpers_sim import running_simulator  # noqa: E402

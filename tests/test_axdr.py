@@ -12,8 +12,8 @@ from gurux_dlms.internal._GXDataInfo import _GXDataInfo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dlms2amqp import axdr
 from dlms2amqp.errors import MeterProtocolError
+from dlms2amqp.meter import axdr
 
 
 def gurux_decode(raw: bytes):
@@ -210,7 +210,7 @@ def test_random_axdr_matches_expected_and_gurux(case):
 )
 def test_list_read_normalisation_of_gurux_values(name, hexdata):
     # GET-with-list values are decoded by Gurux, then turned into our natives
-    from dlms2amqp.session import gurux_to_native
+    from dlms2amqp.meter.session import gurux_to_native
 
     raw = bytes.fromhex(hexdata)
     value = _GXCommon.getData(GXDLMSSettings(False, None), GXByteBuffer(raw), _GXDataInfo())

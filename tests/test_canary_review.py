@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from dlms2amqp.connstring import parse_connection_string
 from dlms2amqp.errors import ConnectionStringError
+from dlms2amqp.meter.connstring import parse_connection_string
 from tests.helpers_sim import running_simulator
 
 READ_CMD = [sys.executable, "-m", "dlms2amqp.cli.read"]

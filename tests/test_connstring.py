@@ -3,8 +3,8 @@
 
 import pytest
 
-from dlms2amqp.connstring import parse_connection_string, tokenize
 from dlms2amqp.errors import ConnectionStringError
+from dlms2amqp.meter.connstring import parse_connection_string, tokenize
 from dlms2amqp.secret import Secret
 
 KEY_A = "D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF"

@@ -239,8 +239,8 @@ def test_reconnects_after_connection_closed_by_broker(run_daemon: Any, broker: B
 def test_poison_request_over_delivery_limit_is_dead_lettered(
     tmp_path: Path, broker: Broker
 ) -> None:
-    from dlms2amqp import amqp
     from dlms2amqp.config import build_config
+    from dlms2amqp.daemon import amqp
 
     cfg = daemon_config(tmp_path, broker, QueueType="quorum", DeliveryLimit=2)
     inq = cfg["InQueue"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dlms2amqp import logsetup
-from dlms2amqp.replystore import ReplyStore, request_key
+from dlms2amqp.daemon.replystore import ReplyStore, request_key
 from dlms2amqp.secret import Secret
 
 
@@ -121,7 +121,7 @@ def test_worker_pool_is_bounded_by_the_open_files_limit() -> None:
     code = (
         "import resource\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (200, 300))\n"
-        "from dlms2amqp.worker import WorkerSettings, _make_pool\n"
+        "from dlms2amqp.daemon.worker import WorkerSettings, _make_pool\n"
         "s = WorkerSettings(index=0, sessions=16, request_timeout=5, frame_timeout=1,\n"
         "                   idle_timeout=30, state_dir=None, datetime_format='iso',\n"
         "                   trace=False, debug_file=None, log_level='Info')\n"

@@ -8,8 +8,8 @@ import threading
 import orjson
 import pytest
 
-from dlms2amqp.pool import SessionPool
-from dlms2amqp.reader import ReaderOptions, execute
+from dlms2amqp.meter.pool import SessionPool
+from dlms2amqp.meter.reader import ReaderOptions, execute
 from dlms2amqp.request import parse_request
 from dlms2amqp.simulator import model
 from tests.helpers_sim import running_simulator

@@ -3,7 +3,7 @@
 
 import threading
 
-from dlms2amqp.counters import CounterStore, counter_key
+from dlms2amqp.meter.counters import CounterStore, counter_key
 
 
 def test_reserve_never_lowers_and_survives_reopen(tmp_path):

@@ -21,7 +21,7 @@ import time
 import orjson
 import pytest
 
-from dlms2amqp.reader import ReaderOptions, execute
+from dlms2amqp.meter.reader import ReaderOptions, execute
 from dlms2amqp.request import parse_request
 from dlms2amqp.simulator import model
 from tests.helpers_sim import SIM_CMD

@@ -9,7 +9,7 @@ import pytest
 
 from dlms2amqp.simulator import axdr_enc as ax
 from dlms2amqp.simulator import cosem, framing, model
-from dlms2amqp.simulator.server import Session, SimOptions
+from dlms2amqp.simulator.apdu import Session, SimOptions
 
 
 def test_wrapper_roundtrip_and_split_feed():

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dlms2amqp.simulator import cosem, framing
-from dlms2amqp.simulator.server import Session, SimOptions
+from dlms2amqp.simulator.apdu import Session, SimOptions
 
 DEVICE = cosem.builtin_device()
 AARQ_LOW = bytes.fromhex(

@@ -11,8 +11,8 @@ import orjson
 
 from .. import __version__, logsetup
 from ..config import describe_keys, load_config
+from ..daemon.supervisor import EXIT_CONFIG, EXIT_WORKER_BOOT, Supervisor
 from ..errors import ConfigError, GatewayError
-from ..supervisor import EXIT_CONFIG, EXIT_WORKER_BOOT, Supervisor
 
 DEFAULT_CONFIG = "/etc/dlms2amqp.json"
 

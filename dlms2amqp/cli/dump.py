@@ -14,8 +14,8 @@ from typing import Optional
 
 import orjson
 
-from .. import amqp
 from ..config import load_config
+from ..daemon import amqp
 from ..errors import BrokerError, ConfigError
 
 EXIT_UNAVAILABLE = 69

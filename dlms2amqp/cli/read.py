@@ -15,7 +15,7 @@ from typing import Optional
 import orjson
 
 from ..errors import RequestError
-from ..reader import ReaderOptions, execute
+from ..meter.reader import ReaderOptions, execute
 from ..request import ReadRequest, parse_datetime
 
 EXIT_OK, EXIT_NOTOK, EXIT_USAGE = 0, 1, 2

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .. import amqp
 from ..config import load_config
+from ..daemon import amqp
 from ..errors import BrokerError, ConfigError, GatewayError
 
 EXIT_REJECTED = 1

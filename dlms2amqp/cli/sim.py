@@ -132,7 +132,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if last > 65535:
         print(f"dlms2amqp-sim: ports {args.port}-{last} go beyond 65535", file=sys.stderr)
         return EXIT_USAGE
-    from dlms2amqp.simulator.server import Server, SimOptions
+    from dlms2amqp.simulator.apdu import SimOptions
+    from dlms2amqp.simulator.server import Server
 
     opts = SimOptions(
         utc_offset=args.utc_offset,

@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 BLOCK = 64
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")

@@ -22,7 +22,7 @@ import zlib
 from pathlib import Path
 from typing import Optional
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS replies (

@@ -16,8 +16,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .errors import ConnectionStringError
-from .secret import Secret
+from ..errors import ConnectionStringError
+from ..secret import Secret
 
 AUTHENTICATIONS = ("None", "Low", "High", "HighMD5", "HighSHA1", "HighGMAC", "HighSHA256")
 SECURITIES = ("None", "Authentication", "Encryption", "AuthenticationEncryption")

@@ -31,11 +31,12 @@ import orjson
 import pika
 import pika.adapters.select_connection
 
-from . import amqp, logsetup
-from . import reply as replymod
-from .config import Config
-from .errors import BrokerError, ConfigError, GatewayError
-from .metrics import Metrics
+from .. import logsetup
+from .. import reply as replymod
+from ..config import Config
+from ..errors import BrokerError, ConfigError, GatewayError
+from ..metrics import Metrics
+from . import amqp
 from .replystore import ReplyStore, request_key
 from .worker import WorkerSettings
 from .worker import main as worker_main
@@ -582,7 +583,7 @@ class Supervisor:
         if self.stopping:
             self.requeue(d)
             return
-        from .request import extract_msg_id, parse_request
+        from ..request import extract_msg_id, parse_request
 
         cfg = self.cfg
         msg_id = extract_msg_id(body) if len(body) <= cfg.MaxBodyBytes else None
@@ -629,7 +630,7 @@ class Supervisor:
                 t0,
             )
             return
-        from .connstring import parse_connection_string
+        from ..meter.connstring import parse_connection_string
 
         try:
             settings = parse_connection_string(request.connection_string)

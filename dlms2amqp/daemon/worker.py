@@ -30,8 +30,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Optional
 
-from . import logsetup
-from . import reply as replymod
+from .. import logsetup
+from .. import reply as replymod
 
 HEARTBEAT_SECONDS = 1.0
 
@@ -103,7 +103,7 @@ def _make_pool(settings: WorkerSettings) -> Any:
     limit = _open_files_limit()
     if settings.idle_timeout <= 0:
         return None
-    from .pool import SessionPool
+    from ..meter.pool import SessionPool
 
     # keep room for the running sessions, the pipe, logs and the state files
     room = max(0, limit - settings.sessions - 64)
@@ -123,7 +123,7 @@ class Worker:
         self.conn = conn
         self.out = _PipeOut(conn)
         self.log = logsetup.get_logger("dlms2amqp.worker")
-        from .reader import ReaderOptions
+        from ..meter.reader import ReaderOptions
 
         self.options = ReaderOptions(
             frame_timeout=settings.frame_timeout,
@@ -171,7 +171,7 @@ class Worker:
             item = self._next(meter_key)
 
     def _execute(self, job_id: int, request: Any) -> None:
-        from .reader import execute
+        from ..meter.reader import execute
 
         self.out.send(("start", job_id))
         t0 = time.monotonic()

@@ -23,7 +23,7 @@ import socket
 import time
 from typing import Callable, Optional
 
-from .errors import MeterConnectionError, MeterTimeoutError
+from ..errors import MeterConnectionError, MeterTimeoutError
 
 Trace = Callable[[str, bytes], None]
 

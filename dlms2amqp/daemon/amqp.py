@@ -15,8 +15,8 @@ from typing import Any, Optional
 import pika
 import pika.exceptions as pex
 
-from .config import Config
-from .errors import BrokerError, ConfigError
+from ..config import Config
+from ..errors import BrokerError, ConfigError
 
 PERSISTENT = pika.DeliveryMode.Persistent
 JSON = "application/json"

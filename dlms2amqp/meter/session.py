@@ -15,7 +15,6 @@ and the media in ``finally`` and never raises.
 
 from __future__ import annotations
 
-import importlib
 import struct
 import time
 from datetime import datetime, timezone
@@ -25,20 +24,15 @@ from gurux_dlms import GXByteBuffer, GXDLMSClient, GXDLMSException, GXReplyData
 from gurux_dlms.enums import (
     Authentication,
     InterfaceType,
-    RequestTypes,
     Security,
     Standard,
 )
 from gurux_dlms.enums.ExceptionServiceError import ExceptionServiceError
-from gurux_dlms.GXDLMS import GXDLMS
 from gurux_dlms.GXDLMSConfirmedServiceError import GXDLMSConfirmedServiceError
 from gurux_dlms.GXDLMSExceptionResponse import GXDLMSExceptionResponse
 from gurux_dlms.secure import GXDLMSSecureClient
 
-from . import axdr
-from .connstring import ConnSettings
-from .counters import BLOCK, CounterStore, counter_key
-from .errors import (
+from ..errors import (
     AuthenticationError,
     InvocationCounterError,
     MeterConnectionError,
@@ -47,38 +41,13 @@ from .errors import (
     MeterTimeoutError,
     ObjectError,
 )
+from . import (
+    axdr,
+    gurux_compat,  # noqa: F401  (patches Gurux on import)
+)
+from .connstring import ConnSettings
+from .counters import BLOCK, CounterStore, counter_key
 from .media import Media, SerialMedia, TcpMedia
-
-# --- raw-value mode: skip Gurux's value decoding for replies that ask for it -----------
-_orig_get_value = GXDLMS.getValueFromData.__func__
-
-
-def _get_value_from_data(cls, settings, reply):
-    if getattr(reply, "raw_only", False):
-        if reply.moreData == RequestTypes.NONE:
-            if settings:
-                settings.resetBlockIndex()
-            reply.data.position = 0
-        return None
-    return _orig_get_value(cls, settings, reply)
-
-
-if not getattr(GXDLMS, "_dlms2amqp_raw", False):
-    GXDLMS.getValueFromData = classmethod(_get_value_from_data)
-    GXDLMS._dlms2amqp_raw = True
-
-
-# Gurux prints to stdout from inside the library ("Encryption is applied." per frame, and
-# key material on some signing paths); stdout belongs to the CLI's JSON.  Silence those
-# modules' print (a module-level name shadows the builtin for that module only).
-def _no_print(*_args, **_kwargs) -> None:
-    return None
-
-
-for _name in ("GXDLMSChippering", "GXSecure", "GXDLMSSettings", "_GXAPDU", "GXDLMS",
-              "GXDLMSLNCommandHandler", "GXDLMSSNCommandHandler", "GXDLMSTranslator"):  # fmt: skip
-    _module = importlib.import_module(f"gurux_dlms.{_name}")
-    _module.print = _no_print
 
 _AUTH = {
     "None": Authentication.NONE,

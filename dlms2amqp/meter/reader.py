@@ -18,10 +18,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import axdr
-from .connstring import ConnSettings, parse_connection_string
-from .counters import CounterStore
-from .errors import (
+from ..errors import (
     GatewayError,
     MeterConnectionError,
     MeterProtocolError,
@@ -29,8 +26,7 @@ from .errors import (
     ObjectError,
     RequestError,
 )
-from .pool import SessionPool
-from .reply import (
+from ..reply import (
     DATETIME_FORMATS,
     NAIVE_DATES_NOTE,
     error_reply,
@@ -39,7 +35,11 @@ from .reply import (
     record,
     value_to_str,
 )
-from .request import ReadRequest
+from ..request import ReadRequest
+from . import axdr
+from .connstring import ConnSettings, parse_connection_string
+from .counters import CounterStore
+from .pool import SessionPool
 from .session import NOT_FOUND, DataAccessError, MeterSession, range_selector
 
 log = logging.getLogger(__name__)

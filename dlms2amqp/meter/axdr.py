@@ -20,7 +20,7 @@ import struct
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, Optional
 
-from .errors import MeterProtocolError
+from ..errors import MeterProtocolError
 
 # Tags (Blue Book data types)
 NULL, ARRAY, STRUCTURE, BOOLEAN, BIT_STRING = 0, 1, 2, 3, 4
