@@ -79,11 +79,18 @@ def _counter_store(state_dir: Optional[Path]) -> Optional[CounterStore]:
 
 
 def execute(
-    request: ReadRequest, options: ReaderOptions, pool: Optional[SessionPool] = None
+    request: ReadRequest,
+    options: ReaderOptions,
+    pool: Optional[SessionPool] = None,
+    settings: Optional[ConnSettings] = None,
 ) -> dict:
-    """Run one request; returns the reply dict (``ok`` or ``notok``), never raises for errors."""
+    """Run one request; returns the reply dict (``ok`` or ``notok``), never raises for errors.
+
+    ``settings``: the request's connection string already parsed (the daemon's master
+    parses it to route); None parses it here.
+    """
     try:
-        records = _run(request, options, pool)
+        records = _run(request, options, pool, settings)
     except GatewayError as exc:
         return error_reply(request.msg_id, exc.message)
     except Exception:
@@ -157,12 +164,18 @@ def make_tracer(settings: ConnSettings, sink: Optional[Callable[[str], None]]) -
     return FrameTracer(settings, sink)
 
 
-def _run(request: ReadRequest, options: ReaderOptions, pool: Optional[SessionPool]) -> list:
+def _run(
+    request: ReadRequest,
+    options: ReaderOptions,
+    pool: Optional[SessionPool],
+    settings: Optional[ConnSettings] = None,
+) -> list:
     if request.cmd != "READ":
         raise RequestError(f"Unknown command {request.cmd[:32]!r}: only READ is supported")
     if options.datetime_format not in DATETIME_FORMATS:
         raise RequestError("datetime format must be iso or dotnet")
-    settings = parse_connection_string(request.connection_string)
+    if settings is None:
+        settings = parse_connection_string(request.connection_string)
     if not settings.get_list:
         check_obis(request.obis)
     deadline = time.monotonic() + options.request_timeout
