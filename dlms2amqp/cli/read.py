@@ -17,8 +17,7 @@ import orjson
 from ..errors import RequestError
 from ..meter.reader import ReaderOptions, execute
 from ..request import ReadRequest, parse_datetime
-
-EXIT_OK, EXIT_NOTOK, EXIT_USAGE = 0, 1, 2
+from .common import EXIT_NOTOK, EXIT_OK
 
 
 class _Parser(argparse.ArgumentParser):
