@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import os
 import queue
-import resource
 import signal
 import threading
 import time
@@ -29,6 +28,7 @@ from typing import Any, Optional
 
 from .. import logsetup
 from .. import reply as replymod
+from ..limits import raise_open_files
 from .ipc import Done, Heartbeat, Job, PoolStats, Ready, Reopen, Started, Stop, WorkerSettings
 
 HEARTBEAT_SECONDS = 1.0
@@ -63,26 +63,13 @@ class _PipeOut:
                 os._exit(0)
 
 
-def _open_files_limit() -> int:
-    """Raise the soft open-files limit to the hard one; returns the soft limit in force.
-
-    Each pooled association holds a socket: with systemd's default of 1024 a pool of
-    thousands of meters would otherwise end in "Too many open files".
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = 65536 if hard == resource.RLIM_INFINITY else hard
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
 def _make_pool(settings: WorkerSettings) -> Any:
-    """The session layer's pool (bounded by the open-files limit), or None when off."""
-    limit = _open_files_limit()
+    """The session layer's pool (bounded by the open-files limit), or None when off.
+
+    Each pooled association holds a socket: the soft open-files limit is raised to the
+    hard one first (systemd's default of 1024 would end in "Too many open files").
+    """
+    limit = raise_open_files()
     if settings.idle_timeout <= 0:
         return None
     from ..meter.pool import SessionPool
