@@ -15,6 +15,7 @@ testing.collector) and are re-exported here.
 from __future__ import annotations
 
 from ..collector import AmqpClient, Collector
+from ..daemon import DaemonProcess, children_of, rss_kb
 from ..oracle import (
     CANARIES,
     CANARY_AKEY,
@@ -52,13 +53,11 @@ from .lab import (
     Env,
     Lab,
     Result,
-    children_of,
     conn_string,
     daemon_env,
     leak_scan,
     read_request,
     reply_dict,
-    rss_kb,
     stored_reply_ids,
     wait_for,
     worker_pids,
@@ -93,6 +92,7 @@ __all__ = [
     "Collector",
     "Ctx",
     "Daemon",
+    "DaemonProcess",
     "Env",
     "GMAC_AKEY",
     "GMAC_BKEY",

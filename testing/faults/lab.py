@@ -8,9 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from testing.collector import AmqpClient, Collector, Received
+from testing.daemon import DaemonProcess
 from testing.oracle import (
     CANARY_AKEY,
     CANARY_BKEY,
@@ -54,152 +52,56 @@ def read_request(msg_id: str, port: int, obis: str = "1.0.1.8.0.255", **kw: Any)
     return json.dumps(body).encode()
 
 
-# --- processes ------------------------------------------------------------------------------
-def children_of(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc)."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                st = f.read()
-        except OSError:
-            continue
-        ppid = int(st[st.rindex(")") + 2 :].split()[1])
-        if ppid == pid:
-            out.append(int(d))
-    return out
+# --- the daemon under test ---------------------------------------------------------------
+class Daemon(DaemonProcess):
+    """The real dlms2amqpd with its own work directory: config, state dir, log, output.
 
+    It leads its own process group (a kill -9 of the master leaves workers that ``stop``
+    and ``kill9`` take down, as a service manager would).  ``config`` holds the options of
+    the scenario; ``start`` writes them, with the lab's defaults, before every start.
+    """
 
-def rss_kb(pids: Iterable[int]) -> int:
-    total = 0
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/status") as f:
-                for ln in f:
-                    if ln.startswith("VmRSS:"):
-                        total += int(ln.split()[1])
-        except OSError:
-            pass
-    return total
+    def __init__(self, workdir: Path, config: dict[str, Any]):
+        self.workdir = workdir
+        self.config = config
+        super().__init__(
+            workdir / "dlms2amqp.json",
+            self._full_config(),
+            output_path=workdir / "output.txt",
+            own_group=True,
+            cwd=workdir,
+        )
 
-
-@dataclass
-class Daemon:
-    """The real dlms2amqpd in a subprocess, with its own config, state dir and log."""
-
-    workdir: Path
-    config: dict[str, Any]
-    proc: subprocess.Popen | None = None
-    starts: int = 0
-
-    @property
-    def config_path(self) -> Path:
-        return self.workdir / "dlms2amqp.json"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "debug.log"
-
-    def start(self) -> Daemon:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cfg = {
-            "DebugFile": str(self.log_path),
+    def _full_config(self) -> dict[str, Any]:
+        return {
+            "DebugFile": str(self.workdir / "debug.log"),
             "StateDir": str(self.workdir / "state"),
             "MetricsPort": 0,
             "LogLevel": "Debug",
             **self.config,
         }
-        self.config_path.write_text(json.dumps(cfg, indent=1))
-        self.starts += 1
-        out = open(self.workdir / f"output.{self.starts}.txt", "wb")  # noqa: SIM115
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dlms2amqp.cli.daemon", "-c", str(self.config_path)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                cwd=self.workdir,
-            )
-        finally:
-            out.close()
-        return self
 
     @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def log_path(self) -> Path:
+        return Path(self.cfg["DebugFile"])
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def start(self) -> Daemon:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.cfg = self._full_config()
+        self.config_path.write_text(json.dumps(self.cfg, indent=1))
+        super().start()
+        return self
 
-    def workers(self) -> list[int]:
-        return children_of(self.pid) if self.alive() else []
-
-    def output(self) -> str:
-        parts = []
-        for p in sorted(self.workdir.glob("output.*.txt")):
-            parts.append(p.read_text(errors="replace"))
-        return "\n".join(parts)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def wait_consuming(self, client: AmqpClient, queue: str, timeout: float = 60) -> None:
+    def wait_consuming(  # type: ignore[override]
+        self, client: AmqpClient, queue: str, timeout: float = 60
+    ) -> None:
         """Wait until the daemon consumes ``queue`` (consumer count >= 1)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise AssertionError(
-                    f"dlms2amqpd exited with {self.proc.returncode}:\n{self.output()[-3000:]}"
-                )
-            d = client.queue_depth(queue)
-            if d is not None and d[1] >= 1:
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"dlms2amqpd not consuming {queue} after {timeout} s")
 
-    def signal(self, sig: int) -> None:
-        os.kill(self.pid, sig)
+        def consumers(q: str) -> int:
+            depth = client.queue_depth(q)
+            return depth[1] if depth is not None else 0
 
-    def wait_exit(self, timeout: float) -> int | None:
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill9(self) -> int:
-        """SIGKILL the master only (workers notice their parent died); returns exit code."""
-        os.kill(self.pid, signal.SIGKILL)
-        rc = self.proc.wait(10)
-        # orphaned workers: a service manager would kill the whole unit; so do we
-        time.sleep(0.5)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        return rc
-
-    def stop(self, grace: float = 40.0) -> int | None:
-        """SIGTERM, then SIGKILL of the process group; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        return self.proc.returncode
+        super().wait_consuming(consumers, queue, timeout)
 
 
 # --- scenarios ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pika
 import pika.exceptions
 
 from testing.collector import Collector
+from testing.daemon import rss_kb
 from testing.faults.lab import (
     Daemon,
     Lab,
@@ -24,7 +25,6 @@ from testing.faults.lab import (
     leak_scan,
     read_request,
     reply_dict,
-    rss_kb,
     wait_for,
     worker_pids,
 )
