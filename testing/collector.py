@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Test-side broker access: publish with confirms, and a collector of replies and
-dead-letters that reconnects through broker faults (the broker itself is being faulted
-while we collect).
+"""Test-side broker access (``AmqpClient``) and the reply collector (``Collector``).
+
+The collector consumes reply and dead-letter queues in its own thread and connection and
+reconnects through broker faults (the fault suite faults the broker while it collects).
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Callable, Optional
 
 import pika
 import pika.exceptions
 
 from testing.oracle import Received, accounted_ids
+from testing.publisher import publish
 
 # --- AMQP client side ------------------------------------------------------------------------
 
@@ -31,26 +33,7 @@ class AmqpClient:
 
     def publish(self, queue: str, bodies: list[tuple[str, bytes]], reply_to: str = "") -> None:
         """Publish persistent, mandatory, confirmed messages; raises if one is not confirmed."""
-        conn = self.connect()
-        try:
-            ch = conn.channel()
-            ch.confirm_delivery()
-            for mid, body in bodies:
-                ch.basic_publish(
-                    "",
-                    queue,
-                    body,
-                    pika.BasicProperties(
-                        delivery_mode=2,
-                        content_type="application/json",
-                        message_id=mid,
-                        reply_to=reply_to or None,
-                    ),
-                    mandatory=True,
-                )
-        finally:
-            with contextlib.suppress(Exception):
-                conn.close()
+        publish(self.params_factory(), queue, bodies, reply_to=reply_to or None)
 
     def queue_depth(self, queue: str) -> tuple[int, int] | None:
         """(messages ready, consumers) of ``queue`` or None if it does not exist."""
@@ -81,20 +64,38 @@ class AmqpClient:
 
 
 class Collector:
-    """Consumes reply and dead-letter queues in a thread; reconnects through broker faults."""
+    """Consumes reply and dead-letter queues in a thread; reconnects through broker faults.
 
-    def __init__(self, client: AmqpClient, queues: list[str]):
+    What arrives is kept (``snapshot``), or handed to ``on_item`` in the collector's
+    thread (the load benchmark times each reply and keeps only what it needs).
+    """
+
+    def __init__(
+        self,
+        client: AmqpClient,
+        queues: list[str],
+        on_item: Optional[Callable[[Received], None]] = None,
+        prefetch: int = 500,
+    ):
         self.client = client
         self.queues = queues
+        self.on_item = on_item
+        self.prefetch = prefetch
         self.items: list[Received] = []
         self.errors: list[str] = []
         self.lock = threading.Lock()
+        self.ready = threading.Event()  # consuming every queue (the first time)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="collector", daemon=True)
 
     def start(self) -> Collector:
         self.thread.start()
         return self
+
+    @property
+    def error(self) -> Optional[str]:
+        """The errors so far (each one made it reconnect), or None."""
+        return "collector: " + ", ".join(self.errors[-3:]) if self.errors else None
 
     def stop(self) -> None:
         self._stop.set()
@@ -106,7 +107,7 @@ class Collector:
             try:
                 conn = self.client.connect()
                 ch = conn.channel()
-                ch.basic_qos(prefetch_count=500)
+                ch.basic_qos(prefetch_count=self.prefetch)
                 for q in self.queues:
                     try:
                         ch.queue_declare(q, passive=True)
@@ -115,13 +116,16 @@ class Collector:
                         raise RuntimeError(f"queue {q} not there yet") from None
 
                     def cb(c: Any, m: Any, p: Any, b: bytes, q: str = q) -> None:
-                        with self.lock:
-                            self.items.append(
-                                Received(q, b, p, dict(p.headers or {}), time.monotonic())
-                            )
+                        r = Received(q, b, p, dict(p.headers or {}), time.monotonic())
+                        if self.on_item is not None:
+                            self.on_item(r)
+                        else:
+                            with self.lock:
+                                self.items.append(r)
                         c.basic_ack(m.delivery_tag)
 
                     ch.basic_consume(q, cb)
+                self.ready.set()
                 while not self._stop.is_set():
                     conn.process_data_events(time_limit=0.2)
             except Exception as e:  # noqa: BLE001 - keep collecting through faults

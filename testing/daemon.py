@@ -35,12 +35,14 @@ class DaemonProcess:
         output_path: Optional[Path] = None,
         own_group: bool = False,
         cwd: Optional[Path] = None,
+        command: Optional[list[str]] = None,
     ):
         self.config_path = config_path
         self.cfg = cfg
         self.output_path = output_path or config_path.with_suffix(".output.txt")
         self.own_group = own_group
         self.cwd = cwd or ROOT
+        self.command = command or DAEMON_CMD  # the load benchmark may compare another build
         self.proc: Optional[subprocess.Popen] = None
 
     # --- life ------------------------------------------------------------------------------
@@ -48,7 +50,7 @@ class DaemonProcess:
         out = open(self.output_path, "ab")  # noqa: SIM115 - the child holds it
         try:
             self.proc = subprocess.Popen(
-                [*DAEMON_CMD, "-c", str(self.config_path)],
+                [*self.command, "-c", str(self.config_path)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

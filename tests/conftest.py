@@ -21,6 +21,7 @@ import pytest
 
 from testing.daemon import DaemonProcess
 from testing.ports import free_port
+from testing.publisher import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 BROKER_HOST = "127.0.0.1"
@@ -70,16 +71,8 @@ class Broker:
         reply_to: Optional[str] = None,
         headers: Optional[dict] = None,
     ) -> None:
-        with self.connection() as c:
-            ch = c.channel()
-            ch.confirm_delivery()
-            ch.basic_publish(
-                "",
-                queue,
-                body,
-                pika.BasicProperties(delivery_mode=2, reply_to=reply_to, headers=headers),
-                mandatory=True,
-            )
+        mid = f"test-{uuid.uuid4().hex[:12]}"
+        publish(_broker_params(), queue, [(mid, body)], reply_to=reply_to, headers=headers)
 
     def count(self, queue: str) -> Optional[int]:
         """Messages ready in a queue, None if it does not exist."""
