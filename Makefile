@@ -20,7 +20,7 @@ $(STAMP): setup.cfg setup.py
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check dlms2amqp tests bench tools
+	$(BIN)/ruff check dlms2amqp tests bench tools testing
 	$(BIN)/mypy
 
 # Everything, fault-injection suite included (this is what CI runs).

@@ -484,8 +484,7 @@ def wait_consuming(
     while time.monotonic() < deadline:
         if not daemon.alive():
             raise BenchError(
-                f"daemon exited with {daemon.proc and daemon.proc.returncode} at start:\n"
-                + daemon.output()[-2000:]
+                f"daemon exited with {daemon.returncode} at start:\n" + daemon.output()[-2000:]
             )
         n = loadlib.queue_consumers(in_queue)
         if n and loadlib.queue_consumers(out_queue) is not None:
@@ -524,7 +523,7 @@ def wait_replies(
             log(f"[{st.name}] no reply for {args.stall:.0f} s: giving up")
             break
         if not daemon.alive():
-            log(f"[{st.name}] daemon exited with {daemon.proc.returncode}")
+            log(f"[{st.name}] daemon exited with {daemon.returncode}")
             time.sleep(1)
             break
         if now - last_print >= 1.0:

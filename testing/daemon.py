@@ -69,6 +69,11 @@ class DaemonProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def returncode(self) -> Optional[int]:
+        """The exit code once it exited (None while it runs or before it started)."""
+        return self.proc.poll() if self.proc is not None else None
+
     def wait_consuming(
         self, consumers: Callable[[str], Optional[int]], queue: str = "", timeout: float = 60.0
     ) -> None:

@@ -15,7 +15,7 @@ import socket
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 # --- TCP proxy --------------------------------------------------------------------------------
 WRAPPER_HEADER = 8
@@ -127,7 +127,7 @@ class TcpProxy:
         self.thread.join(5)
         for key in list(self.sel.get_map().values()):
             with contextlib.suppress(Exception):
-                key.fileobj.close()
+                cast(socket.socket, key.fileobj).close()
         self.sel.close()
         self._wake_w.close()
 
@@ -161,9 +161,9 @@ class TcpProxy:
                                 if getattr(p, "cut", False):
                                     self._drop(p)
                     elif kind == "listen":
-                        self._accept(key.fileobj, arg)
+                        self._accept(cast(socket.socket, key.fileobj), arg)
                     else:
-                        self._io(arg, key.fileobj, _mask)
+                        self._io(arg, cast(socket.socket, key.fileobj), _mask)
                 except OSError:
                     if kind == "pair":
                         self._drop(arg)

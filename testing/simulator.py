@@ -91,11 +91,12 @@ def _drain(proc: subprocess.Popen, sink: list[str]) -> None:
 
 
 def _read_ready(proc: subprocess.Popen, timeout: float) -> Optional[str]:
-    assert proc.stdout is not None
+    stdout = proc.stdout
+    assert stdout is not None
     result: list[str] = []
 
     def reader() -> None:
-        line = proc.stdout.readline()
+        line = stdout.readline()
         result.append(line)
 
     t = threading.Thread(target=reader, daemon=True)

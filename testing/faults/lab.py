@@ -272,7 +272,7 @@ class Lab:
                 res.problems.append(f"not every request accounted for after {timeout:.0f} s")
             time.sleep(1.0)  # late duplicates
             if not daemon.alive():
-                res.problems.append(f"daemon not running at the end (rc {daemon.proc.returncode})")
+                res.problems.append(f"daemon not running at the end (rc {daemon.returncode})")
             rc = daemon.stop()
             res.evidence["final_exit_code"] = rc
             items = collector.snapshot()

@@ -365,7 +365,7 @@ def scenario_flood(
                 tick = time.monotonic()
                 rss.append(rss_kb([daemon.pid, *worker_pids(daemon)]))
                 if not daemon.alive():
-                    res.problems.append(f"daemon exited with {daemon.proc.returncode}")
+                    res.problems.append(f"daemon exited with {daemon.returncode}")
                     break
                 time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
         finally:

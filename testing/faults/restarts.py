@@ -67,6 +67,7 @@ def scenario_tls(lab: Lab, requests: int = 5) -> Result:
             "TlsCertFile": str(node.tls_files.client_cert),
             "TlsKeyFile": str(node.tls_files.client_key),
         }
+        assert node.tls_port is not None
         base = lab.daemon_config(in_q, out_q, node.tls_port)
         # a daemon trusting another CA must not connect
         wrong = make_test_pki(lab.workdir / f"{uid}-wrongca")
@@ -74,7 +75,7 @@ def scenario_tls(lab: Lab, requests: int = 5) -> Result:
         bad.start()
         time.sleep(5)
         never_declared = client.queue_depth(in_q) is None
-        refused = never_declared and (bad.alive() or bad.proc.returncode != 0)
+        refused = never_declared and (bad.alive() or bad.returncode != 0)
         bad_out = bad.output() + bad.log_text()
         bad.stop()
         res.evidence["wrong_ca_refused"] = refused
