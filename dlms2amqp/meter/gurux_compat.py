@@ -15,6 +15,9 @@ another version fails loudly here instead of misbehaving somewhere else.
 - short-name block transfer: ``GXDLMS.readResponseDataBlockResult`` calls
   ``GXReplyData.setTotalCount`` and ``getMoreData``, which 1.0.203 does not have, so
   every SN READ answered in more than one block (profiles) raised AttributeError.
+- short-name next block: ``GXDLMSSNParameters`` never records its command in the
+  settings (the LN parameters do), so ``receiverReady`` asked for the next READ block
+  with command 0 and the meter answered "service not supported".
 - short-name ciphering: ``GXDLMS.getSNPdu`` asserts that the ciphered APDU is empty
   (``assert not tmp``) and never steps the invocation counter, so every ciphered SN
   request (SN High with ``-C AuthenticationEncryption``) failed; the SN PDU is built
@@ -30,6 +33,7 @@ from gurux_dlms.AesGcmParameter import AesGcmParameter
 from gurux_dlms.enums import Command, InterfaceType, RequestTypes, Security
 from gurux_dlms.GXCiphering import GXCiphering
 from gurux_dlms.GXDLMS import GXDLMS
+from gurux_dlms.GXDLMSSNParameters import GXDLMSSNParameters
 from gurux_dlms.GXReplyData import GXReplyData
 from gurux_dlms.internal._GXCommon import _GXCommon
 from gurux_dlms.SingleReadResponse import SingleReadResponse
@@ -110,6 +114,16 @@ def _get_more_data(self):
     return self.moreData
 
 
+# --- short-name next block: remember the command, as GXDLMSLNParameters does ---------
+_orig_sn_params_init = GXDLMSSNParameters.__init__
+
+
+def _sn_params_init(self, settings, command, *args, **kwargs):
+    _orig_sn_params_init(self, settings, command, *args, **kwargs)
+    if settings is not None and command in (Command.READ_REQUEST, Command.WRITE_REQUEST):
+        settings.command = command
+
+
 # --- short-name ciphering: build the SN PDU plain, cipher it as the LN path does ------
 _orig_sn_pdu = GXDLMS.getSNPdu.__func__
 
@@ -153,4 +167,5 @@ if not getattr(GXDLMS, "_dlms2amqp_lists", False):
     GXDLMS.getSNPdu = classmethod(_sn_pdu)
     GXReplyData.setTotalCount = _set_total_count
     GXReplyData.getMoreData = _get_more_data
+    GXDLMSSNParameters.__init__ = _sn_params_init
     GXDLMS._dlms2amqp_lists = True

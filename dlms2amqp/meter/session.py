@@ -445,24 +445,31 @@ class MeterSession:
         """
         from gurux_dlms.objects import GXDLMSObject
 
-        out: list = []
+        out: list = [None] * len(items)
+        names: dict = {}
+        wanted = []
+        for i, (_class_id, obis, _attr) in enumerate(items):
+            if self.settings.referencing == "SN":
+                try:
+                    names[i] = self._short_name(obis)
+                except ObjectError as exc:
+                    out[i] = exc  # not in the object list: nothing to ask the meter
+                    continue
+            wanted.append(i)
         size = self.list_chunk()
-        for first in range(0, len(items), size):
-            chunk = items[first : first + size]
+        what = step or f"reading a list of {len(items)} attributes"
+        for first in range(0, len(wanted), size):
+            chunk = wanted[first : first + size]
             objs = []
-            for class_id, obis, attr in chunk:
-                if self.settings.referencing == "SN":
-                    obj = GXDLMSObject(class_id, obis, self._short_name(obis))
-                else:
-                    obj = GXDLMSObject(class_id, obis)
-                objs.append((obj, attr))
+            for i in chunk:
+                class_id, obis, attr = items[i]
+                objs.append((GXDLMSObject(class_id, obis, names.get(i, 0)), attr))
             try:
                 messages = self.client.readList(objs)
             except ValueError as exc:
                 raise ObjectError(
                     "the meter does not support reading a list in one request"
                 ) from exc
-            what = step or f"reading a list of {len(items)} attributes"
             results: list = []
             for message in messages:
                 try:
@@ -486,9 +493,10 @@ class MeterSession:
                     f"the meter answered a list read of {len(chunk)} attributes "
                     f"with {len(results)} results"
                 )
-            for (class_id, obis, attr), result in zip(chunk, results):
-                out.append(result if isinstance(result, bytes)
-                           else self._access_error(class_id, obis, attr, result))  # fmt: skip
+            for i, result in zip(chunk, results):
+                out[i] = (
+                    result if isinstance(result, bytes) else self._access_error(*items[i], result)
+                )
         return out
 
     def note(self, text: str) -> None:
