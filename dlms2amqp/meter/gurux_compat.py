@@ -14,7 +14,8 @@ another version fails loudly here instead of misbehaving somewhere else.
   parsing keeps only the last item's error and puts None in every refused place.
 - short-name block transfer: ``GXDLMS.readResponseDataBlockResult`` calls
   ``GXReplyData.setTotalCount`` and ``getMoreData``, which 1.0.203 does not have, so
-  every SN READ answered in more than one block (profiles) raised AttributeError.
+  every SN READ answered in more than one block (profiles) raised AttributeError;
+  the session's replies are a :class:`ReplyData` that has them.
 - short-name next block: ``GXDLMSSNParameters`` never records its command in the
   settings (the LN parameters do), so ``receiverReady`` asked for the next READ block
   with command 0 and the meter answered "service not supported".
@@ -106,12 +107,21 @@ def _read_response(cls, settings, reply, index):
 
 
 # --- short-name block transfer: the two GXReplyData methods 1.0.203 calls but lacks ---
-def _set_total_count(self, value: int) -> None:
-    self.totalCount = value
+class ReplyData(GXReplyData):
+    """The session's reply object: Gurux's, with what its SN block path calls.
 
+    A subclass rather than a patch of GXReplyData, so that Gurux's own class (and any
+    other user of it in the process) keeps its 1.0.203 behaviour.
+    """
 
-def _get_more_data(self):
-    return self.moreData
+    raw_only = False  # skip Gurux's value decoding (see above)
+    raw_list = False  # keep a list reply's per-item results as bytes
+
+    def setTotalCount(self, value: int) -> None:  # noqa: N802 (Gurux's name)
+        self.totalCount = value
+
+    def getMoreData(self):  # noqa: N802 (Gurux's name)
+        return self.moreData
 
 
 # --- short-name next block: remember the command, as GXDLMSLNParameters does ---------
@@ -165,7 +175,5 @@ if not getattr(GXDLMS, "_dlms2amqp_lists", False):
     GXDLMS.handleGetResponseWithList = classmethod(_get_response_with_list)
     GXDLMS.handleReadResponse = classmethod(_read_response)
     GXDLMS.getSNPdu = classmethod(_sn_pdu)
-    GXReplyData.setTotalCount = _set_total_count
-    GXReplyData.getMoreData = _get_more_data
     GXDLMSSNParameters.__init__ = _sn_params_init
     GXDLMS._dlms2amqp_lists = True

@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
-from gurux_dlms import GXByteBuffer, GXDLMSClient, GXDLMSException, GXReplyData
+from gurux_dlms import GXByteBuffer, GXDLMSClient, GXDLMSException
 from gurux_dlms.enums import (
     Authentication,
     InterfaceType,
@@ -41,12 +41,10 @@ from ..errors import (
     MeterTimeoutError,
     ObjectError,
 )
-from . import (
-    axdr,
-    gurux_compat,  # noqa: F401  (patches Gurux on import)
-)
+from . import axdr
 from .connstring import ConnSettings
 from .counters import BLOCK, CounterStore, counter_key
+from .gurux_compat import ReplyData  # (patches Gurux on import)
 from .media import Media, SerialMedia, TcpMedia
 
 _AUTH = {
@@ -567,13 +565,13 @@ class MeterSession:
         return self.associated and not self.broken and self.media is not None
 
     # --- exchange -----------------------------------------------------------------
-    def _request(self, frames, step: str, raw: bool, results: bool = False) -> GXReplyData:
+    def _request(self, frames, step: str, raw: bool, results: bool = False) -> ReplyData:
         """Send the frames, collect every block; ``results``: keep a list reply's raw results."""
         if frames is None:
             frames = []
         elif isinstance(frames, (bytes, bytearray)):
             frames = [frames]
-        reply = GXReplyData()
+        reply = ReplyData()
         reply.raw_only = raw
         reply.raw_list = results
         try:
@@ -593,7 +591,7 @@ class MeterSession:
         self.last_used = time.monotonic()
         return reply
 
-    def _exchange(self, frame, reply: GXReplyData, step: str) -> None:
+    def _exchange(self, frame, reply: ReplyData, step: str) -> None:
         if self.media is None:
             raise MeterConnectionError(f"no connection to the meter during {step}")
         if self._counter_key is not None:
