@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from dlms2amqp.simulator import axdr_enc as ax
-from dlms2amqp.simulator import cosem
+from dlms2amqp.simulator import cosem, sn
 from dlms2amqp.simulator import security as sec
 from dlms2amqp.simulator.cosem import Association, DataAccessError, Device, MeterState, ReadContext
 
@@ -54,6 +54,13 @@ DIAG_AUTH_REQUIRED = 14
 
 CTX_LN = 1
 CTX_LN_CIPHERED = 3
+#: application context id -> (referencing, ciphered)
+_CONTEXTS = {
+    CTX_LN: ("LN", False),
+    CTX_LN_CIPHERED: ("LN", True),
+    sn.CTX_SN: ("SN", False),
+    sn.CTX_SN_CIPHERED: ("SN", True),
+}
 
 # conformance bits (wire order) the simulator implements
 CONF_BLOCK_GET = 0x001000
@@ -88,6 +95,18 @@ def _apdu_name(apdu: Optional[bytes]) -> str:
     if not apdu:
         return "nothing"
     return _APDU_NAMES.get(apdu[0], f"APDU 0x{apdu[0]:02X}")
+
+
+_CIPHERED_REQUESTS = {
+    False: (GLO_GET_REQUEST, GLO_ACTION_REQUEST),
+    True: (sn.GLO_READ_REQUEST, sn.GLO_WRITE_REQUEST),
+}
+_GLO_RESPONSES = {
+    GET_RESPONSE: GLO_GET_RESPONSE,
+    ACTION_RESPONSE: GLO_ACTION_RESPONSE,
+    sn.READ_RESPONSE: sn.GLO_READ_RESPONSE,
+    sn.WRITE_RESPONSE: sn.GLO_WRITE_RESPONSE,
+}
 
 
 class ApduError(ValueError):
@@ -150,12 +169,13 @@ def _aare(
     return bytes((AARE,)) + ber_len(len(body)) + body
 
 
-def _initiate_response(conformance: int, max_pdu: int) -> bytes:
+def _initiate_response(conformance: int, max_pdu: int, vaa_name: int = 0x0007) -> bytes:
+    """InitiateResponse; vaa-name is 0x0007 for LN, the association's base name for SN."""
     return (
         b"\x08\x00\x06\x5f\x1f\x04\x00"
         + conformance.to_bytes(3, "big")
         + max_pdu.to_bytes(2, "big")
-        + b"\x00\x07"
+        + vaa_name.to_bytes(2, "big")
     )
 
 
@@ -203,6 +223,7 @@ class Session:
         "stoc",
         "ctos",
         "reject_auth",
+        "sn",
     )
 
     def __init__(
@@ -224,6 +245,8 @@ class Session:
         self.stoc = b""
         self.ctos = b""
         self.reject_auth = reject_auth
+        #: short-name referencing on this association (READ/WRITE instead of GET/ACTION)
+        self.sn = False
 
     # -- entry point -------------------------------------------------------
     def handle(self, client_sap: int, apdu: bytes) -> Optional[bytes]:
@@ -245,6 +268,12 @@ class Session:
 
     def _plain(self, apdu: bytes) -> Optional[bytes]:
         tag = apdu[0]
+        if self.sn:
+            if tag == sn.READ_REQUEST:
+                return sn.read_request(self, apdu)
+            if tag == sn.WRITE_REQUEST:
+                return sn.write_request(self, apdu)
+            return b"\xd8\x02\x02"  # service-unknown, service-not-supported
         if tag == GET_REQUEST and self.authenticated:
             return self._get(apdu)
         if tag == ACTION_REQUEST:
@@ -255,7 +284,7 @@ class Session:
 
     def _ciphered(self, apdu: bytes) -> Optional[bytes]:
         tag = apdu[0]
-        if tag not in (GLO_GET_REQUEST, GLO_ACTION_REQUEST):
+        if tag not in _CIPHERED_REQUESTS[self.sn]:
             return b"\xd8\x01\x01"
         assoc = self.assoc
         assert assoc is not None
@@ -274,11 +303,8 @@ class Session:
         reply = self._plain(plain)
         if reply is None:
             return None
-        if reply[0] == GET_RESPONSE:
-            out_tag = GLO_GET_RESPONSE
-        elif reply[0] == ACTION_RESPONSE:
-            out_tag = GLO_ACTION_RESPONSE
-        else:
+        out_tag = _GLO_RESPONSES.get(reply[0])
+        if out_tag is None:
             return reply
         return self._encrypt(out_tag, reply)
 
@@ -304,6 +330,7 @@ class Session:
         self.assoc = None
         self.blocks = []
         self.stoc = b""
+        self.sn = False
 
     def _reject(self, ctx_id: int, diag: int, why: str) -> bytes:
         log.info("meter %d client %d: association rejected: %s", self.meter.k, self.client_sap, why)
@@ -340,8 +367,8 @@ class Session:
         assoc = self.device.associations.get(client_sap)
         if assoc is None:
             return self._reject(ctx_id, DIAG_NO_REASON, "no association for this client address")
-        want_ctx = CTX_LN_CIPHERED if assoc.security else CTX_LN
-        if ctx_id != want_ctx:
+        referencing, ciphered_ctx = _CONTEXTS.get(ctx_id, ("", False))
+        if referencing not in self.device.referencing or ciphered_ctx != bool(assoc.security):
             return self._reject(ctx_id, DIAG_CONTEXT_NOT_SUPPORTED, "wrong application context")
         if mech != assoc.mechanism:
             diag = DIAG_MECH_REQUIRED if mech == 0 else DIAG_MECH_NOT_RECOGNISED
@@ -382,12 +409,15 @@ class Session:
                 conformance, max_pdu = parse_initiate_request(user_info)
         except (ApduError, IndexError, ax.DecodeError) as e:
             return self._reject(ctx_id, DIAG_NO_REASON, f"bad InitiateRequest: {e}")
-        self.conformance = conformance & SUPPORTED_CONFORMANCE
+        self.sn = referencing == "SN"
+        offered = sn.SUPPORTED_CONFORMANCE if self.sn else SUPPORTED_CONFORMANCE
+        self.conformance = conformance & offered
         self.client_max_pdu = max(64, min(max_pdu or SERVER_MAX_PDU, SERVER_MAX_PDU))
         self.client_sap = client_sap
         self.assoc = assoc
         self.associated = True
-        init = _initiate_response(self.conformance, SERVER_MAX_PDU)
+        vaa = sn.sn_map(self.device).assoc.short_name if self.sn else 0x0007
+        init = _initiate_response(self.conformance, SERVER_MAX_PDU, vaa or sn.ASSOCIATION_SN)
         if assoc.mechanism == cosem.MECH_HLS_GMAC:
             self.authenticated = False
             self.ctos = password
@@ -427,6 +457,19 @@ class Session:
             value, _ = ax.decode(apdu, 13) if apdu[12] else (None, 0)
         except ax.DecodeError:
             return head + b"\x0c\x00"  # type-unmatched
+        reply = self.hls_reply(value)
+        if reply is None:
+            return head + b"\x03\x00"  # read-write-denied (authentication failed)
+        return head + b"\x00\x01\x00" + ax.octet_string(reply)
+
+    def hls_reply(self, value: object) -> Optional[bytes]:
+        """HLS pass 3 (reply_to_HLS_authentication) -> f(CtoS), or None (association reset).
+
+        Shared by ACTION on class 15 (LN) and READ/WRITE on class 12 (SN).
+        """
+        assoc = self.assoc
+        if assoc is None or assoc.mechanism != cosem.MECH_HLS_GMAC or not self.stoc:
+            return None
         ok = False
         if isinstance(value, bytes) and len(value) == 17 and value[0] == 0x10:
             ic = int.from_bytes(value[1:5], "big")
@@ -437,9 +480,9 @@ class Session:
         self.stoc = b""
         if not ok:
             self._reset()
-            return head + b"\x03\x00"  # read-write-denied (authentication failed)
+            return None
         self.authenticated = True
-        return head + b"\x00\x01\x00" + ax.octet_string(self._ctos_reply())
+        return self._ctos_reply()
 
     def _ctos_reply(self) -> bytes:
         """f(CtoS) of HLS pass 4: SC || IC || GMAC tag under the meter's system title."""

@@ -101,6 +101,8 @@ class CosemObject:
     readers: Optional[frozenset[int]] = None
     #: attribute ids that accept selective access (listed in the object list)
     selective: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    #: base name for short-name referencing (None: allocated, see ``simulator.sn``)
+    short_name: Optional[int] = None
 
 
 @dataclass
@@ -138,8 +140,11 @@ class Device:
         associations: list[Association],
         name: str = "meter",
         association_ln: bytes = b"\x00\x00\x28\x00\x00\xff",
+        referencing: tuple[str, ...] = ("LN", "SN"),
     ):
         self.name = name
+        #: "LN" and/or "SN": the application contexts the device accepts
+        self.referencing = referencing
         self.objects = list(objects)
         self.by_key: dict[tuple[int, bytes], CosemObject] = {
             (o.class_id, o.ln): o for o in self.objects
