@@ -135,9 +135,13 @@ def sn_client(client_sap: int, interface: str, max_pdu: int = 0, **kw):
     return c
 
 
+#: Gurux's clients read SN blocks that carry the bare Data (see sn.py), not the result list
+GURUX_BLOCKS = ("--sn-blocks", "data")
+
+
 @pytest.fixture(scope="module", params=INTERFACES)
 def sim(request):
-    with running_simulator(3, interface=request.param) as info:
+    with running_simulator(3, *GURUX_BLOCKS, interface=request.param) as info:
         info.interface = request.param
         yield info
 
@@ -352,6 +356,23 @@ def test_gurux_sn_block_bug_still_there(sim):
         m.close()
 
 
+@pytest.mark.integration
+def test_gurux_reads_no_value_from_standard_sn_blocks(gurux_sn_fixes):
+    # Given the simulator's default SN blocks (the result list, as real SN meters send)
+    with running_simulator(1) as s:
+        m = SnMeter(sn_client(32, "WRAPPER", max_pdu=256), s.host, s.port)
+        try:
+            m.connect()
+            pg = _by_base("1.0.99.1.0.255", 7)
+            reply = m.request(m.client.readRowsByRange(pg, _utc(2026, 3, 4), _utc(2026, 3, 5)))
+        finally:
+            m.close()
+    # Then gurux-dlms follows every block but gives no value and no error: it decodes the
+    # joined raw data as one Data, and '01 00' (one result, choice data) is an empty array
+    assert m.block_requests >= 4
+    assert reply.value is None and reply.error == 0
+
+
 # --- client 48: HLS-GMAC and authenticated encryption (glo-read) --------------------------
 def _ciphered_main(host: str, port: int, interface: str, ic: int, k: int) -> None:
     """Run under ``python -O``: Gurux's client reads SN through glo-read-request/response.
@@ -388,7 +409,7 @@ def _ciphered_main(host: str, port: int, interface: str, ic: int, k: int) -> Non
 @pytest.mark.parametrize("interface", INTERFACES)
 def test_sn_hls_gmac_ciphered(interface):
     k = 1
-    with running_simulator(2, interface=interface) as s:
+    with running_simulator(2, *GURUX_BLOCKS, interface=interface) as s:
         pub = SnMeter(sn_client(16, interface), s.host, s.port + k)
         try:
             pub.connect()
@@ -432,8 +453,10 @@ def _aarq(ctx: int, conformance: int, max_pdu: int, password: bytes = b"") -> by
 CONF_ALL = 0x101220  # read, block-read, multiple-references, parameterized-access
 
 
-def _session(conformance: int = CONF_ALL, max_pdu: int = 256, client: int = 16) -> Session:
-    s = Session(cosem.builtin_device(), cosem.MeterState(0), SimOptions())
+def _session(
+    conformance: int = CONF_ALL, max_pdu: int = 256, client: int = 16, blocks: str = "list"
+) -> Session:
+    s = Session(cosem.builtin_device(), cosem.MeterState(0), SimOptions(sn_blocks=blocks))
     password = b"00000000" if client == 32 else b""
     aare = s.handle(client, _aarq(sn.CTX_SN, conformance, max_pdu, password))
     assert aare is not None and aare[13:18] == b"\xa2\x03\x02\x01\x00"  # accepted
@@ -471,9 +494,10 @@ def test_read_response_items_bytes():
     )
 
 
-def test_read_response_blocks_bytes():
+@pytest.mark.parametrize("blocks", ["list", "data"])
+def test_read_response_blocks_bytes(blocks):
     # Given a client PDU of 256 bytes, when it reads a day of load profile by range
-    s = _session(client=32)
+    s = _session(client=32, blocks=blocks)
     pg = 0x0A00 + 8
     params = axdr_enc.structure(
         [
@@ -511,8 +535,12 @@ def test_read_response_blocks_bytes():
         number += 1
         if nxt[3]:
             break
-    # and the raw data of the blocks together is the profile buffer (the Data itself)
+    # and the raw data of the blocks together is the result list: one result, choice data,
+    # the profile buffer (with --sn-blocks data: the buffer alone)
     assert number > 4
+    if blocks == "list":
+        assert raw[:3] == b"\x01\x00\x01"
+        del raw[:2]
     value, end = axdr_enc.decode(bytes(raw))
     assert end == len(raw)
     assert [axdr_enc.parse_datetime(r[0]) for r in value] == [

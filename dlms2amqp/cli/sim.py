@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{name}", type=_rate, nargs="?", const=1.0, default=0.0, metavar="RATE",
             help=f"{what} (fraction of connections; bare flag = 1)",
         )  # fmt: skip
+    p.add_argument(
+        "--sn-blocks",
+        choices=["list", "data"],
+        default="list",
+        help="short-name READ blocks carry the result list (IEC 62056-53, real meters;"
+        " default) or the bare value (Gurux's servers, what gurux-dlms clients read)",
+    )
     p.add_argument("--procs", type=int, default=1, help="split the meters over K processes")
     p.add_argument("--seed", type=int, help="random seed for the fault rates")
     return p
@@ -145,6 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         interface=args.interface,
         seed=args.seed,
         hdlc_physical=args.physical,
+        sn_blocks=args.sn_blocks,
     )
     try:
         device = _device(args)

@@ -142,6 +142,8 @@ class SimOptions:
     interface: str = "WRAPPER"
     seed: Optional[int] = None
     hdlc_physical: int = 0
+    #: SN READ blocks: "list" (the encoded result list) or "data" (the bare Data), see sn.py
+    sn_blocks: str = "list"
 
 
 def _aare(

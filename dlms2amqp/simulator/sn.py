@@ -14,7 +14,10 @@ every READ-request (0x05) and WRITE-request (0x06) of an SN association:
 - :func:`read_request` answers a READ-request with one or several items
   (variable-name, parameterised-access with the profile selectors 1 and 2),
   splits a long READ-response into data-block-result blocks and serves the
-  client's block-number-access for the next one.
+  client's block-number-access for the next one.  The raw-data of the blocks
+  is the encoded result list (``01 00`` + Data for one item), as real SN
+  meters send it; ``--sn-blocks data`` sends the bare Data instead, as Gurux's
+  servers do and as gurux-dlms clients expect.
 - :func:`write_request` is only there for HLS pass 3: Gurux's clients invoke
   ``reply_to_HLS_authentication`` (class 12 method 8, base + 0x58) with a
   WRITE and expect f(CtoS) back in a READ-response; the same method invoked
@@ -312,8 +315,12 @@ def read_request(session: Session, apdu: bytes) -> bytes:
     limit = session.client_max_pdu - (CIPHER_OVERHEAD if session.ciphered else 0)
     if 1 + len(body) <= limit or not (session.conformance & CONF_BLOCK_READ):
         return bytes((READ_RESPONSE,)) + body
-    # A single item's blocks carry its Data; several items' carry the whole result list.
-    raw = results[0][1:] if len(results) == 1 else body
+    # The blocks carry the encoded result list (count, choice, Data...); Gurux's servers
+    # put only the Data of a single item there, and Gurux's clients expect that.
+    if session.opts.sn_blocks == "data" and len(results) == 1:
+        raw = results[0][1:]
+    else:
+        raw = body
     size = max(16, limit - BLOCK_HEADER)
     session.blocks = [raw[i : i + size] for i in range(0, len(raw), size)]
     session.block_no = 0
