@@ -136,7 +136,7 @@ def sn_client(client_sap: int, interface: str, max_pdu: int = 0, **kw):
 
 
 #: Gurux's clients read SN blocks that carry the bare Data (see sn.py), not the result list
-GURUX_BLOCKS = ("--sn-blocks", "data")
+GURUX_BLOCKS = ("-r", "SN", "--sn-blocks", "data")
 
 
 @pytest.fixture(scope="module", params=INTERFACES)
@@ -359,7 +359,7 @@ def test_gurux_sn_block_bug_still_there(sim):
 @pytest.mark.integration
 def test_gurux_reads_no_value_from_standard_sn_blocks(gurux_sn_fixes):
     # Given the simulator's default SN blocks (the result list, as real SN meters send)
-    with running_simulator(1) as s:
+    with running_simulator(1, "-r", "SN") as s:
         m = SnMeter(sn_client(32, "WRAPPER", max_pdu=256), s.host, s.port)
         try:
             m.connect()
@@ -451,21 +451,28 @@ def _aarq(ctx: int, conformance: int, max_pdu: int, password: bytes = b"") -> by
 
 
 CONF_ALL = 0x101220  # read, block-read, multiple-references, parameterized-access
+CTX_SN = 2
+
+
+def _sn_device() -> cosem.Device:
+    d = cosem.builtin_device()
+    sn.use_short_names(d)
+    return d
 
 
 def _session(
     conformance: int = CONF_ALL, max_pdu: int = 256, client: int = 16, blocks: str = "list"
 ) -> Session:
-    s = Session(cosem.builtin_device(), cosem.MeterState(0), SimOptions(sn_blocks=blocks))
+    s = Session(_sn_device(), cosem.MeterState(0), SimOptions(sn_blocks=blocks))
     password = b"00000000" if client == 32 else b""
-    aare = s.handle(client, _aarq(sn.CTX_SN, conformance, max_pdu, password))
+    aare = s.handle(client, _aarq(CTX_SN, conformance, max_pdu, password))
     assert aare is not None and aare[13:18] == b"\xa2\x03\x02\x01\x00"  # accepted
     return s
 
 
 def test_aare_for_sn_context():
-    s = Session(cosem.builtin_device(), cosem.MeterState(0), SimOptions())
-    aare = s.handle(16, _aarq(sn.CTX_SN, 0x10001F | CONF_ALL, 1024))
+    s = Session(_sn_device(), cosem.MeterState(0), SimOptions())
+    aare = s.handle(16, _aarq(CTX_SN, 0x10001F | CONF_ALL, 1024))
     assert aare is not None
     # application context 2 echoed, accepted, and an InitiateResponse with the SN services
     assert aare[4:13] == b"\x06\x07\x60\x85\x74\x05\x08\x01\x02"
@@ -474,11 +481,9 @@ def test_aare_for_sn_context():
     assert init == b"\x08\x00\x06\x5f\x1f\x04\x00\x10\x12\x20\xff\xff\xfa\x00"
 
 
-def test_sn_context_refused_by_ln_only_device():
-    d = cosem.builtin_device()
-    d.referencing = ("LN",)
-    s = Session(d, cosem.MeterState(0), SimOptions())
-    aare = s.handle(16, _aarq(sn.CTX_SN, CONF_ALL, 1024))
+def test_sn_context_refused_by_ln_association():
+    s = Session(cosem.builtin_device(), cosem.MeterState(0), SimOptions())
+    aare = s.handle(16, _aarq(CTX_SN, CONF_ALL, 1024))
     assert aare is not None
     assert aare[13:18] == b"\xa2\x03\x02\x01\x01"  # rejected-permanent
     assert aare[18:25] == b"\xa3\x05\xa1\x03\x02\x01\x02"  # application-context-name not supported

@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{what} (fraction of connections; bare flag = 1)",
         )  # fmt: skip
     p.add_argument(
+        "-r",
+        "--referencing",
+        type=str.upper,
+        choices=["LN", "SN"],
+        default="LN",
+        help="logical-name or short-name referencing for every client (default LN)",
+    )
+    p.add_argument(
         "--sn-blocks",
         choices=["list", "data"],
         default="list",
@@ -111,7 +119,7 @@ def raise_nofile(needed: int) -> Optional[str]:
 
 
 def _device(args: argparse.Namespace):
-    from dlms2amqp.simulator import cosem
+    from dlms2amqp.simulator import cosem, sn
 
     if args.template:
         from dlms2amqp.simulator import template
@@ -120,9 +128,13 @@ def _device(args: argparse.Namespace):
         for warning in tpl.warnings:  # what the template has but the simulator does not serve
             print(f"dlms2amqp-sim: template: {warning}", file=sys.stderr, flush=True)
         password = args.password.encode() if args.password is not None else None
-        return template.build_device(tpl, password)
-    password = (args.password if args.password is not None else "00000000").encode()
-    return cosem.builtin_device(password)
+        device = template.build_device(tpl, password)
+    else:
+        password = (args.password if args.password is not None else "00000000").encode()
+        device = cosem.builtin_device(password)
+    if args.referencing == "SN":
+        sn.use_short_names(device)
+    return device
 
 
 def main(argv: Optional[list[str]] = None) -> int:

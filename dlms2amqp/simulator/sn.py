@@ -5,7 +5,8 @@ Meters such as Landis+Gyr's older ones address objects by a 16-bit *base
 name* instead of class id + logical name (IEC 62056-53 "SN referencing",
 application context 2, or 4 ciphered).  This module is the SN counterpart
 of the GET/ACTION code in :mod:`dlms2amqp.simulator.apdu`, which hands it
-every READ-request (0x05) and WRITE-request (0x06) of an SN association:
+every READ-request (0x05) and WRITE-request (0x06) of an SN association
+(``Session.SERVICES``; inside glo-ciphering on a ciphered association):
 
 - :class:`SnMap` gives every object of a :class:`~cosem.Device` a base name
   (attribute *n* at ``base + 8*(n-1)``, methods at the class's offsets) and
@@ -46,14 +47,7 @@ READ_REQUEST = 0x05
 WRITE_REQUEST = 0x06
 READ_RESPONSE = 0x0C
 WRITE_RESPONSE = 0x0D
-GLO_READ_REQUEST = 0x25
-GLO_WRITE_REQUEST = 0x26
-GLO_READ_RESPONSE = 0x2C
-GLO_WRITE_RESPONSE = 0x2D
 CONFIRMED_SERVICE_ERROR = 0x0E
-
-CTX_SN = 2
-CTX_SN_CIPHERED = 4
 
 # Variable-Access-Specification choices
 VARIABLE_NAME = 2
@@ -174,6 +168,11 @@ class SnMap:
     def base_name(self, obj: CosemObject) -> int:
         return self.base[id(obj)]
 
+    @property
+    def assoc_base(self) -> int:
+        """Base name of the association SN object (the vaa-name of the InitiateResponse)."""
+        return self.base[id(self.assoc)]
+
     def resolve(self, name: int) -> tuple[CosemObject, bool, int]:
         """Base name + offset -> (object, is_method, attribute or method index)."""
         i = bisect_right(self._bases, name) - 1
@@ -268,6 +267,17 @@ def sn_map(device: Device) -> SnMap:
     return m
 
 
+def use_short_names(device: Device) -> SnMap:
+    """Serve every association of ``device`` with SN referencing (``dlms2amqp-sim -r SN``).
+
+    Raises SnError when the objects cannot all get a base name, before any client comes.
+    """
+    m = sn_map(device)
+    for a in device.associations.values():
+        a.referencing = 2
+    return m
+
+
 # --------------------------------------------------------------------------- READ
 def _service_error(service: int) -> bytes:
     """confirmed-service-error for a request that does not parse (service: other)."""
@@ -344,7 +354,9 @@ def _read_item(
             raise DataAccessError(cosem.READ_WRITE_DENIED)
         if not session.authenticated:
             raise DataAccessError(cosem.READ_WRITE_DENIED)
-        ctx = ReadContext(session.meter, now, session.opts.utc_offset, session.client_sap)
+        ctx = ReadContext(
+            session.meter, now, session.opts.utc_offset, session.client_sap, session=session
+        )
         if access is not None:
             ctx.selector, ctx.params = access
             if ctx.selector == 0:  # parameterised access without a selector
@@ -414,3 +426,7 @@ def write_request(session: Session, apdu: bytes) -> bytes:
                 return bytes((READ_RESPONSE, 1, R_DATA)) + ax.octet_string(reply)
         results.append(bytes((1, cosem.READ_WRITE_DENIED)))
     return bytes((WRITE_RESPONSE,)) + ax.enc_len(len(results)) + b"".join(results)
+
+
+#: the request services of an SN association, hooked into ``apdu.Session.SERVICES``
+SERVICES = {READ_REQUEST: read_request, WRITE_REQUEST: write_request}
