@@ -28,8 +28,6 @@ from dlms2amqp.simulator import model
 from tests.helpers_sim import running_simulator
 
 pytestmark = pytest.mark.integration
-# the simulator's short-name referencing comes with branch simsn; until it is merged here
-pytest.importorskip("dlms2amqp.simulator.sn", reason="simulator without SN (branch simsn)")
 LOW = "-c 32 -a Low -P 00000000 -r SN"
 KEYS = "-T 4775727578313233 -A D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF -B 000102030405060708090A0B0C0D0E0F"
 GMAC = f"-c 48 -a HighGMAC -C AuthenticationEncryption {KEYS} -r SN"
@@ -37,7 +35,7 @@ GMAC = f"-c 48 -a HighGMAC -C AuthenticationEncryption {KEYS} -r SN"
 
 @pytest.fixture(scope="module", params=["WRAPPER", "HDLC"])
 def sim(request):
-    with running_simulator(3, interface=request.param) as info:
+    with running_simulator(3, "-r", "SN", interface=request.param) as info:
         info.interface = request.param
         yield info
 
@@ -186,7 +184,20 @@ class SmallPduSession(MeterSession):
         return client
 
 
-def test_sn_profile_in_many_read_blocks(sim):
+@pytest.fixture(scope="module", params=["list", "data"])
+def blocks_sim(request, sim):
+    """The SN meter with each form of READ block raw-data: the result list (standard,
+    real meters) or the bare Data (Gurux's servers)."""
+    if request.param == "list":
+        yield sim
+        return
+    with running_simulator(3, "-r", "SN", "--sn-blocks", "data", interface=sim.interface) as info:
+        info.interface = sim.interface
+        yield info
+
+
+def test_sn_profile_in_many_read_blocks(blocks_sim):
+    sim = blocks_sim
     k = 2
     conn = conn_of(sim, LOW, k)
     start = datetime(2026, 3, 4, tzinfo=timezone.utc)

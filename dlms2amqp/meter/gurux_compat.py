@@ -116,6 +116,7 @@ class ReplyData(GXReplyData):
 
     raw_only = False  # skip Gurux's value decoding (see above)
     raw_list = False  # keep a list reply's per-item results as bytes
+    read_blocks = 0  # how many more blocks the session asked for (set by the session)
 
     def setTotalCount(self, value: int) -> None:  # noqa: N802 (Gurux's name)
         self.totalCount = value
