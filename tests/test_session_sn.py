@@ -240,3 +240,28 @@ def test_sn_ciphered_hls_gmac(sim, tmp_path):
                  dt_to=end)  # fmt: skip
     assert again["Status"] == "ok", again["Error"]
     assert again["DataRecords"] == profile_records(k, ts(start), ts(end))
+
+
+def test_sn_list_answered_in_read_blocks(blocks_sim):
+    # Given a list whose READ-response does not fit in 256 bytes
+    sim = blocks_sim
+    k = 1
+    conn = conn_of(sim, LOW, k)
+    lines: list = []
+    settings = parse_connection_string(conn)
+    session = SmallPduSession(settings, 10, trace=reader.make_tracer(settings, lines.append))
+    session.open(time.monotonic() + 30)
+    items = [("1.0.99.1.0.255", 3), ("1.0.98.1.0.255", 2), ("0.0.96.1.0.255", 2),
+             ("1.0.99.1.0.255", 8), ("1.0.1.8.0.255", 3)]  # fmt: skip
+    try:
+        records = reader._read_list(session, items, "iso")
+    finally:
+        session.close()
+    # Then every item has its value (the list form is what both kinds of meter send here)
+    assert [r["Code"] for r in records] == [reader._code(o, a) for o, a in items]
+    assert all("Error" not in r for r in records)
+    assert records[0]["Value"].startswith("[[8, 0000010000FF, 2, 0], [1, 0000600A01FF, 2, 0]")
+    assert records[1]["Value"].startswith("[[07") and records[1]["Value"].count("], [") == 30
+    assert records[2]["Value"] == model.serial_number(k)
+    assert records[3]["Value"] == "35040" and records[4]["Value"] == "[0, 30]"
+    assert any(a[:3] == b"\x05\x01\x05" for a in apdus(lines))  # it did come in blocks
