@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 _OBIS_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
 CLOCK_OBIS = "0.0.1.0.0.255"
-PROFILE, REGISTER, EXT_REGISTER, DATA, CLOCK = 7, 3, 4, 1, 8
+PROFILE, REGISTER, EXT_REGISTER, DEMAND_REGISTER, DATA, CLOCK = 7, 3, 4, 5, 1, 8
 
 
 @dataclass
@@ -253,7 +253,10 @@ def _class_from_object_list(session: MeterSession, obis: str, original: DataAcce
     real = session.class_cache.get(obis)
     if real is None:
         if original.code == 3:
-            raise original  # denied, and not listed for this client: still "access denied"
+            # the meter said "denied" and its object list does not show the object
+            raise DataAccessError(
+                f"{original.message}; {obis} is not in this association's object list", 3
+            ) from original
         raise ObjectError(f"unknown object {obis}: not in the meter's object list") from original
     session.note(f"{obis} is class {real} in the meter's object list")
     return real
@@ -292,7 +295,7 @@ def _records_for(session: MeterSession, class_id: int, obis: str, raw: bytes, fm
         dt = axdr.to_datetime(value) if isinstance(value, bytes) else value
         shown = format_datetime(dt, fmt) if isinstance(dt, datetime) else value
         return [record(dt if isinstance(dt, datetime) else _now(), obis, shown, fmt)]
-    if class_id in (REGISTER, EXT_REGISTER):
+    if class_id in (REGISTER, EXT_REGISTER, DEMAND_REGISTER):  # attribute 3: scaler_unit
         scaler = unit = None
         su = _decode(session, session.get_raw(class_id, obis, 3), f"{obis} attribute 3")
         if isinstance(su, list) and len(su) == 2:
