@@ -265,3 +265,35 @@ def test_sn_list_answered_in_read_blocks(blocks_sim):
     assert records[2]["Value"] == model.serial_number(k)
     assert records[3]["Value"] == "35040" and records[4]["Value"] == "[0, 30]"
     assert any(a[:3] == b"\x05\x01\x05" for a in apdus(lines))  # it did come in blocks
+
+
+def test_sn_list_values_equal_gurux_clients(sim):
+    """The same SN list read by Gurux's own SN client gives the same values (one READ each)."""
+    from gurux_dlms.objects import GXDLMSObject
+
+    from dlms2amqp.meter.session import gurux_to_native
+    from dlms2amqp.reply import value_to_str
+    from tests.helpers_sim import GuruxMeter, gurux_client
+
+    items = [(3, "1.0.1.8.0.255", 3), (1, "0.0.96.1.0.255", 2), (1, "0.0.42.0.0.255", 2),
+             (8, "0.0.1.0.0.255", 3), (7, "1.0.99.1.0.255", 4)]  # fmt: skip
+    g = ' -g "' + "; ".join(f"{o}:{a}" for _, o, a in items) + '"'
+    reply = read(sim, "ignored", conn=LOW + g, k=1)
+    assert reply["Status"] == "ok", reply["Error"]
+    client = gurux_client(32, sim.interface)
+    client.useLogicalNameReferencing = False
+    m = GuruxMeter(client, sim.host, sim.port + 1)
+    try:
+        m.connect()
+        objects = client.parseObjects(m.request(client.getObjectsRequest()).data, False)
+        names = {str(o.logicalName): o.shortName for o in objects}
+        objs = [(GXDLMSObject(c, o, names[o]), a) for c, o, a in items]
+        values = []
+        for message in client.readList(objs):
+            values += m.request(message).value
+        m.release()
+    finally:
+        m.close()
+    assert [r["Value"] for r in reply["DataRecords"]] == [
+        value_to_str(gurux_to_native(v)) for v in values
+    ]
