@@ -73,13 +73,28 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{name}", type=_rate, nargs="?", const=1.0, default=0.0, metavar="RATE",
             help=f"{what} (fraction of connections; bare flag = 1)",
         )  # fmt: skip
+    p.add_argument(
+        "-r",
+        "--referencing",
+        type=str.upper,
+        choices=["LN", "SN"],
+        default="LN",
+        help="logical-name or short-name referencing for every client (default LN)",
+    )
+    p.add_argument(
+        "--sn-blocks",
+        choices=["list", "data"],
+        default="list",
+        help="short-name READ blocks carry the result list (IEC 62056-53, real meters;"
+        " default) or the bare value (Gurux's servers, what gurux-dlms clients read)",
+    )
     p.add_argument("--procs", type=int, default=1, help="split the meters over K processes")
     p.add_argument("--seed", type=int, help="random seed for the fault rates")
     return p
 
 
 def _device(args: argparse.Namespace):
-    from dlms2amqp.simulator import cosem
+    from dlms2amqp.simulator import cosem, sn
 
     if args.template:
         from dlms2amqp.simulator import template
@@ -88,9 +103,13 @@ def _device(args: argparse.Namespace):
         for warning in tpl.warnings:  # what the template has but the simulator does not serve
             print(f"dlms2amqp-sim: template: {warning}", file=sys.stderr, flush=True)
         password = args.password.encode() if args.password is not None else None
-        return template.build_device(tpl, password)
-    password = (args.password if args.password is not None else "00000000").encode()
-    return cosem.builtin_device(password)
+        device = template.build_device(tpl, password)
+    else:
+        password = (args.password if args.password is not None else "00000000").encode()
+        device = cosem.builtin_device(password)
+    if args.referencing == "SN":
+        sn.use_short_names(device)
+    return device
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -120,6 +139,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         interface=args.interface,
         seed=args.seed,
         hdlc_physical=args.physical,
+        sn_blocks=args.sn_blocks,
     )
     try:
         device = _device(args)
