@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from gurux_dlms import GXDLMSException, GXReplyData
+from gurux_dlms import GXDLMSException, GXDLMSExceptionResponse, GXReplyData
 from gurux_dlms.enums import Conformance, RequestTypes, SourceDiagnostic
 from gurux_dlms.objects import GXDLMSData
 
@@ -247,6 +247,59 @@ def test_sn_wrong_password_rejected(sim):
         with pytest.raises(GXDLMSException) as exc:
             m.connect()
     assert exc.value.diagnostic == SourceDiagnostic.AUTHENTICATION_FAILURE
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("client_sap, mechanism", [(18, 2), (19, 3), (20, 4), (22, 6)])
+def test_sn_high_family(sim, client_sap, mechanism):
+    # Given a High-family client: Gurux sends HLS pass 3 as a WRITE to 0xFA58 (class 12
+    # method 8) and reads f(CtoS) from the READ-response the meter answers with
+    from gurux_dlms import GXDLMSClient
+    from gurux_dlms.enums import Authentication, InterfaceType
+    from gurux_dlms.secure import GXDLMSSecureClient
+
+    itype = InterfaceType.HDLC if sim.interface == "HDLC" else InterfaceType.WRAPPER
+    server = GXDLMSClient.getServerAddress(1, 0) if sim.interface == "HDLC" else 1
+    auth = Authentication(mechanism)
+    c = GXDLMSSecureClient(False, client_sap, server, auth, cosem.HLS_SECRET.decode(), itype)
+    if auth == Authentication.HIGH_SHA256:
+        c.ciphering.systemTitle = bytearray(b"GRX12345")
+    m = SnMeter(c, sim.host, sim.port)
+    try:
+        m.connect()  # raises unless the meter's f(CtoS) checks out
+        before = int(time.time())
+        value = m.read(_by_base("1.0.1.8.0.255", 3), 2)
+        after = int(time.time())
+        m.release()
+    finally:
+        m.close()
+    assert c.getIsAuthenticationRequired()
+    assert value in {model.import_wh(0, before), model.import_wh(0, after)}
+
+
+@pytest.mark.integration
+def test_sn_high_wrong_secret_rejected(sim):
+    from gurux_dlms import GXDLMSClient
+    from gurux_dlms.enums import Authentication, InterfaceType
+    from gurux_dlms.secure import GXDLMSSecureClient
+
+    itype = InterfaceType.HDLC if sim.interface == "HDLC" else InterfaceType.WRAPPER
+    server = GXDLMSClient.getServerAddress(1, 0) if sim.interface == "HDLC" else 1
+    c = GXDLMSSecureClient(False, 19, server, Authentication.HIGH_MD5, "Wrong", itype)
+    m = SnMeter(c, sim.host, sim.port)
+    try:
+        if itype == InterfaceType.HDLC:
+            c.parseUAResponse(m.request(c.snrmRequest()).data)
+        reply = m.request(c.aarqRequest())
+        c.parseAareResponse(reply.data)
+        reply = m.request(c.getApplicationAssociationRequest())
+        # the meter refuses pass 3: write-response read-write-denied, no f(CtoS)
+        assert reply.error == cosem.READ_WRITE_DENIED
+        # and the association is gone: service-not-allowed
+        with pytest.raises(GXDLMSExceptionResponse):
+            m.request(c.read(_by_base("1.0.1.8.0.255", 3), 2))
+    finally:
+        m.close()
 
 
 @pytest.mark.integration
@@ -611,6 +664,31 @@ def test_base_names_that_overlap_are_refused():
     ]
     with pytest.raises(sn.SnError, match="overlaps"):
         sn.SnMap(cosem.Device(objs, [cosem.Association(16)]))
+
+
+def test_hls_pass3_by_read_with_parameterised_access():
+    # Given client 19 (HighMD5) associated with a CtoS challenge
+    import hashlib
+
+    ctos = b"0123456789ABCDEF"
+    s = Session(_sn_device(), cosem.MeterState(0), SimOptions())
+    aarq = bytearray(_aarq(CTX_SN, CONF_ALL, 1024))
+    extra = b"\x8a\x02\x07\x80\x8b\x07\x60\x85\x74\x05\x08\x02\x03"
+    extra += b"\xac\x12\x80\x10" + ctos
+    body = bytes(aarq[2:13]) + extra + bytes(aarq[13:])
+    aare = s.handle(19, b"\x60" + bytes((len(body),)) + body)
+    assert aare is not None and b"\xa3\x05\xa1\x03\x02\x01\x0e" in aare  # authentication-required
+    stoc = aare[aare.index(b"\xaa\x12\x80\x10") + 4 :][:16]
+    # Before pass 3 the meter serves nothing
+    assert s.handle(19, b"\x05\x01\x02\x05\x08") == b"\x0c\x01\x01\x03"
+    # When the client sends f(StoC) = MD5(StoC || secret) the standard way, a READ of
+    # class 12 method 8 (0xFA58) with parameterised access
+    proof = hashlib.md5(stoc + cosem.HLS_SECRET).digest()
+    reply = s.handle(19, b"\x05\x01\x04\xfa\x58\x00\x09\x10" + proof)
+    # Then the meter answers f(CtoS) = MD5(CtoS || secret) and serves reads
+    assert reply == b"\x0c\x01\x00\x09\x10" + hashlib.md5(ctos + cosem.HLS_SECRET).digest()
+    reg = s.handle(19, b"\x05\x01\x02\x05\x08")
+    assert reg is not None and reg[:4] == b"\x0c\x01\x00\x06"
 
 
 def test_hls_reply_needs_a_challenge():
