@@ -426,6 +426,123 @@ def test_gurux_reads_no_value_from_standard_sn_blocks(gurux_sn_fixes):
     assert reply.value is None and reply.error == 0
 
 
+# --- a short-name template ----------------------------------------------------------------
+SN_TEMPLATE = """<?xml version="1.0" encoding="utf-8"?>
+<Objects>
+  <GXDLMSAssociationShortName>
+    <LN>0.0.40.0.0.255</LN>
+    <SN>64000</SN>
+    <Version>2</Version>
+    <Secret>47 75 72 75 78</Secret>
+  </GXDLMSAssociationShortName>
+  <GXDLMSClock>
+    <LN>0.0.1.0.0.255</LN>
+    <SN>512</SN>
+    <TimeZone>-60</TimeZone>
+  </GXDLMSClock>
+  <GXDLMSData>
+    <LN>0.0.96.1.0.255</LN>
+    <Value Type="10">LGZ1234</Value>
+  </GXDLMSData>
+  <GXDLMSRegister>
+    <LN>1.0.1.8.0.255</LN>
+    <SN>768</SN>
+    <Value Type="6">12345</Value>
+    <Scaler>0.1</Scaler>
+    <Unit>30</Unit>
+  </GXDLMSRegister>
+  <GXDLMSProfileGeneric>
+    <LN>1.0.99.1.0.255</LN>
+    <SN>1024</SN>
+    <Version>1</Version>
+    <Buffer>
+      <Row><Cell Type="9" UIType="25">01/05/2024 10:00:00</Cell><Cell Type="6">100</Cell></Row>
+      <Row><Cell Type="9" UIType="25">01/05/2024 10:15:00</Cell><Cell Type="6">105</Cell></Row>
+      <Row><Cell Type="9" UIType="25">01/05/2024 10:30:00</Cell><Cell Type="6">111</Cell></Row>
+    </Buffer>
+    <CaptureObjects>
+      <Item><ObjectType>8</ObjectType><LN>0.0.1.0.0.255</LN><Attribute>2</Attribute></Item>
+      <Item><ObjectType>3</ObjectType><LN>1.0.1.8.0.255</LN><Attribute>2</Attribute></Item>
+    </CaptureObjects>
+    <CapturePeriod>900</CapturePeriod>
+    <ProfileEntries>100</ProfileEntries>
+  </GXDLMSProfileGeneric>
+</Objects>
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("interface", INTERFACES)
+def test_sn_template_read_by_gurux(tmp_path, interface):
+    # Given a template with an association SN object and <SN> base names (one left out)
+    path = tmp_path / "sn.xml"
+    path.write_text(SN_TEMPLATE)
+    from gurux_dlms import GXDLMSClient
+    from gurux_dlms.enums import Authentication, InterfaceType
+
+    itype = InterfaceType.HDLC if interface == "HDLC" else InterfaceType.WRAPPER
+    server = GXDLMSClient.getServerAddress(1, 0) if interface == "HDLC" else 1
+    with running_simulator(1, "-x", str(path), interface=interface) as s:
+        # When Gurux's client 17 (Low, the class 12 secret) reads it with short names
+        c = GXDLMSClient(False, 17, server, Authentication.LOW, "Gurux", itype)
+        m = SnMeter(c, s.host, s.port)
+        try:
+            m.connect()
+            objects = _objects(m)
+            reg = objects["1.0.1.8.0.255"]
+            m.read(reg, 3)
+            value = m.request(c.read(reg, 2)).value
+            serial = m.request(c.read(objects["0.0.96.1.0.255"], 2)).value
+            tz = m.request(c.read(objects["0.0.1.0.0.255"], 3)).value
+            pg = objects["1.0.99.1.0.255"]
+            m.read(pg, 3)
+            rows = m.request(
+                c.readRowsByRange(pg, _utc(2024, 1, 5, 10, 10), _utc(2024, 1, 5, 11))
+            ).value
+            m.release()
+        finally:
+            m.close()
+        # and client 16 without authentication is served too
+        pub = SnMeter(
+            GXDLMSClient(False, 16, server, Authentication.NONE, None, itype), s.host, s.port
+        )
+        try:
+            pub.connect()
+            pub_serial = pub.request(pub.client.read(objects["0.0.96.1.0.255"], 2)).value
+        finally:
+            pub.close()
+    # Then the template's base names are served, the missing one allocated from 0x0100
+    got = {ln: o.shortName for ln, o in objects.items()}
+    assert got == {
+        "0.0.40.0.0.255": 64000, "0.0.1.0.0.255": 512, "0.0.96.1.0.255": 0x0100,
+        "1.0.1.8.0.255": 768, "1.0.99.1.0.255": 1024,
+    }  # fmt: skip
+    assert value == 12345 and reg.scaler == pytest.approx(0.1) and int(reg.unit) == 30
+    assert str(serial) == str(pub_serial) == "LGZ1234"
+    assert tz == -60
+    assert [(axdr_enc.parse_datetime(bytes(r[0])), r[1]) for r in rows] == [
+        (_ts(_utc(2024, 1, 5, 10, 15)), 105),
+        (_ts(_utc(2024, 1, 5, 10, 30)), 111),
+    ]
+
+
+@pytest.mark.parametrize(
+    "sn_text, message",
+    [("770", "not a multiple of 8"), ("776", "overlaps"), ("0", "not a multiple of 8")],
+)
+def test_sn_template_bad_base_names(sn_text, message):
+    from dlms2amqp.simulator import template
+
+    # a second register at 770 / 776: inside the first one's names (768 + 3 attributes)
+    text = SN_TEMPLATE.replace(
+        "  <GXDLMSProfileGeneric>",
+        f"  <GXDLMSRegister><LN>1.0.2.8.0.255</LN><SN>{sn_text}</SN>"
+        '<Value Type="6">1</Value></GXDLMSRegister>\n  <GXDLMSProfileGeneric>',
+    )
+    with pytest.raises(template.TemplateError, match=message):
+        template.build_device(template.parse_template(text, "sn.xml"))
+
+
 # --- client 48: HLS-GMAC and authenticated encryption (glo-read) --------------------------
 def _ciphered_main(host: str, port: int, interface: str, ic: int, k: int) -> None:
     """Run under ``python -O``: Gurux's client reads SN through glo-read-request/response.
