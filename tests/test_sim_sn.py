@@ -659,6 +659,14 @@ def test_sn_context_refused_by_ln_association():
     assert aare[18:25] == b"\xa3\x05\xa1\x03\x02\x01\x02"  # application-context-name not supported
 
 
+def test_ln_context_refused_by_sn_association():
+    s = Session(_sn_device(), cosem.MeterState(0), SimOptions())
+    aare = s.handle(16, _aarq(1, 0x001010, 1024))
+    assert aare is not None
+    assert aare[13:18] == b"\xa2\x03\x02\x01\x01"  # rejected-permanent
+    assert aare[18:25] == b"\xa3\x05\xa1\x03\x02\x01\x02"  # application-context-name not supported
+
+
 def test_read_response_items_bytes():
     s = _session()
     # variable-name 0x0108 (clock time zone), 0x0208 (logical device name), 0x4000 (nothing)
