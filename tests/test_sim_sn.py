@@ -759,6 +759,22 @@ def test_read_that_does_not_parse():
     assert s.handle(16, b"\x05\x02\x02\x01") == b"\x0e\x05\x03\x00"
 
 
+def test_sn_requests_fuzzed():
+    # Whatever follows the READ/WRITE tag, the meter answers with a READ/WRITE response or
+    # a confirmed-service-error, never an exception (here: raised out of Session.handle)
+    import random
+
+    rng = random.Random(1234)
+    s = _session(client=32)
+    heads = [b"\x05\x01\x02", b"\x05\x01\x04\x0a\x08", b"\x05\x02\x02", b"\x06\x01\x02", b"\x05"]
+    for i in range(3000):
+        body = bytes(rng.randrange(256) for _ in range(rng.randrange(12)))
+        reply = s.handle(32, heads[i % len(heads)] + body)
+        assert reply is not None and reply[0] in (0x0C, 0x0D, 0x0E), reply
+    # and the association still serves a plain read afterwards
+    assert s.handle(32, b"\x05\x01\x02\x03\x08")[:3] == b"\x0c\x01\x00"
+
+
 def test_get_on_sn_association_refused():
     s = _session()
     reply = s.handle(16, b"\xc0\x01\x01\x00\x08\x00\x00\x01\x00\x00\xff\x02\x00")

@@ -312,9 +312,7 @@ def read_request(session: Session, apdu: bytes) -> bytes:
                 params, pos = ax.decode(apdu, pos + 4)
                 items.append((name, (selector, params)))
             else:  # detailed access, read-data-block-access: not offered
-                items.append((name, (-1, None)))
-                pos = len(apdu)
-                break
+                raise ax.DecodeError(f"variable access {choice} is not offered")
     except (IndexError, ax.DecodeError):
         return _service_error(5)
     session.blocks = []
@@ -342,8 +340,6 @@ def _read_item(
 ) -> bytes:
     """One Read-Response item: 0 + Data, or 1 + data-access-result."""
     try:
-        if access is not None and access[0] < 0:
-            raise DataAccessError(cosem.READ_WRITE_DENIED)
         obj, is_method, index = smap.resolve(name)
         if is_method:
             if obj is smap.assoc and index == 8 and access is not None:
