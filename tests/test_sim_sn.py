@@ -12,6 +12,9 @@ as shipped.  The tests supply the smallest test-local fixes, each named after th
 line it works around (``GX_FIXES``), so that the rest of the exchange is still
 Gurux's own code; ``test_gurux_sn_block_bug_still_there`` fails the day Gurux
 fixes the first of them.
+
+The file is long because it tells the whole SN story in one place: the Gurux
+client's view over sockets, then the bytes the same requests produce.
 """
 
 from __future__ import annotations
