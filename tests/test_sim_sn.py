@@ -505,7 +505,7 @@ def test_sn_template_read_by_gurux(tmp_path, interface):
             m.release()
         finally:
             m.close()
-        # and client 16 without authentication is served too
+        # and client 16 without authentication is served too,
         pub = SnMeter(
             GXDLMSClient(False, 16, server, Authentication.NONE, None, itype), s.host, s.port
         )
@@ -514,13 +514,24 @@ def test_sn_template_read_by_gurux(tmp_path, interface):
             pub_serial = pub.request(pub.client.read(objects["0.0.96.1.0.255"], 2)).value
         finally:
             pub.close()
+        # and client 18 with High and the same secret
+        from gurux_dlms.secure import GXDLMSSecureClient
+
+        hc = GXDLMSSecureClient(False, 18, server, Authentication.HIGH, "Gurux", itype)
+        high = SnMeter(hc, s.host, s.port)
+        try:
+            high.connect()
+            high_value = high.request(hc.read(reg, 2)).value
+        finally:
+            high.close()
     # Then the template's base names are served, the missing one allocated from 0x0100
     got = {ln: o.shortName for ln, o in objects.items()}
     assert got == {
         "0.0.40.0.0.255": 64000, "0.0.1.0.0.255": 512, "0.0.96.1.0.255": 0x0100,
         "1.0.1.8.0.255": 768, "1.0.99.1.0.255": 1024,
     }  # fmt: skip
-    assert value == 12345 and reg.scaler == pytest.approx(0.1) and int(reg.unit) == 30
+    assert value == high_value == 12345
+    assert reg.scaler == pytest.approx(0.1) and int(reg.unit) == 30
     assert str(serial) == str(pub_serial) == "LGZ1234"
     assert tz == -60
     assert [(axdr_enc.parse_datetime(bytes(r[0])), r[1]) for r in rows] == [
@@ -778,10 +789,12 @@ def test_sn_requests_fuzzed():
     assert s.handle(32, b"\x05\x01\x02\x03\x08")[:3] == b"\x0c\x01\x00"
 
 
-def test_get_on_sn_association_refused():
+def test_get_and_action_on_sn_association_refused():
     s = _session()
     reply = s.handle(16, b"\xc0\x01\x01\x00\x08\x00\x00\x01\x00\x00\xff\x02\x00")
-    assert reply == b"\xd8\x02\x02"
+    assert reply == b"\xd8\x02\x02"  # service-unknown, service-not-supported
+    action = b"\xc3\x01\x01\x00\x0f\x00\x00\x28\x00\x00\xff\x01\x01\x09\x02\x00\x00"
+    assert s.handle(16, action) == b"\xd8\x02\x02"
 
 
 def test_base_names_explicit_and_allocated():

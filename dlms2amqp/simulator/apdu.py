@@ -319,12 +319,13 @@ class Session:
 
     def _plain(self, apdu: bytes) -> Optional[bytes]:
         tag = apdu[0]
+        if self.assoc is not None and self.assoc.referencing == 2:
+            # short names: only READ/WRITE (sn.py), which check authentication per item
+            # themselves, HLS pass 3 arriving through them
+            service = self.SERVICES.get(tag)
+            return service(self, apdu) if service is not None else b"\xd8\x02\x02"
         if tag == ACTION_REQUEST:
             return self._action(apdu)
-        service = self.SERVICES.get(tag)
-        if service is not None and self.assoc is not None and self.assoc.referencing == 2:
-            # checks authentication per item itself: HLS pass 3 arrives through READ/WRITE
-            return service(self, apdu)
         if not self.authenticated:
             return b"\xd8\x01\x01"
         if tag == GET_REQUEST and self.assoc is not None and self.assoc.referencing == 1:
