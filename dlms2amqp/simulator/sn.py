@@ -75,9 +75,6 @@ ASSOCIATION_SN = 0xFA00
 ASSOCIATION_SN_VERSION = 2
 FIRST_BASE = 0x0100
 STRIDE = 0x0100
-#: class 12 method 8 (reply_to_HLS_authentication): 0x20 + 7 * 8
-HLS_METHOD_OFFSET = 0x58
-
 #: (offset of method 1, number of methods) per class, from the classes' short-name
 #: tables (IEC 62056-62): a name in this range is a method, not an attribute
 METHODS = {
