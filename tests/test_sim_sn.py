@@ -756,6 +756,20 @@ def test_read_block_number_out_of_order():
     assert s.handle(16, b"\x05\x01\x05\x00\x01") == b"\x0c\x01\x01\x10"
 
 
+@pytest.mark.parametrize(
+    "conformance, apdu",
+    [
+        (0x001220, b"\x05\x01\x02\x01\x08"),  # no read
+        (0x101020, b"\x05\x02\x02\x01\x08\x02\x01\x10"),  # two items, no multiple-references
+        (0x101200, b"\x05\x01\x04\x0a\x08\x01\x00"),  # parameterised, not negotiated
+        (0x101220, b"\x06\x01\x02\xfa\x58\x01\x09\x00"),  # write, not negotiated
+    ],
+)
+def test_services_not_negotiated_refused(conformance, apdu):
+    s = _session(conformance=conformance)
+    assert s.handle(16, apdu) == bytes((0x0E, apdu[0], 3, 2))  # service-unsupported
+
+
 def test_no_blocks_without_block_transfer_negotiated():
     s = _session(conformance=0x100220, max_pdu=128)
     reply = s.handle(16, b"\x05\x01\x02\xfa\x08")
@@ -850,7 +864,7 @@ def test_hls_pass3_by_read_with_parameterised_access():
 
 def test_hls_reply_needs_a_challenge():
     # HLS pass 3 on a session without HLS in progress is refused, not crashed
-    s = _session()
+    s = _session(conformance=CONF_ALL | sn.CONF_WRITE)
     reply = s.handle(16, b"\x06\x01\x02\xfa\x58\x01\x09\x02\x00\x00")
     assert reply == b"\x0d\x01\x01\x03"
     assert sim_apdu.SUPPORTED_CONFORMANCE & sn.CONF_READ == 0
