@@ -27,7 +27,6 @@ from dlms2amqp.simulator.cosem import Device, MeterState
 
 log = logging.getLogger("dlms2amqp.sim")
 
-
 # --- the event loop ----------------------------------------------------------------
 class Conn:
     """One accepted connection."""
