@@ -164,8 +164,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         interface=args.interface,
         seed=args.seed,
         hdlc_physical=args.physical,
-        sn_blocks=args.sn_blocks,
     )
+    opts.sn_blocks = args.sn_blocks
     try:
         device = _device(args)
     except Exception as e:  # template errors are reported, not traced

@@ -150,13 +150,14 @@ class SimOptions:
     interface: str = "WRAPPER"
     seed: Optional[int] = None
     hdlc_physical: int = 0
-    #: SN READ blocks: "list" (the encoded result list) or "data" (the bare Data), see sn.py
-    sn_blocks: str = "list"
     # --- meter quirks (sim --trailing-bytes / --deny-wrong-class) -------------------
     #: bytes appended after the clock value and after the last profile block
     trailing_bytes: int = 0
     #: answer read-write-denied (3) for an unknown object or a wrong class
     deny_wrong_class: bool = False
+
+    #: SN READ blocks: "list" (the encoded result list) or "data" (the bare Data), see sn.py
+    sn_blocks: str = "list"
 
 
 def _aare(
