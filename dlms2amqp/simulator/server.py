@@ -27,6 +27,7 @@ from dlms2amqp.simulator.cosem import Device, MeterState
 
 log = logging.getLogger("dlms2amqp.sim")
 
+
 # --- the event loop ----------------------------------------------------------------
 class Conn:
     """One accepted connection."""
