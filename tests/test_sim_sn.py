@@ -12,6 +12,9 @@ as shipped.  The tests supply the smallest test-local fixes, each named after th
 line it works around (``GX_FIXES``), so that the rest of the exchange is still
 Gurux's own code; ``test_gurux_sn_block_bug_still_there`` fails the day Gurux
 fixes the first of them.
+
+The file is long because it tells the whole SN story in one place: the Gurux
+client's view over sockets, then the bytes the same requests produce.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from gurux_dlms import GXDLMSException, GXReplyData
+from gurux_dlms import GXDLMSException, GXDLMSExceptionResponse, GXReplyData
 from gurux_dlms.enums import Conformance, RequestTypes, SourceDiagnostic
 from gurux_dlms.objects import GXDLMSData
 
@@ -250,6 +253,59 @@ def test_sn_wrong_password_rejected(sim):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("client_sap, mechanism", [(18, 2), (19, 3), (20, 4), (22, 6)])
+def test_sn_high_family(sim, client_sap, mechanism):
+    # Given a High-family client: Gurux sends HLS pass 3 as a WRITE to 0xFA58 (class 12
+    # method 8) and reads f(CtoS) from the READ-response the meter answers with
+    from gurux_dlms import GXDLMSClient
+    from gurux_dlms.enums import Authentication, InterfaceType
+    from gurux_dlms.secure import GXDLMSSecureClient
+
+    itype = InterfaceType.HDLC if sim.interface == "HDLC" else InterfaceType.WRAPPER
+    server = GXDLMSClient.getServerAddress(1, 0) if sim.interface == "HDLC" else 1
+    auth = Authentication(mechanism)
+    c = GXDLMSSecureClient(False, client_sap, server, auth, cosem.HLS_SECRET.decode(), itype)
+    if auth == Authentication.HIGH_SHA256:
+        c.ciphering.systemTitle = bytearray(b"GRX12345")
+    m = SnMeter(c, sim.host, sim.port)
+    try:
+        m.connect()  # raises unless the meter's f(CtoS) checks out
+        before = int(time.time())
+        value = m.read(_by_base("1.0.1.8.0.255", 3), 2)
+        after = int(time.time())
+        m.release()
+    finally:
+        m.close()
+    assert c.getIsAuthenticationRequired()
+    assert value in {model.import_wh(0, before), model.import_wh(0, after)}
+
+
+@pytest.mark.integration
+def test_sn_high_wrong_secret_rejected(sim):
+    from gurux_dlms import GXDLMSClient
+    from gurux_dlms.enums import Authentication, InterfaceType
+    from gurux_dlms.secure import GXDLMSSecureClient
+
+    itype = InterfaceType.HDLC if sim.interface == "HDLC" else InterfaceType.WRAPPER
+    server = GXDLMSClient.getServerAddress(1, 0) if sim.interface == "HDLC" else 1
+    c = GXDLMSSecureClient(False, 19, server, Authentication.HIGH_MD5, "Wrong", itype)
+    m = SnMeter(c, sim.host, sim.port)
+    try:
+        if itype == InterfaceType.HDLC:
+            c.parseUAResponse(m.request(c.snrmRequest()).data)
+        reply = m.request(c.aarqRequest())
+        c.parseAareResponse(reply.data)
+        reply = m.request(c.getApplicationAssociationRequest())
+        # the meter refuses pass 3: write-response read-write-denied, no f(CtoS)
+        assert reply.error == cosem.READ_WRITE_DENIED
+        # and the association is gone: service-not-allowed
+        with pytest.raises(GXDLMSExceptionResponse):
+            m.request(c.read(_by_base("1.0.1.8.0.255", 3), 2))
+    finally:
+        m.close()
+
+
+@pytest.mark.integration
 def test_sn_multiple_variable_access(sim):
     # Given one READ-request naming four variables, one of them not a base name of this meter
     k = 1
@@ -373,6 +429,134 @@ def test_gurux_reads_no_value_from_standard_sn_blocks(gurux_sn_fixes):
     assert reply.value is None and reply.error == 0
 
 
+# --- a short-name template ----------------------------------------------------------------
+SN_TEMPLATE = """<?xml version="1.0" encoding="utf-8"?>
+<Objects>
+  <GXDLMSAssociationShortName>
+    <LN>0.0.40.0.0.255</LN>
+    <SN>64000</SN>
+    <Version>2</Version>
+    <Secret>47 75 72 75 78</Secret>
+  </GXDLMSAssociationShortName>
+  <GXDLMSClock>
+    <LN>0.0.1.0.0.255</LN>
+    <SN>512</SN>
+    <TimeZone>-60</TimeZone>
+  </GXDLMSClock>
+  <GXDLMSData>
+    <LN>0.0.96.1.0.255</LN>
+    <Value Type="10">LGZ1234</Value>
+  </GXDLMSData>
+  <GXDLMSRegister>
+    <LN>1.0.1.8.0.255</LN>
+    <SN>768</SN>
+    <Value Type="6">12345</Value>
+    <Scaler>0.1</Scaler>
+    <Unit>30</Unit>
+  </GXDLMSRegister>
+  <GXDLMSProfileGeneric>
+    <LN>1.0.99.1.0.255</LN>
+    <SN>1024</SN>
+    <Version>1</Version>
+    <Buffer>
+      <Row><Cell Type="9" UIType="25">01/05/2024 10:00:00</Cell><Cell Type="6">100</Cell></Row>
+      <Row><Cell Type="9" UIType="25">01/05/2024 10:15:00</Cell><Cell Type="6">105</Cell></Row>
+      <Row><Cell Type="9" UIType="25">01/05/2024 10:30:00</Cell><Cell Type="6">111</Cell></Row>
+    </Buffer>
+    <CaptureObjects>
+      <Item><ObjectType>8</ObjectType><LN>0.0.1.0.0.255</LN><Attribute>2</Attribute></Item>
+      <Item><ObjectType>3</ObjectType><LN>1.0.1.8.0.255</LN><Attribute>2</Attribute></Item>
+    </CaptureObjects>
+    <CapturePeriod>900</CapturePeriod>
+    <ProfileEntries>100</ProfileEntries>
+  </GXDLMSProfileGeneric>
+</Objects>
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("interface", INTERFACES)
+def test_sn_template_read_by_gurux(tmp_path, interface):
+    # Given a template with an association SN object and <SN> base names (one left out)
+    path = tmp_path / "sn.xml"
+    path.write_text(SN_TEMPLATE)
+    from gurux_dlms import GXDLMSClient
+    from gurux_dlms.enums import Authentication, InterfaceType
+
+    itype = InterfaceType.HDLC if interface == "HDLC" else InterfaceType.WRAPPER
+    server = GXDLMSClient.getServerAddress(1, 0) if interface == "HDLC" else 1
+    with running_simulator(1, "-x", str(path), interface=interface) as s:
+        # When Gurux's client 17 (Low, the class 12 secret) reads it with short names
+        c = GXDLMSClient(False, 17, server, Authentication.LOW, "Gurux", itype)
+        m = SnMeter(c, s.host, s.port)
+        try:
+            m.connect()
+            objects = _objects(m)
+            reg = objects["1.0.1.8.0.255"]
+            m.read(reg, 3)
+            value = m.request(c.read(reg, 2)).value
+            serial = m.request(c.read(objects["0.0.96.1.0.255"], 2)).value
+            tz = m.request(c.read(objects["0.0.1.0.0.255"], 3)).value
+            pg = objects["1.0.99.1.0.255"]
+            m.read(pg, 3)
+            rows = m.request(
+                c.readRowsByRange(pg, _utc(2024, 1, 5, 10, 10), _utc(2024, 1, 5, 11))
+            ).value
+            m.release()
+        finally:
+            m.close()
+        # and client 16 without authentication is served too,
+        pub = SnMeter(
+            GXDLMSClient(False, 16, server, Authentication.NONE, None, itype), s.host, s.port
+        )
+        try:
+            pub.connect()
+            pub_serial = pub.request(pub.client.read(objects["0.0.96.1.0.255"], 2)).value
+        finally:
+            pub.close()
+        # and client 18 with High and the same secret
+        from gurux_dlms.secure import GXDLMSSecureClient
+
+        hc = GXDLMSSecureClient(False, 18, server, Authentication.HIGH, "Gurux", itype)
+        high = SnMeter(hc, s.host, s.port)
+        try:
+            high.connect()
+            high_value = high.request(hc.read(reg, 2)).value
+        finally:
+            high.close()
+    # Then the template's base names are served, the missing one allocated from 0x0100
+    got = {ln: o.shortName for ln, o in objects.items()}
+    assert got == {
+        "0.0.40.0.0.255": 64000, "0.0.1.0.0.255": 512, "0.0.96.1.0.255": 0x0100,
+        "1.0.1.8.0.255": 768, "1.0.99.1.0.255": 1024,
+    }  # fmt: skip
+    assert value == high_value == 12345
+    assert reg.scaler == pytest.approx(0.1) and int(reg.unit) == 30
+    assert str(serial) == str(pub_serial) == "LGZ1234"
+    assert tz == -60
+    assert [(axdr_enc.parse_datetime(bytes(r[0])), r[1]) for r in rows] == [
+        (_ts(_utc(2024, 1, 5, 10, 15)), 105),
+        (_ts(_utc(2024, 1, 5, 10, 30)), 111),
+    ]
+
+
+@pytest.mark.parametrize(
+    "sn_text, message",
+    [("770", "not a multiple of 8"), ("776", "overlaps"), ("0", "not a multiple of 8")],
+)
+def test_sn_template_bad_base_names(sn_text, message):
+    from dlms2amqp.simulator import template
+
+    # a second register at 770 / 776: inside the first one's names (768 + 3 attributes)
+    text = SN_TEMPLATE.replace(
+        "  <GXDLMSProfileGeneric>",
+        f"  <GXDLMSRegister><LN>1.0.2.8.0.255</LN><SN>{sn_text}</SN>"
+        '<Value Type="6">1</Value></GXDLMSRegister>\n  <GXDLMSProfileGeneric>',
+    )
+    with pytest.raises(template.TemplateError, match=message):
+        template.build_device(template.parse_template(text, "sn.xml"))
+
+
 # --- client 48: HLS-GMAC and authenticated encryption (glo-read) --------------------------
 def _ciphered_main(host: str, port: int, interface: str, ic: int, k: int) -> None:
     """Run under ``python -O``: Gurux's client reads SN through glo-read-request/response.
@@ -489,6 +673,14 @@ def test_sn_context_refused_by_ln_association():
     assert aare[18:25] == b"\xa3\x05\xa1\x03\x02\x01\x02"  # application-context-name not supported
 
 
+def test_ln_context_refused_by_sn_association():
+    s = Session(_sn_device(), cosem.MeterState(0), SimOptions())
+    aare = s.handle(16, _aarq(1, 0x001010, 1024))
+    assert aare is not None
+    assert aare[13:18] == b"\xa2\x03\x02\x01\x01"  # rejected-permanent
+    assert aare[18:25] == b"\xa3\x05\xa1\x03\x02\x01\x02"  # application-context-name not supported
+
+
 def test_read_response_items_bytes():
     s = _session()
     # variable-name 0x0108 (clock time zone), 0x0208 (logical device name), 0x4000 (nothing)
@@ -564,6 +756,20 @@ def test_read_block_number_out_of_order():
     assert s.handle(16, b"\x05\x01\x05\x00\x01") == b"\x0c\x01\x01\x10"
 
 
+@pytest.mark.parametrize(
+    "conformance, apdu",
+    [
+        (0x001220, b"\x05\x01\x02\x01\x08"),  # no read
+        (0x101020, b"\x05\x02\x02\x01\x08\x02\x01\x10"),  # two items, no multiple-references
+        (0x101200, b"\x05\x01\x04\x0a\x08\x01\x00"),  # parameterised, not negotiated
+        (0x101220, b"\x06\x01\x02\xfa\x58\x01\x09\x00"),  # write, not negotiated
+    ],
+)
+def test_services_not_negotiated_refused(conformance, apdu):
+    s = _session(conformance=conformance)
+    assert s.handle(16, apdu) == bytes((0x0E, apdu[0], 3, 2))  # service-unsupported
+
+
 def test_no_blocks_without_block_transfer_negotiated():
     s = _session(conformance=0x100220, max_pdu=128)
     reply = s.handle(16, b"\x05\x01\x02\xfa\x08")
@@ -581,10 +787,28 @@ def test_read_that_does_not_parse():
     assert s.handle(16, b"\x05\x02\x02\x01") == b"\x0e\x05\x03\x00"
 
 
-def test_get_on_sn_association_refused():
+def test_sn_requests_fuzzed():
+    # Whatever follows the READ/WRITE tag, the meter answers with a READ/WRITE response or
+    # a confirmed-service-error, never an exception (here: raised out of Session.handle)
+    import random
+
+    rng = random.Random(1234)
+    s = _session(client=32)
+    heads = [b"\x05\x01\x02", b"\x05\x01\x04\x0a\x08", b"\x05\x02\x02", b"\x06\x01\x02", b"\x05"]
+    for i in range(3000):
+        body = bytes(rng.randrange(256) for _ in range(rng.randrange(12)))
+        reply = s.handle(32, heads[i % len(heads)] + body)
+        assert reply is not None and reply[0] in (0x0C, 0x0D, 0x0E), reply
+    # and the association still serves a plain read afterwards
+    assert s.handle(32, b"\x05\x01\x02\x03\x08")[:3] == b"\x0c\x01\x00"
+
+
+def test_get_and_action_on_sn_association_refused():
     s = _session()
     reply = s.handle(16, b"\xc0\x01\x01\x00\x08\x00\x00\x01\x00\x00\xff\x02\x00")
-    assert reply == b"\xd8\x02\x02"
+    assert reply == b"\xd8\x02\x02"  # service-unknown, service-not-supported
+    action = b"\xc3\x01\x01\x00\x0f\x00\x00\x28\x00\x00\xff\x01\x01\x09\x02\x00\x00"
+    assert s.handle(16, action) == b"\xd8\x02\x02"
 
 
 def test_base_names_explicit_and_allocated():
@@ -613,9 +837,34 @@ def test_base_names_that_overlap_are_refused():
         sn.SnMap(cosem.Device(objs, [cosem.Association(16)]))
 
 
+def test_hls_pass3_by_read_with_parameterised_access():
+    # Given client 19 (HighMD5) associated with a CtoS challenge
+    import hashlib
+
+    ctos = b"0123456789ABCDEF"
+    s = Session(_sn_device(), cosem.MeterState(0), SimOptions())
+    aarq = bytearray(_aarq(CTX_SN, CONF_ALL, 1024))
+    extra = b"\x8a\x02\x07\x80\x8b\x07\x60\x85\x74\x05\x08\x02\x03"
+    extra += b"\xac\x12\x80\x10" + ctos
+    body = bytes(aarq[2:13]) + extra + bytes(aarq[13:])
+    aare = s.handle(19, b"\x60" + bytes((len(body),)) + body)
+    assert aare is not None and b"\xa3\x05\xa1\x03\x02\x01\x0e" in aare  # authentication-required
+    stoc = aare[aare.index(b"\xaa\x12\x80\x10") + 4 :][:16]
+    # Before pass 3 the meter serves nothing
+    assert s.handle(19, b"\x05\x01\x02\x05\x08") == b"\x0c\x01\x01\x03"
+    # When the client sends f(StoC) = MD5(StoC || secret) the standard way, a READ of
+    # class 12 method 8 (0xFA58) with parameterised access
+    proof = hashlib.md5(stoc + cosem.HLS_SECRET).digest()
+    reply = s.handle(19, b"\x05\x01\x04\xfa\x58\x00\x09\x10" + proof)
+    # Then the meter answers f(CtoS) = MD5(CtoS || secret) and serves reads
+    assert reply == b"\x0c\x01\x00\x09\x10" + hashlib.md5(ctos + cosem.HLS_SECRET).digest()
+    reg = s.handle(19, b"\x05\x01\x02\x05\x08")
+    assert reg is not None and reg[:4] == b"\x0c\x01\x00\x06"
+
+
 def test_hls_reply_needs_a_challenge():
     # HLS pass 3 on a session without HLS in progress is refused, not crashed
-    s = _session()
+    s = _session(conformance=CONF_ALL | sn.CONF_WRITE)
     reply = s.handle(16, b"\x06\x01\x02\xfa\x58\x01\x09\x02\x00\x00")
     assert reply == b"\x0d\x01\x01\x03"
     assert sim_apdu.SUPPORTED_CONFORMANCE & sn.CONF_READ == 0

@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sn-blocks",
         choices=["list", "data"],
         default="list",
-        help="short-name READ blocks carry the result list (IEC 62056-53, real meters;"
-        " default) or the bare value (Gurux's servers, what gurux-dlms clients read)",
+        help="short-name READ blocks carry the result list (as field SN meters send it;"
+        " default) or the bare value (as Gurux's servers do; what gurux-dlms clients read)",
     )
     p.add_argument("--procs", type=int, default=1, help="split the meters over K processes")
     p.add_argument("--seed", type=int, help="random seed for the fault rates")
@@ -139,8 +139,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         interface=args.interface,
         seed=args.seed,
         hdlc_physical=args.physical,
-        sn_blocks=args.sn_blocks,
     )
+    opts.sn_blocks = args.sn_blocks
     try:
         device = _device(args)
     except Exception as e:  # template errors are reported, not traced

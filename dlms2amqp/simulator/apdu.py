@@ -150,13 +150,14 @@ class SimOptions:
     interface: str = "WRAPPER"
     seed: Optional[int] = None
     hdlc_physical: int = 0
-    #: SN READ blocks: "list" (the encoded result list) or "data" (the bare Data), see sn.py
-    sn_blocks: str = "list"
     # --- meter quirks (sim --trailing-bytes / --deny-wrong-class) -------------------
     #: bytes appended after the clock value and after the last profile block
     trailing_bytes: int = 0
     #: answer read-write-denied (3) for an unknown object or a wrong class
     deny_wrong_class: bool = False
+
+    #: SN READ blocks: "list" (the encoded result list) or "data" (the bare Data), see sn.py
+    sn_blocks: str = "list"
 
 
 def _aare(
@@ -319,12 +320,13 @@ class Session:
 
     def _plain(self, apdu: bytes) -> Optional[bytes]:
         tag = apdu[0]
+        if self.assoc is not None and self.assoc.referencing == 2:
+            # short names: only READ/WRITE (sn.py), which check authentication per item
+            # themselves, HLS pass 3 arriving through them
+            service = self.SERVICES.get(tag)
+            return service(self, apdu) if service is not None else b"\xd8\x02\x02"
         if tag == ACTION_REQUEST:
             return self._action(apdu)
-        service = self.SERVICES.get(tag)
-        if service is not None and self.assoc is not None and self.assoc.referencing == 2:
-            # checks authentication per item itself: HLS pass 3 arrives through READ/WRITE
-            return service(self, apdu)
         if not self.authenticated:
             return b"\xd8\x01\x01"
         if tag == GET_REQUEST and self.assoc is not None and self.assoc.referencing == 1:

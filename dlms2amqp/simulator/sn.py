@@ -75,9 +75,6 @@ ASSOCIATION_SN = 0xFA00
 ASSOCIATION_SN_VERSION = 2
 FIRST_BASE = 0x0100
 STRIDE = 0x0100
-#: class 12 method 8 (reply_to_HLS_authentication): 0x20 + 7 * 8
-HLS_METHOD_OFFSET = 0x58
-
 #: (offset of method 1, number of methods) per class, from the classes' short-name
 #: tables (IEC 62056-62): a name in this range is a method, not an attribute
 METHODS = {
@@ -279,9 +276,22 @@ def use_short_names(device: Device) -> SnMap:
 
 
 # --------------------------------------------------------------------------- READ
-def _service_error(service: int) -> bytes:
-    """confirmed-service-error for a request that does not parse (service: other)."""
-    return bytes((CONFIRMED_SERVICE_ERROR, service, 3, 0))
+def _service_error(service: int, reason: int = 0) -> bytes:
+    """confirmed-service-error read (5) / write (6), ServiceError service: ``reason``.
+
+    0 other (the request does not parse), 2 service-unsupported (not negotiated).
+    """
+    return bytes((CONFIRMED_SERVICE_ERROR, service, 3, reason))
+
+
+def _offered(session: Session, items: int, parameterised: bool, service: int) -> bool:
+    """Was this request's service negotiated (conformance of the AARE)?"""
+    conf = session.conformance
+    if not conf & (CONF_READ if service == 5 else CONF_WRITE):
+        return False
+    if items > 1 and not conf & CONF_MULTIPLE_REFERENCES:
+        return False
+    return not (parameterised and not conf & CONF_PARAMETERIZED_ACCESS)
 
 
 def _error(code: int) -> bytes:
@@ -312,11 +322,11 @@ def read_request(session: Session, apdu: bytes) -> bytes:
                 params, pos = ax.decode(apdu, pos + 4)
                 items.append((name, (selector, params)))
             else:  # detailed access, read-data-block-access: not offered
-                items.append((name, (-1, None)))
-                pos = len(apdu)
-                break
+                raise ax.DecodeError(f"variable access {choice} is not offered")
     except (IndexError, ax.DecodeError):
         return _service_error(5)
+    if not _offered(session, len(items), any(a is not None for _, a in items), 5):
+        return _service_error(5, 2)
     session.blocks = []
     smap = sn_map(session.device)
     now = int(time.time())
@@ -342,8 +352,6 @@ def _read_item(
 ) -> bytes:
     """One Read-Response item: 0 + Data, or 1 + data-access-result."""
     try:
-        if access is not None and access[0] < 0:
-            raise DataAccessError(cosem.READ_WRITE_DENIED)
         obj, is_method, index = smap.resolve(name)
         if is_method:
             if obj is smap.assoc and index == 8 and access is not None:
@@ -411,6 +419,8 @@ def write_request(session: Session, apdu: bytes) -> bytes:
             raise ax.DecodeError("as many values as names")
     except (IndexError, ax.DecodeError):
         return _service_error(6)
+    if not _offered(session, len(names), False, 6):
+        return _service_error(6, 2)
     smap = sn_map(session.device)
     results = []
     for name, value in zip(names, values):
