@@ -157,7 +157,6 @@ _serial = GXDLMSClient.getServerAddressFromSerialNumber
         ("", 1),
         ("-s 1", 1),
         ("-s 17", 17),
-        ("-s 0", 0),
         ("-l 1", _addr(1, 1)),
         ("-s 0 -l 1", _addr(1, 0)),
         ("-s 17 -l 1", _addr(1, 17)),
@@ -181,6 +180,13 @@ def test_server_address_that_does_not_fit():
     with pytest.raises(ConnectionStringError) as info:
         parse_connection_string("-h x -p 1 -i WRAPPER -s 70000")
     assert "16-bit WRAPPER address" in str(info.value)
+
+
+@pytest.mark.parametrize("options", ["-s 0", "-c 0"])
+def test_address_zero_is_refused_as_gurux_does(options):
+    with pytest.raises(ConnectionStringError) as info:
+        parse_connection_string(f"-h x -p 1 {options}")
+    assert "address 0" in str(info.value)
 
 
 def test_client_address_range_depends_on_framing():

@@ -359,7 +359,12 @@ def _apply(s: ConnSettings, opt: str, value: str) -> None:
         # GXDLMSClient.getServerAddressFromSerialNumber with Gurux's default formula
         s.server_address = (1 << 14) | (s.serial_number % 10000 + 1000)
     elif opt == "r":
-        s.referencing = _choice("r", value, ("LN", "SN"))
+        referencing = _choice("r", value, ("LN", "SN"))
+        if referencing != s.referencing:
+            # Gurux recomputes the proposed conformance when the referencing changes,
+            # dropping what an earlier -K added
+            s.propose_general_protection = False
+        s.referencing = referencing
     elif opt == "t":
         s.trace = _choice("t", value, TRACE_LEVELS)
     elif opt == "g":
@@ -485,6 +490,13 @@ def _check(s: ConnSettings) -> None:
             raise ConnectionStringError(
                 f"ciphering (-C {s.security}, -a {s.authentication}) needs " + ", ".join(missing)
             )
+    if s.server_address == 0:
+        raise ConnectionStringError(
+            "options -s/-l/-n: server address 0 is not a meter address (-s 0 alone; "
+            "with -l, -s 0 is the physical part: -s 0 -l 1)"
+        )
+    if s.client_address == 0:
+        raise ConnectionStringError("option -c: client address 0 is not allowed (1..127)")
     if s.interface == "WRAPPER":
         if s.server_address > 0xFFFF:
             raise ConnectionStringError(

@@ -115,4 +115,3 @@ def _get_hdlc_frame(cls, settings, frame_, data):
 if not getattr(GXDLMS, "_dlms2amqp_hdlc_length", False):
     GXDLMS.getHdlcFrame = classmethod(_get_hdlc_frame)
     GXDLMS._dlms2amqp_hdlc_length = True
-
