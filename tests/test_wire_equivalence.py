@@ -35,6 +35,7 @@ from typing import Optional
 import pytest
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
 from gurux_dlms.enums import Authentication, Conformance, InterfaceType, Security, Standard
+from gurux_dlms.GXDLMS import GXDLMS
 from gurux_dlms.GXSecure import GXSecure
 from gurux_dlms.secure import GXDLMSSecureClient
 
@@ -42,7 +43,7 @@ from dlms2amqp.errors import ConnectionStringError, MeterError
 from dlms2amqp.meter import gurux_compat  # noqa: F401  (the same patched Gurux on both sides)
 from dlms2amqp.meter.connstring import parse_connection_string
 from dlms2amqp.meter.session import MeterSession
-from dlms2amqp.simulator.framing import hdlc_encode
+from dlms2amqp.simulator.framing import HdlcDecoder, hdlc_encode
 
 T = "4775727578313233"
 A = "D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF"
@@ -352,3 +353,46 @@ def test_server_address_bytes_on_the_wire():
     assert _addresses(our_opening("-l 1")[0])[0] == b"\x02\x03"
     assert _addresses(our_opening("-s 17 -l 1")[0])[0] == b"\x02\x23"
     assert len(_addresses(our_opening("-n 12345678")[0])[0]) == 4
+
+
+# --- HDLC frames over 255 bytes (gurux_compat's length fix) --------------------------------
+@pytest.mark.parametrize("max_info", [128, 245, 248, 250, 252, 1024, 2030])
+def test_hdlc_frame_length_field_is_11_bits(max_info):
+    # Given Gurux's client framing a long APDU with this max info field
+    c = GXDLMSSecureClient(True, 16, 1, Authentication.NONE, None, InterfaceType.HDLC)
+    c.hdlcSettings.maxInfoTX = max_info
+    payload = bytes(range(256)) * 9
+    frame = bytes(GXDLMS.getHdlcFrame(c.settings, 0x10, GXByteBuffer(payload)))
+    # Then the frame format field holds type 0xA, S=1, and the 11-bit length of the frame
+    assert frame[0] == frame[-1] == 0x7E
+    assert frame[1] & 0xF8 == 0xA8
+    assert ((frame[1] & 7) << 8 | frame[2]) == len(frame) - 2
+    # and the simulator's independent codec decodes it (HCS and FCS right) to the same bytes
+    decoder = HdlcDecoder()
+    (fr,) = decoder.feed(frame)
+    assert decoder.dropped == 0 and fr.segmented
+    assert fr.info == payload[: len(fr.info)] and len(fr.info) == max_info - 3
+    assert hdlc_encode(fr.destination, fr.source, fr.control, fr.info, True) == frame
+
+
+def test_unpatched_gurux_misframes_over_255_bytes():
+    # The defect the patch exists for: Gurux's own length for a 258-byte frame is wrong
+    c = GXDLMSSecureClient(True, 16, 1, Authentication.NONE, None, InterfaceType.HDLC)
+    c.hdlcSettings.maxInfoTX = 250
+    raw = bytes(
+        gurux_compat._orig_get_hdlc_frame(GXDLMS, c.settings, 0x10, GXByteBuffer(bytes(512)))
+    )
+    assert ((raw[1] & 7) << 8 | raw[2]) != len(raw) - 2
+    decoder = HdlcDecoder()
+    assert decoder.feed(raw) == []
+
+
+def test_long_aarq_in_one_frame_over_255_bytes():
+    # Given -f 1024 and a Low password making the AARQ longer than 255 bytes
+    options = f"-i HDLC -f 1024 -c 32 -a Low -P {'p' * 300}"
+    got = our_opening(options)
+    # Then it goes out as one frame that decodes, equal to Gurux's patched framing
+    assert len(got) == 2 and len(got[1]) > 300
+    (fr,) = HdlcDecoder().feed(got[1])
+    assert b"p" * 300 in fr.info
+    assert got == gurux_opening(options)
