@@ -122,7 +122,10 @@ class SimOptions:
     reject_auth: float = 0.0
     interface: str = "WRAPPER"
     seed: Optional[int] = None
-    hdlc_physical: int = 0
+    # HDLC: the server address forms answered (framing.ADDRESS_FORMS) and the physical
+    # addresses of the two- and four-byte forms (0 too until every reader sends Gurux's form)
+    hdlc_address: tuple[str, ...] = ("one-byte", "two-byte", "serial")
+    hdlc_physical: tuple[int, ...] = (1, 0)
 
 
 def _aare(
