@@ -14,6 +14,20 @@ another version fails loudly here instead of misbehaving somewhere else.
   the frame format field, so any frame longer than 255 bytes (max info field over
   about 245) goes out with a wrong length; the frame is corrected here (length
   field, HCS, FCS), everything else (segmentation, sequence numbers) stays Gurux's.
+- raw list results: a GET-with-list (LN) or multi-variable READ (SN) reply read
+  with ``raw_list`` keeps its count and per-item results as bytes; Gurux's own
+  parsing keeps only the last item's error and puts None in every refused place.
+- short-name block transfer: ``GXDLMS.readResponseDataBlockResult`` calls
+  ``GXReplyData.setTotalCount`` and ``getMoreData``, which 1.0.203 does not have, so
+  every SN READ answered in more than one block (profiles) raised AttributeError;
+  the session's replies are a :class:`ReplyData` that has them.
+- short-name next block: ``GXDLMSSNParameters`` never records its command in the
+  settings (the LN parameters do), so ``receiverReady`` asked for the next READ block
+  with command 0 and the meter answered "service not supported".
+- short-name ciphering: ``GXDLMS.getSNPdu`` asserts that the ciphered APDU is empty
+  (``assert not tmp``) and never steps the invocation counter, so every ciphered SN
+  request (SN High with ``-C AuthenticationEncryption``) failed; the SN PDU is built
+  plain by Gurux and ciphered here, as Gurux's LN path does.
 """
 
 from __future__ import annotations
@@ -22,8 +36,14 @@ import importlib
 from importlib.metadata import version
 
 from gurux_dlms._GXFCS16 import _GXFCS16
-from gurux_dlms.enums import RequestTypes
+from gurux_dlms.AesGcmParameter import AesGcmParameter
+from gurux_dlms.enums import Command, InterfaceType, RequestTypes, Security
+from gurux_dlms.GXCiphering import GXCiphering
 from gurux_dlms.GXDLMS import GXDLMS
+from gurux_dlms.GXDLMSSNParameters import GXDLMSSNParameters
+from gurux_dlms.GXReplyData import GXReplyData
+from gurux_dlms.internal._GXCommon import _GXCommon
+from gurux_dlms.SingleReadResponse import SingleReadResponse
 
 #: the gurux-dlms release these patches were written against (setup.cfg pins it)
 GURUX_DLMS_VERSION = "1.0.203"
@@ -115,3 +135,101 @@ def _get_hdlc_frame(cls, settings, frame_, data):
 if not getattr(GXDLMS, "_dlms2amqp_hdlc_length", False):
     GXDLMS.getHdlcFrame = classmethod(_get_hdlc_frame)
     GXDLMS._dlms2amqp_hdlc_length = True
+
+
+# --- raw list results: per-item values and errors as the meter sent them -------------
+_orig_with_list = GXDLMS.handleGetResponseWithList.__func__
+_orig_read_response = GXDLMS.handleReadResponse.__func__
+
+
+def _get_response_with_list(cls, settings, reply):
+    if getattr(reply, "raw_list", False) and reply.xml is None:
+        GXDLMS.getDataFromBlock(reply.data, 0)  # keep "count + results" for the session
+        return None
+    return _orig_with_list(cls, settings, reply)
+
+
+def _read_response(cls, settings, reply, index):
+    if getattr(reply, "raw_list", False) and reply.xml is None and reply.totalCount == 0:
+        data = reply.data
+        pos = data.position
+        count = _GXCommon.getObjectCount(data)
+        kind = data.getUInt8() if data.position < data.size else None
+        data.position = pos
+        if not (count == 1 and kind == SingleReadResponse.DATA_BLOCK_RESULT):
+            GXDLMS.getDataFromBlock(data, 0)  # keep "count + results" for the session
+            return False
+    return _orig_read_response(cls, settings, reply, index)
+
+
+# --- short-name block transfer: the two GXReplyData methods 1.0.203 calls but lacks ---
+class ReplyData(GXReplyData):
+    """The session's reply object: Gurux's, with what its SN block path calls.
+
+    A subclass rather than a patch of GXReplyData, so that Gurux's own class (and any
+    other user of it in the process) keeps its 1.0.203 behaviour.
+    """
+
+    raw_only = False  # skip Gurux's value decoding (see above)
+    raw_list = False  # keep a list reply's per-item results as bytes
+
+    def setTotalCount(self, value: int) -> None:  # noqa: N802 (Gurux's name)
+        self.totalCount = value
+
+    def getMoreData(self):  # noqa: N802 (Gurux's name)
+        return self.moreData
+
+
+# --- short-name next block: remember the command, as GXDLMSLNParameters does ---------
+_orig_sn_params_init = GXDLMSSNParameters.__init__
+
+
+def _sn_params_init(self, settings, command, *args, **kwargs):
+    _orig_sn_params_init(self, settings, command, *args, **kwargs)
+    if settings is not None and command in (Command.READ_REQUEST, Command.WRITE_REQUEST):
+        settings.command = command
+
+
+# --- short-name ciphering: build the SN PDU plain, cipher it as the LN path does ------
+_orig_sn_pdu = GXDLMS.getSNPdu.__func__
+
+
+def _sn_pdu(cls, p, reply):
+    cipher = p.settings.cipher
+    if (
+        cipher is None
+        or cipher.security == Security.NONE
+        or p.command in (Command.AARQ, Command.AARE)
+    ):
+        return _orig_sn_pdu(cls, p, reply)
+    hdlc = p.settings.interfaceType in (InterfaceType.HDLC, InterfaceType.HDLC_WITH_MODE_E)
+    empty = not reply
+    security = cipher.security
+    cipher.security = Security.NONE
+    try:
+        _orig_sn_pdu(cls, p, reply)
+    finally:
+        cipher.security = security
+    plain = reply.array()
+    if hdlc and empty:
+        plain = plain[len(_GXCommon.LLC_SEND_BYTES) :]
+    s = AesGcmParameter(GXDLMS.getGloMessage(p.command), cipher.systemTitle,
+                        cipher.blockCipherKey, cipher.authenticationKey)  # fmt: skip
+    s.security = security
+    s.securitySuite = cipher.securitySuite
+    s.invocationCounter = cipher.invocationCounter
+    ciphered = GXCiphering.encrypt(s, plain)
+    cipher.invocationCounter = cipher.invocationCounter + 1
+    reply.size = 0
+    if hdlc:
+        reply.set(_GXCommon.LLC_SEND_BYTES)
+    reply.set(ciphered)
+    return None
+
+
+if not getattr(GXDLMS, "_dlms2amqp_lists", False):
+    GXDLMS.handleGetResponseWithList = classmethod(_get_response_with_list)
+    GXDLMS.handleReadResponse = classmethod(_read_response)
+    GXDLMS.getSNPdu = classmethod(_sn_pdu)
+    GXDLMSSNParameters.__init__ = _sn_params_init
+    GXDLMS._dlms2amqp_lists = True
