@@ -26,12 +26,16 @@ No byte is masked.
 
 from __future__ import annotations
 
+import calendar
 import shlex
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Optional
 
+import orjson
 import pytest
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
 from gurux_dlms.enums import Authentication, Conformance, InterfaceType, Security, Standard
@@ -42,8 +46,12 @@ from gurux_dlms.secure import GXDLMSSecureClient
 from dlms2amqp.errors import ConnectionStringError, MeterError
 from dlms2amqp.meter import gurux_compat  # noqa: F401  (the same patched Gurux on both sides)
 from dlms2amqp.meter.connstring import parse_connection_string
+from dlms2amqp.meter.reader import ReaderOptions, execute
 from dlms2amqp.meter.session import MeterSession
+from dlms2amqp.request import parse_request
+from dlms2amqp.simulator import model
 from dlms2amqp.simulator.framing import HdlcDecoder, hdlc_encode
+from tests.helpers_sim import running_simulator
 
 T = "4775727578313233"
 A = "D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF"
@@ -396,3 +404,166 @@ def test_long_aarq_in_one_frame_over_255_bytes():
     (fr,) = HdlcDecoder().feed(got[1])
     assert b"p" * 300 in fr.info
     assert got == gurux_opening(options)
+
+
+# --- end to end: the same strings against the real simulator over real sockets -------------
+def _read(port: int, conn: str, obis: str, days: int = 0, trace: Optional[list] = None) -> dict:
+    body = {
+        "MsgID": "w1",
+        "Cmd": "READ",
+        "ObisCode": obis,
+        "ConnectionString": f"-h 127.0.0.1 -p {port} {conn}",
+    }
+    if days:
+        body["dtFrom"], body["dtTo"] = "2026-03-01T00:00:00Z", f"2026-03-{1 + days:02d}T00:00:00Z"
+    sink = trace.append if trace is not None else None
+    options = ReaderOptions(
+        frame_timeout=2, request_timeout=20, trace=trace is not None, trace_sink=sink
+    )
+    return execute(parse_request(orjson.dumps(body)), options)
+
+
+def _profile_ok(reply: dict, days: int) -> None:
+    assert reply["Status"] == "ok", reply["Error"]
+    start = calendar.timegm((2026, 3, 1, 0, 0, 0))
+    rows = model.load_profile_rows(0, start, start + days * 86400)
+    assert len(reply["DataRecords"]) == 3 * len(rows)
+    assert reply["DataRecords"][-1]["Value"] == str(rows[-1][3])
+
+
+@pytest.fixture(scope="module")
+def hdlc_sim():
+    # default address forms: one-byte 1, two-byte logical 1 / physical 1, serial number
+    with running_simulator(1, interface="HDLC") as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def strict_sim():
+    # only the two-byte form, physical 5 (a meter at physical address 5)
+    with running_simulator(1, "--hdlc-address", "two-byte", "-n", "5", interface="HDLC") as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def wrapper_sim():
+    with running_simulator(1, interface="WRAPPER") as info:
+        yield info
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "address, answered",
+    [
+        ("", True),  # -s default 1: the one-byte address 03
+        ("-s 1", True),
+        ("-l 1", True),  # logical 1 / physical 1 (the current -s value)
+        (f"-n {model.serial_number(0)}", True),
+        ("-s 3 -l 1", False),  # logical 1 / physical 3: this meter has no physical 3
+        ("-s 2", False),
+    ],
+)
+def test_address_forms_against_the_simulator(hdlc_sim, address, answered):
+    reply = _read(hdlc_sim.port, f"-i HDLC -c 32 -a Low -P 00000000 {address}", "0.0.42.0.0.255")
+    if answered:
+        assert reply["Status"] == "ok", reply["Error"]
+        assert reply["DataRecords"][0]["Value"] == model.logical_device_name(0).hex().upper()
+    else:
+        assert reply["Status"] == "notok"
+        assert "timeout during HDLC connection (SNRM)" in reply["Error"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "address, answered",
+    [("-s 5 -l 1", True), ("-l 1 -s 5", False), ("-s 1", False), ("-l 1", False)],
+)
+def test_order_of_s_and_l_matters(strict_sim, address, answered):
+    # -s 5 -l 1: logical 1 / physical 5; -l 1 -s 5: -l made 129, then -s 5 its physical part
+    reply = _read(strict_sim.port, f"-i HDLC -c 32 -a Low -P 00000000 {address}", "0.0.96.1.0.255")
+    assert (reply["Status"] == "ok") is answered, reply["Error"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("interface", ["HDLC", "WRAPPER"])
+@pytest.mark.parametrize(
+    "client, mechanism", [(18, "High"), (19, "HighMd5"), (20, "HighSHA1"), (22, "HighSha256")]
+)
+def test_high_family_without_ciphering(hdlc_sim, wrapper_sim, interface, client, mechanism):
+    sim = hdlc_sim if interface == "HDLC" else wrapper_sim
+    conn = f"-i {interface} -c {client} -a {mechanism}"
+    good = _run_read(sim.port, f"{conn} -P Gurux", "1.0.1.8.0.255")
+    assert good["Status"] == "ok", good["Error"]
+    bad = _run_read(sim.port, f"{conn} -P Wrong", "1.0.1.8.0.255")
+    assert bad["Status"] == "notok"
+    assert bad["Error"].startswith("Authentication failure: the meter did not accept the High")
+    assert "check the password (-P)" in bad["Error"] and "Wrong" not in bad["Error"]
+
+
+def _run_read(port: int, conn: str, obis: str) -> dict:
+    """dlms2amqp-read as a process: stdout must be exactly one JSON reply, nothing else."""
+    r = subprocess.run(
+        [sys.executable, "-m", "dlms2amqp.cli.read", f"-h 127.0.0.1 -p {port} {conn}", obis],
+        capture_output=True,
+        timeout=60,
+    )
+    reply = orjson.loads(r.stdout)  # fails on any stray print (e.g. Gurux's CtoS notice)
+    assert r.returncode == (0 if reply["Status"] == "ok" else 1), r.stderr
+    assert b"CtoS" not in r.stdout + r.stderr
+    return reply
+
+
+@pytest.mark.integration
+def test_hdlc_window_is_proposed_and_used(hdlc_sim):
+    # Given -w 7 with 128-byte frames, when a week of profile is read
+    trace: list = []
+    reply = _read(
+        hdlc_sim.port, "-i HDLC -c 32 -a Low -P 00000000 -w 7", "1.0.99.1.0.255", 7, trace
+    )
+    _profile_ok(reply, 7)
+    # Then the SNRM proposed window 7 both ways, the UA agreed, and the meter sent runs of
+    # up to 7 I-frames between our RRs
+    tx = [bytes.fromhex(line[3:].replace("**", "00")) for line in trace if line[:2] == "TX"]
+    assert b"\x07\x04\x00\x00\x00\x07\x08\x04\x00\x00\x00\x07" in tx[0]
+    ua = next(bytes.fromhex(line[3:]) for line in trace if line[:2] == "RX")
+    assert b"\x07\x04\x00\x00\x00\x07" in ua and b"\x08\x04\x00\x00\x00\x07" in ua
+    decoder, runs, run = HdlcDecoder(), [], 0
+    for line in trace:
+        if line[:2] == "RX":
+            run += sum(1 for f in decoder.feed(bytes.fromhex(line[3:])) if not f.control & 1)
+        elif run:
+            runs.append(run)
+            run = 0
+    assert max(runs) == 7 and min(runs) >= 1
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("frame_size", [1024, 2030])
+def test_frames_over_255_bytes_both_ways(hdlc_sim, frame_size):
+    trace: list = []
+    conn = f"-i HDLC -c 32 -a Low -P 00000000 -f {frame_size}"
+    reply = _read(hdlc_sim.port, conn, "1.0.99.1.0.255", 7, trace)
+    _profile_ok(reply, 7)
+    rx = [len(line[3:].split()) for line in trace if line[:2] == "RX"]
+    assert max(rx) > 1000
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("interface", ["HDLC", "WRAPPER"])
+def test_gbt_proposed_with_W_and_used(hdlc_sim, wrapper_sim, interface):
+    sim = hdlc_sim if interface == "HDLC" else wrapper_sim
+    trace: list = []
+    conn = f"-i {interface} -c 32 -a Low -P 00000000 -W 4"
+    # 27 days do not fit one 65535-byte PDU: the reply comes in blocks
+    reply = _read(sim.port, conn, "1.0.99.1.0.255", 27, trace)
+    _profile_ok(reply, 27)
+    # the meter answered with general-block-transfer APDUs (tag E0)
+    rx = [bytes.fromhex(line[3:]) for line in trace if line[:2] == "RX"]
+    head = 11 if interface == "HDLC" else 8  # HDLC: flag, format, 1+1 address, control, HCS, LLC
+    assert any(len(f) > head and f[head] == 0xE0 for f in rx)
+    # and without -W it does not
+    trace.clear()
+    reply = _read(sim.port, f"-i {interface} -c 32 -a Low -P 00000000", "1.0.99.1.0.255", 27, trace)
+    _profile_ok(reply, 27)
+    rx = [bytes.fromhex(line[3:]) for line in trace if line[:2] == "RX"]
+    assert not any(len(f) > head and f[head] == 0xE0 for f in rx)

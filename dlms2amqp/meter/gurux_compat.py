@@ -28,6 +28,12 @@ another version fails loudly here instead of misbehaving somewhere else.
   (``assert not tmp``) and never steps the invocation counter, so every ciphered SN
   request (SN High with ``-C AuthenticationEncryption``) failed; the SN PDU is built
   plain by Gurux and ciphered here, as Gurux's LN path does.
+- general block transfer (client): the acknowledgement of a GBT block referred to
+  a settings attribute that does not exist; it is built as Gurux's .NET client
+  builds it, and nothing is sent while the meter streams a window.
+- HDLC receive window over 1: Gurux's client acknowledges one frame per RR and
+  drops the middle frames of a window; with a negotiated window over 1 the receive
+  sequence is kept here (window 1 is left to Gurux).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from gurux_dlms.AesGcmParameter import AesGcmParameter
 from gurux_dlms.enums import Command, InterfaceType, RequestTypes, Security
 from gurux_dlms.GXCiphering import GXCiphering
 from gurux_dlms.GXDLMS import GXDLMS
+from gurux_dlms.GXDLMSLNParameters import GXDLMSLNParameters
+from gurux_dlms.GXDLMSSettings import GXDLMSSettings
 from gurux_dlms.GXDLMSSNParameters import GXDLMSSNParameters
 from gurux_dlms.GXReplyData import GXReplyData
 from gurux_dlms.internal._GXCommon import _GXCommon
@@ -233,3 +241,82 @@ if not getattr(GXDLMS, "_dlms2amqp_lists", False):
     GXDLMS.getSNPdu = classmethod(_sn_pdu)
     GXDLMSSNParameters.__init__ = _sn_params_init
     GXDLMS._dlms2amqp_lists = True
+
+
+# --- general block transfer on the client side ---------------------------------------------
+# ``GXDLMS.receiverReady`` acknowledges a GBT block with ``settings.blockNumber``, which
+# GXDLMSSettings does not have (AttributeError on the first block of every GBT reply).
+# Gurux's .NET client acknowledges with its own next block number (``settings.blockIndex``,
+# stepped by getLnMessages) and the block received, with the client's GBT window.  While
+# the meter streams a window (streaming bit set on every block but the window's last) the
+# client must not answer: an empty request means "keep reading".
+_orig_receiver_ready = GXDLMS.receiverReady.__func__
+
+
+def _receiver_ready(cls, settings, reply):
+    if isinstance(reply, GXReplyData) and reply.moreData == RequestTypes.GBT:
+        if reply.streaming:
+            return b""
+        p = GXDLMSLNParameters(settings, 0, Command.GENERAL_BLOCK_TRANSFER, 0, None, None, 0xFF)
+        p.gbtWindowSize = settings.gbtWindowSize
+        p.blockNumberAck = reply.blockNumber
+        return GXDLMS.getLnMessages(p)[0]
+    return _orig_receiver_ready(cls, settings, reply)
+
+
+if not getattr(GXDLMS, "_dlms2amqp_gbt_ack", False):
+    GXDLMS.receiverReady = classmethod(_receiver_ready)
+    GXDLMS._dlms2amqp_gbt_ack = True
+
+
+# --- HDLC receive window over 1 (client) -------------------------------------------------
+# gurux-dlms 1.0.203 counts its receive sequence V(R) as "one more frame per RR or
+# request", which holds only for window 1: with a window of W frames its RR and its next
+# I-frame acknowledge one frame instead of W (the meter then sends the window again), and
+# ``checkFrame`` drops the middle frames of a window of 3 or more (a misspelt local
+# variable keeps its state from advancing).  With a negotiated receive window over 1 the
+# client here accepts an I-frame when its N(S) is V(R), derives V(R) from the last frame
+# accepted, and puts it in its RRs and I-frames.  Window 1 stays Gurux's own code.
+_orig_check_frame = GXDLMSSettings.checkFrame
+_orig_receiver_ready_frame = GXDLMSSettings.getReceiverReady
+_orig_next_send = GXDLMSSettings.getNextSend
+
+
+def _windowed(settings) -> bool:
+    return not settings.isServer and settings.hdlc.windowSizeRX > 1
+
+
+def _next_vr(settings) -> int:
+    """V(R): one after the N(S) of the last I-frame accepted (Gurux starts at N(S) 7)."""
+    return (((settings.receiverFrame >> 1) & 7) + 1) & 7
+
+
+def _check_frame(self, frame_, xml):
+    if frame_ & 1 or xml is not None or not _windowed(self):
+        return _orig_check_frame(self, frame_, xml)
+    if (frame_ >> 1) & 7 != _next_vr(self):
+        return False  # out of sequence (a repeat after go-back-N): drop it
+    self.receiverFrame = frame_
+    return True
+
+
+def _receiver_ready_frame(self):
+    if not _windowed(self):
+        return _orig_receiver_ready_frame(self)
+    self.senderFrame = (_next_vr(self) << 5) | 0x10 | (self.senderFrame & 0x0E) | 1
+    return self.senderFrame & 0xF1
+
+
+def _next_send(self, first):
+    if not (first and _windowed(self)):
+        return _orig_next_send(self, first)
+    ns = ((self.senderFrame >> 1) + 1) & 7  # N(S) of the last I-frame sent, plus one
+    self.senderFrame = (_next_vr(self) << 5) | 0x10 | (ns << 1)
+    return self.senderFrame
+
+
+if not getattr(GXDLMSSettings, "_dlms2amqp_window", False):
+    GXDLMSSettings.checkFrame = _check_frame
+    GXDLMSSettings.getReceiverReady = _receiver_ready_frame
+    GXDLMSSettings.getNextSend = _next_send
+    GXDLMSSettings._dlms2amqp_window = True

@@ -629,7 +629,8 @@ class MeterSession:
             raise MeterConnectionError(f"no connection to the meter during {step}")
         if self._counter_key is not None:
             self._reserve()
-        self.media.send(bytes(frame))
+        if frame:  # empty: nothing to send, the meter streams more (GBT window)
+            self.media.send(bytes(frame))
         buf = GXByteBuffer()
         received = 0
         while True:
