@@ -567,3 +567,74 @@ def test_gbt_proposed_with_W_and_used(hdlc_sim, wrapper_sim, interface):
     _profile_ok(reply, 27)
     rx = [bytes.fromhex(line[3:]) for line in trace if line[:2] == "RX"]
     assert not any(len(f) > head and f[head] == 0xE0 for f in rx)
+
+
+# --- HDLC receive window and GBT acknowledgements, with bytes --------------------------------
+def _linked_client(window: int) -> GXDLMSSecureClient:
+    """A client after SNRM/UA that agreed on ``window`` frames both ways."""
+    c = gurux_example_client(f"-i HDLC -w {window}")
+    snrm = bytes(c.snrmRequest())
+    dest, src = _addresses(snrm)
+    # UA parameters: max info 128 both ways, window `window` both ways (one-byte values)
+    params = bytes.fromhex(f"0501800601800701{window:02x}0801{window:02x}")
+    ua = hdlc_encode(src, dest, 0x73, b"\x81\x80" + bytes([len(params)]) + params)
+    reply = GXReplyData()
+    c.getData(GXByteBuffer(ua), reply)
+    c.parseUAResponse(reply.data)
+    assert c.hdlcSettings.windowSizeRX == window
+    return c
+
+
+@pytest.mark.parametrize("window", [2, 3, 7])
+def test_a_window_of_i_frames_is_taken_whole_and_acknowledged(window):
+    # Given a GET request sent (N(S) 0) and the meter's answer in `window` segmented frames
+    c = _linked_client(window)
+    request = bytes(c.aarqRequest()[0])
+    assert request[5] == 0x10  # N(R) 0, P, N(S) 0: as Gurux's own first I-frame
+    # a GET-response (normal, success) carrying an octet string, cut into `window` parts
+    apdu = b"\xc4\x01\xc1\x00\x09\x82\x01\xf4" + bytes(range(250)) * 2
+    parts = [apdu[i * 40 : (i + 1) * 40] for i in range(window)]
+    frames = b"".join(
+        # N(R) 1 (our frame acknowledged), N(S) i, P/F only on the window's last frame
+        hdlc_encode(b"\x21", b"\x03", 0x20 | i << 1 | (0x10 if i == window - 1 else 0),
+                    (b"\xe6\xe7\x00" if i == 0 else b"") + part, segmented=True)
+        for i, part in enumerate(parts)
+    )  # fmt: skip
+    reply = GXReplyData()
+    # When they arrive in one read, then all are taken and the RR acknowledges the window
+    assert c.getData(GXByteBuffer(frames), reply)
+    assert bytes(reply.data.array()) == b"".join(parts)[4:]  # Gurux took the GET header
+    rr = bytes(c.receiverReady(reply))
+    (fr,) = HdlcDecoder().feed(rr)
+    assert fr.control == 0x01 | 0x10 | (window % 8) << 5
+
+
+def test_window_1_stays_gurux_own_sequence():
+    c = _linked_client(1)
+    assert bytes(c.aarqRequest()[0])[5] == 0x10
+    body = b"\xc4\x01\xc1\x00\x09\x82\x01\xf4" + bytes(32)
+    frame = hdlc_encode(b"\x21", b"\x03", 0x30, b"\xe6\xe7\x00" + body, segmented=True)
+    reply = GXReplyData()
+    assert c.getData(GXByteBuffer(frame), reply)
+    (fr,) = HdlcDecoder().feed(bytes(c.receiverReady(reply)))
+    assert fr.control == 0x31  # RR, N(R) 1
+
+
+def test_gbt_block_acknowledged_with_window_and_numbers():
+    # Given -W 4 and an association that negotiated general block transfer
+    c = gurux_example_client("-i WRAPPER -W 4")
+    c.settings.negotiatedConformance = c.proposedConformance
+    c.settings.connected = 2 | 4  # HDLC/DLMS connected bits, as after an AARE
+    c.settings.resetBlockIndex()
+    # When the meter's first GBT block (not last, not streaming, block 1, ack 0) arrives
+    block = bytes.fromhex("E0010001000005") + b"\xc4\x01\xc1\x00\x09"
+    wrapper = bytes.fromhex("0001000100100000")[:6] + len(block).to_bytes(2, "big") + block
+    reply = GXReplyData()
+    c.getData(GXByteBuffer(wrapper), reply)
+    # Then the acknowledgement is a GBT APDU: last block of ours (nothing more to send),
+    # window 4, our block 1, acknowledging block 1, no data
+    ack = bytes(c.receiverReady(reply))
+    assert ack[8:] == bytes.fromhex("E084000100010" + "0")
+    # and a block with the streaming bit set is not answered (the window is still coming)
+    reply.streaming = True
+    assert c.receiverReady(reply) == b""
