@@ -27,12 +27,14 @@ No byte is masked.
 from __future__ import annotations
 
 import calendar
+import re
 import shlex
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Optional
 
 import orjson
@@ -638,3 +640,28 @@ def test_gbt_block_acknowledged_with_window_and_numbers():
     # and a block with the streaming bit set is not answered (the window is still coming)
     reply.streaming = True
     assert c.receiverReady(reply) == b""
+
+
+# --- nothing from Gurux on stdout ------------------------------------------------------------
+def test_every_printing_gurux_module_is_silenced():
+    # the list in gurux_compat covers every gurux_dlms module that calls print()
+    import gurux_dlms
+
+    root = Path(gurux_dlms.__file__).parent
+    printing = {
+        str(p.relative_to(root).with_suffix("")).replace("/", ".")
+        for p in root.rglob("*.py")
+        if re.search(r"(?<![\w.])print\(", p.read_text(encoding="utf-8", errors="replace"))
+    }
+    assert printing == set(gurux_compat.PRINTING_MODULES)
+
+
+def test_refused_ctos_prints_nothing(capsys):
+    # Given a High login whose reply_to_HLS answer carries no f(CtoS) (Gurux's
+    # "Server did not accept CtoS." path), then Gurux raises and prints nothing
+    c = gurux_example_client("-i WRAPPER -a High -P Gurux")
+    c.aarqRequest()
+    with pytest.raises(Exception, match="Server to Client do not match"):
+        c.parseApplicationAssociationResponse(GXByteBuffer(b"\x00"))
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
