@@ -12,7 +12,9 @@ bytes, the bytes are taken from two independent sides and compared:
   is written from reading the option handling of Gurux's example clients (``GXSettings``
   of Gurux.DLMS.Python's client example and ``Settings`` of Gurux.DLMS.Net's), not from our
   connstring, then driven as Gurux's example reader drives it (SNRM, the same UA parsed
-  with ``parseUAResponse``, AARQ).
+  with ``parseUAResponse``, AARQ), with Gurux's own framing and HDLC sequence code (the
+  gurux_compat patches of those lifted, :func:`stock_gurux`; every frame of the table is
+  under 256 bytes, where Gurux frames correctly).
 
 Nondeterminism, fixed explicitly rather than masked:
 - the HLS client challenge (CtoS, the AARQ's calling-authentication-value, 16 random
@@ -27,6 +29,7 @@ No byte is masked.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import re
 import shlex
 import socket
@@ -35,18 +38,19 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import orjson
 import pytest
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
 from gurux_dlms.enums import Authentication, Conformance, InterfaceType, Security, Standard
 from gurux_dlms.GXDLMS import GXDLMS
+from gurux_dlms.GXDLMSSettings import GXDLMSSettings
 from gurux_dlms.GXSecure import GXSecure
 from gurux_dlms.secure import GXDLMSSecureClient
 
 from dlms2amqp.errors import ConnectionStringError, MeterError
-from dlms2amqp.meter import gurux_compat  # noqa: F401  (the same patched Gurux on both sides)
+from dlms2amqp.meter import gurux_compat
 from dlms2amqp.meter.connstring import parse_connection_string
 from dlms2amqp.meter.reader import ReaderOptions, execute
 from dlms2amqp.meter.session import MeterSession
@@ -170,17 +174,43 @@ def _addresses(frame: bytes) -> tuple[bytes, bytes]:
     return out[0], out[1]
 
 
+@contextlib.contextmanager
+def stock_gurux() -> Iterator[None]:
+    """Gurux's own framing and HDLC sequence code, without this project's patches of them.
+
+    The expected side of the table is stock gurux-dlms where it frames correctly (every
+    frame of the table is under 256 bytes); gurux_compat's HDLC length, window and GBT
+    patches are lifted while it builds its frames.
+    """
+    saved = [
+        (GXDLMS, "getHdlcFrame", classmethod(gurux_compat._orig_get_hdlc_frame)),
+        (GXDLMS, "receiverReady", classmethod(gurux_compat._orig_receiver_ready)),
+        (GXDLMSSettings, "checkFrame", gurux_compat._orig_check_frame),
+        (GXDLMSSettings, "getReceiverReady", gurux_compat._orig_receiver_ready_frame),
+        (GXDLMSSettings, "getNextSend", gurux_compat._orig_next_send),
+    ]
+    patched = [(owner, name, owner.__dict__[name]) for owner, name, _ in saved]
+    try:
+        for owner, name, stock in saved:
+            setattr(owner, name, stock)
+        yield
+    finally:
+        for owner, name, ours in patched:
+            setattr(owner, name, ours)
+
+
 def gurux_opening(options: str) -> list[bytes]:
     """[SNRM (HDLC only), AARQ frame(s)...] as Gurux's example client sends them."""
-    c = gurux_example_client(options)
-    out = []
-    if c.interfaceType == InterfaceType.HDLC:
-        snrm = bytes(c.snrmRequest())
-        out.append(snrm)
-        reply = GXReplyData()
-        c.getData(GXByteBuffer(ua_for(snrm)), reply)
-        c.parseUAResponse(reply.data)
-    out += [bytes(f) for f in c.aarqRequest()]
+    with stock_gurux():
+        c = gurux_example_client(options)
+        out = []
+        if c.interfaceType == InterfaceType.HDLC:
+            snrm = bytes(c.snrmRequest())
+            out.append(snrm)
+            reply = GXReplyData()
+            c.getData(GXByteBuffer(ua_for(snrm)), reply)
+            c.parseUAResponse(reply.data)
+        out += [bytes(f) for f in c.aarqRequest()]
     return out
 
 
@@ -397,15 +427,21 @@ def test_unpatched_gurux_misframes_over_255_bytes():
     assert decoder.feed(raw) == []
 
 
-def test_long_aarq_in_one_frame_over_255_bytes():
-    # Given -f 1024 and a Low password making the AARQ longer than 255 bytes
-    options = f"-i HDLC -f 1024 -c 32 -a Low -P {'p' * 300}"
+@pytest.mark.parametrize("length", [196, 202, 300, 455])
+def test_long_aarq_in_one_frame_over_255_bytes(length):
+    # Given -f 1024 and a Low password making the AARQ frame 256..518 bytes long
+    options = f"-i HDLC -f 1024 -c 32 -a Low -P {'p' * length}"
     got = our_opening(options)
-    # Then it goes out as one frame that decodes, equal to Gurux's patched framing
-    assert len(got) == 2 and len(got[1]) > 300
+    # Then it goes out as one frame that decodes: stock Gurux's frame, with the length
+    # field (and so HCS and FCS) corrected where Gurux's is wrong (frame lengths of
+    # 256..262 and 512..518 bytes: its bits 8-10 come from the length less 7)
+    assert len(got) == 2 and len(got[1]) > 256
     (fr,) = HdlcDecoder().feed(got[1])
-    assert b"p" * 300 in fr.info
-    assert got == gurux_opening(options)
+    assert b"p" * length in fr.info
+    stock = gurux_opening(options)
+    assert got[0] == stock[0]
+    assert got[1] == bytes(gurux_compat.fix_hdlc_length(bytearray(stock[1])))
+    assert (got[1] != stock[1]) is ((len(got[1]) - 2) % 256 < 7)
 
 
 # --- end to end: the same strings against the real simulator over real sockets -------------

@@ -10,10 +10,11 @@ another version fails loudly here instead of misbehaving somewhere else.
 - print silencing: Gurux prints from inside the library (per-frame notices,
   "Server did not accept CtoS." on a refused High login, key material on some
   signing paths) and stdout belongs to the CLI's JSON.
-- HDLC frame length: ``GXDLMS.getHdlcFrame`` puts bits 8-10 of the wrong sum into
-  the frame format field, so any frame longer than 255 bytes (max info field over
-  about 245) goes out with a wrong length; the frame is corrected here (length
-  field, HCS, FCS), everything else (segmentation, sequence numbers) stays Gurux's.
+- HDLC frame length: ``GXDLMS.getHdlcFrame`` takes bits 8-10 of the 11-bit frame
+  length from the length less 7, so frames of 256..262, 512..518, ... bytes (with
+  one-byte addresses: the first frame of a long request with a max info field of 250
+  or 1024, for instance) go out with a wrong length; the frame is corrected here (length field, HCS, FCS), everything
+  else (segmentation, sequence numbers) stays Gurux's.
 - raw list results: a GET-with-list (LN) or multi-variable READ (SN) reply read
   with ``raw_list`` keeps its count and per-item results as bytes; Gurux's own
   parsing keeps only the last item's error and puts None in every refused place.
@@ -135,7 +136,8 @@ def fix_hdlc_length(frame: bytearray) -> bytearray:
 
 def _get_hdlc_frame(cls, settings, frame_, data):
     frame = _orig_get_hdlc_frame(cls, settings, frame_, data)
-    if len(frame) - 2 > 0xFF:  # Gurux's own length is right up to 255 bytes
+    if len(frame) - 2 > 0xFF:  # Gurux's own length is right up to 255 bytes (and beyond
+        # except just above each multiple of 256; recomputing is cheap and always right)
         frame = fix_hdlc_length(bytearray(frame))
     return frame
 
