@@ -8,7 +8,13 @@ another version fails loudly here instead of misbehaving somewhere else.
   decoding (most of the gateway's CPU on profile reads); the session decodes
   the raw A-XDR itself with :mod:`dlms2amqp.meter.axdr`.
 - print silencing: Gurux prints from inside the library (per-frame notices,
-  key material on some signing paths) and stdout belongs to the CLI's JSON.
+  "Server did not accept CtoS." on a refused High login, key material on some
+  signing paths) and stdout belongs to the CLI's JSON.
+- HDLC frame length: ``GXDLMS.getHdlcFrame`` takes bits 8-10 of the 11-bit frame
+  length from the length less 7, so frames of 256..262, 512..518, ... bytes (with
+  one-byte addresses: the first frame of a long request with a max info field of 250
+  or 1024, for instance) go out with a wrong length; the frame is corrected here (length field, HCS, FCS), everything
+  else (segmentation, sequence numbers) stays Gurux's.
 - raw list results: a GET-with-list (LN) or multi-variable READ (SN) reply read
   with ``raw_list`` keeps its count and per-item results as bytes; Gurux's own
   parsing keeps only the last item's error and puts None in every refused place.
@@ -23,6 +29,12 @@ another version fails loudly here instead of misbehaving somewhere else.
   (``assert not tmp``) and never steps the invocation counter, so every ciphered SN
   request (SN High with ``-C AuthenticationEncryption``) failed; the SN PDU is built
   plain by Gurux and ciphered here, as Gurux's LN path does.
+- general block transfer (client): the acknowledgement of a GBT block referred to
+  a settings attribute that does not exist; it is built as Gurux's .NET client
+  builds it, and nothing is sent while the meter streams a window.
+- HDLC receive window over 1: Gurux's client acknowledges one frame per RR and
+  drops the middle frames of a window; with a negotiated window over 1 the receive
+  sequence is kept here (window 1 is left to Gurux).
 """
 
 from __future__ import annotations
@@ -30,10 +42,13 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import version
 
+from gurux_dlms._GXFCS16 import _GXFCS16
 from gurux_dlms.AesGcmParameter import AesGcmParameter
 from gurux_dlms.enums import Command, InterfaceType, RequestTypes, Security
 from gurux_dlms.GXCiphering import GXCiphering
 from gurux_dlms.GXDLMS import GXDLMS
+from gurux_dlms.GXDLMSLNParameters import GXDLMSLNParameters
+from gurux_dlms.GXDLMSSettings import GXDLMSSettings
 from gurux_dlms.GXDLMSSNParameters import GXDLMSSNParameters
 from gurux_dlms.GXReplyData import GXReplyData
 from gurux_dlms.internal._GXCommon import _GXCommon
@@ -75,10 +90,61 @@ def _no_print(*_args, **_kwargs) -> None:
     return None
 
 
-for _name in ("GXDLMSChippering", "GXSecure", "GXDLMSSettings", "_GXAPDU", "GXDLMS",
-              "GXDLMSLNCommandHandler", "GXDLMSSNCommandHandler", "GXDLMSTranslator"):  # fmt: skip
+#: every gurux_dlms module that calls print() in 1.0.203 (grep -l "print(" gurux_dlms)
+PRINTING_MODULES = (
+    "GXDLMSChippering", "GXDLMSChipperingStream", "GXSecure", "GXDLMSSettings", "_GXAPDU",
+    "GXDLMS", "GXDLMSClient", "GXDLMSConverter", "GXDLMSLNCommandHandler",
+    "GXDLMSSNCommandHandler", "GXDLMSTranslator", "objects.GXDLMSSecuritySetup",
+    "objects.GXDLMSProfileGeneric", "objects.GXDLMSObjectCollection",
+    "manufacturersettings.GXManufacturerCollection",
+)  # fmt: skip
+
+for _name in PRINTING_MODULES:
     _module = importlib.import_module(f"gurux_dlms.{_name}")
     _module.print = _no_print
+
+
+# --- HDLC frames over 255 bytes ---------------------------------------------------------
+# Frame format field (IEC 62056-46 frame format type 3): 4 bits type (0xA), 1 bit
+# segmentation, 11 bits frame length (every byte between the two flags).
+_orig_get_hdlc_frame = GXDLMS.getHdlcFrame.__func__
+
+
+def _address_end(frame: bytearray, pos: int) -> int:
+    """Index after an HDLC address starting at pos (its last byte has bit 0 set)."""
+    while pos < len(frame) and not frame[pos] & 1:
+        pos += 1
+    return pos + 1
+
+
+def fix_hdlc_length(frame: bytearray) -> bytearray:
+    """Rewrite the 11-bit length, the HCS and the FCS of one flag-delimited HDLC frame."""
+    length = len(frame) - 2
+    if length > 0x7FF:
+        raise ValueError(f"HDLC frame of {length} bytes does not fit the 11-bit length field")
+    frame[1] = (frame[1] & 0xF8) | (length >> 8)
+    frame[2] = length & 0xFF
+    header_end = _address_end(frame, _address_end(frame, 3)) + 1  # + control byte
+    # countFCS16 returns the CRC byte-swapped, to be stored big-endian (Gurux's setUInt16)
+    frame[header_end : header_end + 2] = _GXFCS16.countFCS16(frame, 1, header_end - 1).to_bytes(
+        2, "big"
+    )
+    if len(frame) > header_end + 3:  # an information field follows the HCS
+        frame[-3:-1] = _GXFCS16.countFCS16(frame, 1, len(frame) - 4).to_bytes(2, "big")
+    return frame
+
+
+def _get_hdlc_frame(cls, settings, frame_, data):
+    frame = _orig_get_hdlc_frame(cls, settings, frame_, data)
+    if len(frame) - 2 > 0xFF:  # Gurux's own length is right up to 255 bytes (and beyond
+        # except just above each multiple of 256; recomputing is cheap and always right)
+        frame = fix_hdlc_length(bytearray(frame))
+    return frame
+
+
+if not getattr(GXDLMS, "_dlms2amqp_hdlc_length", False):
+    GXDLMS.getHdlcFrame = classmethod(_get_hdlc_frame)
+    GXDLMS._dlms2amqp_hdlc_length = True
 
 
 # --- raw list results: per-item values and errors as the meter sent them -------------
@@ -178,3 +244,82 @@ if not getattr(GXDLMS, "_dlms2amqp_lists", False):
     GXDLMS.getSNPdu = classmethod(_sn_pdu)
     GXDLMSSNParameters.__init__ = _sn_params_init
     GXDLMS._dlms2amqp_lists = True
+
+
+# --- general block transfer on the client side ---------------------------------------------
+# ``GXDLMS.receiverReady`` acknowledges a GBT block with ``settings.blockNumber``, which
+# GXDLMSSettings does not have (AttributeError on the first block of every GBT reply).
+# Gurux's .NET client acknowledges with its own next block number (``settings.blockIndex``,
+# stepped by getLnMessages) and the block received, with the client's GBT window.  While
+# the meter streams a window (streaming bit set on every block but the window's last) the
+# client must not answer: an empty request means "keep reading".
+_orig_receiver_ready = GXDLMS.receiverReady.__func__
+
+
+def _receiver_ready(cls, settings, reply):
+    if isinstance(reply, GXReplyData) and reply.moreData == RequestTypes.GBT:
+        if reply.streaming:
+            return b""
+        p = GXDLMSLNParameters(settings, 0, Command.GENERAL_BLOCK_TRANSFER, 0, None, None, 0xFF)
+        p.gbtWindowSize = settings.gbtWindowSize
+        p.blockNumberAck = reply.blockNumber
+        return GXDLMS.getLnMessages(p)[0]
+    return _orig_receiver_ready(cls, settings, reply)
+
+
+if not getattr(GXDLMS, "_dlms2amqp_gbt_ack", False):
+    GXDLMS.receiverReady = classmethod(_receiver_ready)
+    GXDLMS._dlms2amqp_gbt_ack = True
+
+
+# --- HDLC receive window over 1 (client) -------------------------------------------------
+# gurux-dlms 1.0.203 counts its receive sequence V(R) as "one more frame per RR or
+# request", which holds only for window 1: with a window of W frames its RR and its next
+# I-frame acknowledge one frame instead of W (the meter then sends the window again), and
+# ``checkFrame`` drops the middle frames of a window of 3 or more (a misspelt local
+# variable keeps its state from advancing).  With a negotiated receive window over 1 the
+# client here accepts an I-frame when its N(S) is V(R), derives V(R) from the last frame
+# accepted, and puts it in its RRs and I-frames.  Window 1 stays Gurux's own code.
+_orig_check_frame = GXDLMSSettings.checkFrame
+_orig_receiver_ready_frame = GXDLMSSettings.getReceiverReady
+_orig_next_send = GXDLMSSettings.getNextSend
+
+
+def _windowed(settings) -> bool:
+    return not settings.isServer and settings.hdlc.windowSizeRX > 1
+
+
+def _next_vr(settings) -> int:
+    """V(R): one after the N(S) of the last I-frame accepted (Gurux starts at N(S) 7)."""
+    return (((settings.receiverFrame >> 1) & 7) + 1) & 7
+
+
+def _check_frame(self, frame_, xml):
+    if frame_ & 1 or xml is not None or not _windowed(self):
+        return _orig_check_frame(self, frame_, xml)
+    if (frame_ >> 1) & 7 != _next_vr(self):
+        return False  # out of sequence (a repeat after go-back-N): drop it
+    self.receiverFrame = frame_
+    return True
+
+
+def _receiver_ready_frame(self):
+    if not _windowed(self):
+        return _orig_receiver_ready_frame(self)
+    self.senderFrame = (_next_vr(self) << 5) | 0x10 | (self.senderFrame & 0x0E) | 1
+    return self.senderFrame & 0xF1
+
+
+def _next_send(self, first):
+    if not (first and _windowed(self)):
+        return _orig_next_send(self, first)
+    ns = ((self.senderFrame >> 1) + 1) & 7  # N(S) of the last I-frame sent, plus one
+    self.senderFrame = (_next_vr(self) << 5) | 0x10 | (ns << 1)
+    return self.senderFrame
+
+
+if not getattr(GXDLMSSettings, "_dlms2amqp_window", False):
+    GXDLMSSettings.checkFrame = _check_frame
+    GXDLMSSettings.getReceiverReady = _receiver_ready_frame
+    GXDLMSSettings.getNextSend = _next_send
+    GXDLMSSettings._dlms2amqp_window = True
