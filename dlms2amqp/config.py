@@ -122,6 +122,22 @@ def _queue_name(v: Any) -> str:
     return v
 
 
+def _host_list(v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+        raise ValueError('must be a list of "host" or "host:port" strings')
+    for x in v:
+        host, _, port = x.strip().rpartition(":") if ":" in x else (x, "", "")
+        if port and (not port.isdigit() or not 1 <= int(port) <= 65535 or not host):
+            raise ValueError(f'entry "{x}" is not "host" or "host:port"')
+    return [x.strip() for x in v]
+
+
+def _port_list(v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x.startswith("/") for x in v):
+        raise ValueError('must be a list of device paths, e.g. ["/dev/ttyUSB0"]')
+    return list(v)
+
+
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -236,6 +252,33 @@ KEYS: tuple[Key, ...] = (
         15.0,
         _float_range(1, 3600),
         "a worker process silent this long (no heartbeat) is killed and replaced",
+    ),
+
+    # --- scale-out (docs/design.md "Scale-out") ---
+    Key(
+        "Partitions",
+        0,
+        _int_range(0, 1024),
+        "partition queues for several daemons on one request stream (one owner per meter); "
+        "0 = off: one daemon consumes InQueue",
+    ),
+    Key(
+        "ClusterHosts",
+        [],
+        _host_list,
+        'more broker nodes ("host" or "host:port"), tried in turn after HostName on reconnect',
+    ),
+    Key(
+        "SerialPorts",
+        [],
+        _port_list,
+        "serial ports on this host; requests for them come to this daemon (with Partitions)",
+    ),
+    Key(
+        "SerialPortWait",
+        30.0,
+        _float_range(1, 3600),
+        "seconds a request for a serial port no daemon owns waits before it is answered notok",
     ),
 )
 

@@ -88,6 +88,31 @@ class Metrics:
             "OutQueue declared again after a reply to it came back unroutable",
             registry=r,
         )
+        # scale-out (daemon/partitions.py, meter/counters.py)
+        self.partitions_active = Gauge(
+            p + "partitions_active", "Partition queues this daemon is serving", registry=r
+        )
+        self.partition_consumers = Gauge(
+            p + "partition_consumers",
+            "Daemons subscribed to the partitions (active or standing by)",
+            registry=r,
+        )
+        self.partition_handovers = Counter(
+            p + "partition_handovers", "Partitions this daemon gave to another", registry=r
+        )
+        self.requests_moved = Counter(
+            p + "requests_moved", "Requests moved from InQueue to their partition", registry=r
+        )
+        self.inqueue_other_consumers = Gauge(
+            p + "inqueue_other_consumers",
+            "Other consumers seen on InQueue with Partitions 0 (meters may get two sessions)",
+            registry=r,
+        )
+        self.counter_resyncs = Counter(
+            p + "counter_resyncs",
+            "Invocation counters taken from the meter because ours was behind",
+            registry=r,
+        )
         self.build_info = Gauge(p + "build_info", "Version of dlms2amqp", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)
 

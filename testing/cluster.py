@@ -5,9 +5,9 @@ Each node is a ``BrokerNode`` (own node name, AMQP and distribution ports, data 
 directories) and all of them share one random Erlang cookie, so they can cluster with each
 other and with nothing else.  The cluster forms at boot by classic-config peer discovery:
 the first node boots alone, then the others, at once, list it as their only peer and join
-it (a node that still comes up alone is joined by hand with ``join_cluster``).  The consistent-hash exchange plugin is enabled on these
-nodes only; queues default to quorum (``default_queue_type``) and quorum queues span all
-three nodes.
+it (a node that still comes up alone is joined by hand with ``join_cluster``).
+The consistent-hash exchange plugin is enabled on these nodes only; a quorum queue spans
+all three nodes.
 
 ``stop_app``/``start_app`` act on one node, so a test can take a node away under load.
 

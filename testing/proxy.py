@@ -54,6 +54,8 @@ class PortStats:
     aarqs: int = 0
     get_responses: int = 0
     sessions_with_reads: int = 0  # connections in which at least one GET was answered
+    open_now: int = 0  # connections open right now (one association each)
+    max_open: int = 0  # the most ever open at once: 2 = two associations at one time
 
 
 class _Pair:
@@ -144,6 +146,7 @@ class TcpProxy:
             t.aarqs += s.aarqs
             t.get_responses += s.get_responses
             t.sessions_with_reads += s.sessions_with_reads
+            t.max_open = max(t.max_open, s.max_open)
         return t
 
     # the loop ---------------------------------------------------------------------------
@@ -187,7 +190,10 @@ class TcpProxy:
         p = _Pair(c, u, listen_port)
         with self._lock:
             self.pairs.append(p)
-        self.stats[target].connections += 1
+        st = self.stats[target]
+        st.connections += 1
+        st.open_now += 1
+        st.max_open = max(st.max_open, st.open_now)
         self.sel.register(c, selectors.EVENT_READ, ("pair", p))
         self.sel.register(u, selectors.EVENT_READ, ("pair", p))
 
@@ -233,3 +239,4 @@ class TcpProxy:
         with self._lock:
             if p in self.pairs:
                 self.pairs.remove(p)
+                self.stats[self.listeners[p.listen_port]].open_now -= 1

@@ -219,3 +219,15 @@ def run_daemon(tmp_path: Path, broker: Broker) -> Iterator[Any]:
             except Exception:  # noqa: BLE001 - make sure nothing is left running
                 pass
             d.kill()
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Any]:
+    """A private 3-node RabbitMQ cluster (testing/cluster.py), one per test session."""
+    from testing.cluster import Cluster
+
+    c = Cluster().start()
+    try:
+        yield c
+    finally:
+        c.destroy()

@@ -1,27 +1,16 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """The private 3-node cluster of testing/cluster.py: members, quorum queues, the plugin.
 
-One cluster per test module (about 10 s to start on two cores).
+One cluster per test session (the ``cluster`` fixture of conftest.py; about 15 s to start).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Iterator
 
 import pika
-import pytest
 
 from testing.cluster import Cluster
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    c = Cluster().start()
-    try:
-        yield c
-    finally:
-        c.destroy()
 
 
 def test_three_running_members(cluster: Cluster) -> None:

@@ -11,6 +11,7 @@ import orjson
 
 from .. import __version__, logsetup
 from ..config import describe_keys
+from ..daemon import partitions
 from ..daemon.master import Master
 from ..errors import ConfigError, GatewayError
 from .common import EXIT_CONFIG, EXIT_OK, EXIT_WORKER_BOOT, add_config_option, load_or_report
@@ -38,6 +39,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_CONFIG
     if args.check_config:
         print(orjson.dumps(cfg.as_dict(), option=orjson.OPT_INDENT_2).decode())
+        print("topology to declare:")
+        print(orjson.dumps(partitions.describe(cfg), option=orjson.OPT_INDENT_2).decode())
         print(f"dlms2amqpd: configuration {cfg.path} is valid", file=sys.stderr)
         return EXIT_OK
     try:

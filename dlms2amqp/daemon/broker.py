@@ -38,7 +38,7 @@ from .. import reply as replymod
 from ..config import Config
 from ..errors import BrokerError, ConfigError, GatewayError
 from ..metrics import Metrics
-from . import amqp
+from . import amqp, partitions
 
 IOLoop = pika.adapters.select_connection.IOLoop
 REASON_HEADER = "x-dlms2amqp-reason"
@@ -57,6 +57,7 @@ class Delivery:
     tag: int
     reply_to: Optional[str]
     body: bytes = b""  # the request as delivered (dead-lettered as it came)
+    queue: str = ""  # the queue it came from (InQueue or a partition)
 
 
 class Broker:
@@ -84,6 +85,7 @@ class Broker:
         self.conn: Any = None
         self.ch: Any = None
         self.consumer_tag: Optional[str] = None
+        self.tags: dict[str, str] = {}  # consumer tag -> queue (partitions: several)
         self.ready = False  # consuming on the current channel
         self.gen = 0
         self.unacked = 0
@@ -112,6 +114,7 @@ class Broker:
             self.on_fatal(e)
             return
         self.channel_error = None
+        params.host, params.port = partitions.pick_address(self.cfg, self.failures)
         self.conn = pika.SelectConnection(
             params,
             on_open_callback=lambda c: c.channel(on_open_callback=self.guard(self._on_channel)),
@@ -127,7 +130,7 @@ class Broker:
             lambda _c, _m, props, _b: self.confirms.on_return(props.message_id)
         )
         ch.add_on_cancel_callback(self.guard(self._on_cancelled))
-        self._declare(amqp.topology(self.cfg))
+        self._declare(partitions.topology(self.cfg))
 
     def _declare(self, steps: list[tuple[str, str, Optional[dict]]]) -> None:
         """Declare the topology one step after the other, then consume."""
@@ -148,6 +151,15 @@ class Broker:
         then = self.guard(lambda _f: self._declare(steps[1:]))
         if what == "exchange":
             ch.exchange_declare(name, "fanout", durable=True, callback=then)
+        elif what == "hash_exchange":
+            ch.exchange_declare(name, partitions.EXCHANGE_TYPE, durable=True, callback=then)
+        elif what == "hash_bind":
+            ch.queue_bind(
+                name,
+                partitions.exchange_name(self.cfg),
+                routing_key=partitions.WEIGHT,
+                callback=then,
+            )
         elif what == "bind":
             ch.queue_bind(name, self.cfg.dead_letter_exchange, routing_key="", callback=then)
         else:
@@ -158,8 +170,44 @@ class Broker:
             return
         self.confirms.reset()
         self.gen += 1
+        self.tags = {}
         self.consumer_tag = self.ch.basic_consume(
             self.cfg.InQueue, self.guard(self._on_message), callback=self._on_consume_ok
+        )
+        self.tags[self.consumer_tag] = self.cfg.InQueue
+        for q in partitions.consumed_queues(self.cfg)[1:]:
+            self.consume_queue(q)
+
+    # --- partitions (daemon/partitions.py) -------------------------------------------------
+    def consume_queue(self, queue: str) -> None:
+        """Subscribe to one more queue on the current channel (a partition)."""
+        if self.ch is None or self.stopping or queue in self.tags.values():
+            return
+        tag = self.ch.basic_consume(queue, self.guard(self._on_message))
+        self.tags[tag] = queue
+
+    def cancel_queue(self, queue: str, on_ok: Callable[[], None]) -> None:
+        """Cancel our consumer on ``queue``; ``on_ok`` once the broker confirmed it."""
+        tag = next((t for t, q in self.tags.items() if q == queue), None)
+        if self.ch is None or tag is None:
+            return
+        gen = self.gen
+
+        def done(_frame: Any) -> None:
+            self.tags.pop(tag, None)
+            if gen == self.gen:
+                on_ok()
+
+        self.ch.basic_cancel(tag, callback=self.guard(done))
+
+    def count_consumers(self, queue: str, on_count: Callable[[int], None]) -> None:
+        """Passive declare: the consumer count of ``queue`` (ours included)."""
+        if self.ch is None or not self.ready:
+            return
+        self.ch.queue_declare(
+            queue,
+            passive=True,
+            callback=self.guard(lambda f: on_count(int(f.method.consumer_count))),
         )
 
     def _on_consume_ok(self, _frame: Any) -> None:
@@ -242,6 +290,21 @@ class Broker:
             self.conn = self.ch = None
             self.ioloop.stop()
             return
+        if (
+            self.declaring is not None
+            and self.declaring[0] == "hash_exchange"
+            and isinstance(reason, pex.ConnectionClosedByBroker)
+            and reason.reply_code == 503
+        ):
+            self.on_fatal(
+                ConfigError(
+                    f"Broker {amqp.describe(self.cfg)} does not know the exchange type "
+                    f"{partitions.EXCHANGE_TYPE} needed by Partitions {self.cfg.Partitions}"
+                    f" in {self.cfg.path}: enable the plugin on every node (rabbitmq-plugins "
+                    f"enable {partitions.PLUGIN}), or set Partitions to 0"
+                )
+            )
+            return
         self.connection_lost(self.channel_error or reason)
 
     def connection_lost(self, error: BaseException) -> None:
@@ -251,6 +314,7 @@ class Broker:
         delay = min(self.cfg.ReconnectMaxDelay, 0.5 * 2 ** min(self.failures - 1, 16))
         self.log.warning("broker_connection_lost", error=str(err), retry_in=round(delay, 2))
         conn, self.conn, self.ch, self.consumer_tag = self.conn, None, None, None
+        self.tags = {}
         if conn is not None and conn.is_open:
             try:
                 conn.close()
@@ -315,7 +379,13 @@ class Broker:
     def _on_message(self, _ch: Any, method: Any, props: Any, body: bytes) -> None:
         self.unacked += 1
         self.metrics.in_flight.set(self.unacked)
-        d = Delivery(self.gen, method.delivery_tag, props.reply_to or None, body)
+        d = Delivery(
+            self.gen,
+            method.delivery_tag,
+            props.reply_to or None,
+            body,
+            self.tags.get(method.consumer_tag, self.cfg.InQueue),
+        )
         self.on_delivery(d, method, props, body)
 
     def current(self, d: Delivery) -> bool:
@@ -413,8 +483,9 @@ class Broker:
         if self.reconnect_timer is not None:
             self.ioloop.remove_timeout(self.reconnect_timer)
             self.reconnect_timer = None
-        if self.ch is not None and self.consumer_tag:
-            self.ch.basic_cancel(self.consumer_tag)
+        if self.ch is not None:
+            for tag in list(self.tags) or ([self.consumer_tag] if self.consumer_tag else []):
+                self.ch.basic_cancel(tag)
 
     def close(self, requeue: list[Delivery]) -> None:
         """Requeue what is left, close the connection; the loop stops once it is closed."""

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Typed messages between the master and its worker processes (over one duplex pipe).
 
-    master -> worker   Job | Reopen | Stop
+    master -> worker   Job | Reopen | ClosePool | Stop
     worker -> master   Ready | Heartbeat | Started | Done
 
 Dataclasses instead of positional tuples: a field added on one side cannot be read at
@@ -92,11 +92,16 @@ class Reopen:
 
 
 @dataclass(frozen=True)
+class ClosePool:
+    """This daemon gave a partition away: close every idle association (another owns it)."""
+
+
+@dataclass(frozen=True)
 class Stop:
     """The grace period is over: drop what is left and exit."""
 
 
-ToWorker = Union[Job, Reopen, Stop]
+ToWorker = Union[Job, Reopen, ClosePool, Stop]
 
 
 # --- worker -> master -------------------------------------------------------------------
@@ -106,6 +111,7 @@ class PoolStats:
 
     hits: float = 0.0
     idle: float = 0.0
+    resyncs: float = 0.0  # invocation counters taken from the meter (session.RESYNCS)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from ..errors import GatewayError
 from ..meter.connstring import ConnSettings
 from ..metrics import Metrics
 from ..request import ReadRequest
-from . import amqp, ipc, replysize
+from . import amqp, ipc, partitions, replysize
 from .broker import Broker, Delivery, IOLoop
 from .intake import Answer, Attach, DeadLetter, Dispatch, Intake, Stored
 from .replystore import ReplyStore
@@ -69,7 +69,9 @@ class Master:
         self.log = logsetup.get_logger("dlms2amqp.master")
         self.ioloop = IOLoop()
         self.store = ReplyStore(cfg.state_dir / "replies.sqlite3", cfg.ReplyStoreSize)
-        self.intake = Intake(self.store, cfg.MaxBodyBytes, cfg.DeliveryLimit, cfg.QueueType)
+        # partition queues are quorum queues whatever InQueue is
+        queue_type = "quorum" if cfg.Partitions > 0 else cfg.QueueType
+        self.intake = Intake(self.store, cfg.MaxBodyBytes, cfg.DeliveryLimit, queue_type)
         self.broker = Broker(
             cfg,
             self.ioloop,
@@ -99,6 +101,22 @@ class Master:
         self.closing = False
         self.stop_deadline = 0.0
         self.fatal: Optional[GatewayError] = None
+        # scale-out hooks (daemon/partitions.py)
+        self.mover: Optional[partitions.Mover] = None
+        self.balancer: Optional[partitions.Balancer] = None
+        self.inqueue_watch: Optional[partitions.InQueueWatch] = None
+        if cfg.Partitions > 0:
+            self.mover = partitions.Mover(cfg, self.broker, self.log, self.metrics)
+            self.balancer = partitions.Balancer(
+                cfg,
+                self.broker,
+                self.partition_busy,
+                lambda: self.workers.broadcast(ipc.ClosePool()),
+                self.log,
+                self.metrics,
+            )
+        else:
+            self.inqueue_watch = partitions.InQueueWatch(cfg, self.broker, self.log, self.metrics)
 
     # --- signals -------------------------------------------------------------------------
     def install_signals(self) -> None:
@@ -127,6 +145,14 @@ class Master:
         if self.stopping:
             self.broker.requeue(d)
             return
+        if self.mover is not None and d.queue == partitions.presence_queue(self.cfg):
+            self.broker.ack(d)  # nothing belongs here; someone published by mistake
+            return
+        if self.mover is not None and d.queue == self.cfg.InQueue:
+            self.mover.move(d, props, body)  # to its partition; read when it comes back
+            return
+        if self.balancer is not None and self.balancer.on_delivery(d.queue, d):
+            return  # held: this partition is being given to another daemon
         t0 = time.monotonic()
         try:
             decision = self.intake.decide(
@@ -306,6 +332,15 @@ class Master:
         """The broker will redeliver: the waiting deliveries' tags are void."""
         for job in self.jobs.values():
             job.deliveries.clear()
+        if self.balancer is not None:
+            self.balancer.on_lost()
+
+    def partition_busy(self, queue: str) -> bool:
+        """A job from this partition (or of unknown origin, after a reconnect) is running."""
+        return any(
+            not job.deliveries or any(d.queue == queue for d in job.deliveries)
+            for job in self.jobs.values()
+        )
 
     # --- results -------------------------------------------------------------------------
     def on_done(self, done: ipc.Done) -> None:
@@ -413,6 +448,10 @@ class Master:
             self.handle_signals()
             now = time.monotonic()
             self.broker.watch(now)
+            if self.balancer is not None:
+                self.balancer.tick(now)
+            elif self.inqueue_watch is not None:
+                self.inqueue_watch.tick(now)
             if now - self.last_supervise >= SUPERVISE_SECONDS:
                 self.last_supervise = now
                 self.workers.supervise()

@@ -29,7 +29,18 @@ from typing import Any, Optional
 from .. import logsetup
 from .. import reply as replymod
 from ..limits import raise_open_files
-from .ipc import Done, Heartbeat, Job, PoolStats, Ready, Reopen, Started, Stop, WorkerSettings
+from .ipc import (
+    ClosePool,
+    Done,
+    Heartbeat,
+    Job,
+    PoolStats,
+    Ready,
+    Reopen,
+    Started,
+    Stop,
+    WorkerSettings,
+)
 
 HEARTBEAT_SECONDS = 1.0
 
@@ -82,8 +93,16 @@ def _make_pool(settings: WorkerSettings) -> Any:
 def _pool_stats(pool: Any) -> PoolStats:
     """Pool counters the master exports: reuses so far (``hits``) and idle sessions."""
     if pool is None:
-        return PoolStats()
-    return PoolStats(hits=float(getattr(pool, "hits", 0)), idle=float(len(pool)))
+        return PoolStats(resyncs=_resyncs())
+    return PoolStats(
+        hits=float(getattr(pool, "hits", 0)), idle=float(len(pool)), resyncs=_resyncs()
+    )
+
+
+def _resyncs() -> float:
+    from ..meter import session
+
+    return float(session.RESYNCS[0])
 
 
 class Worker:
@@ -179,6 +198,9 @@ class Worker:
                 self.submit(msg)
             elif isinstance(msg, Reopen):
                 logsetup.reopen()
+            elif isinstance(msg, ClosePool):
+                if self.pool is not None:
+                    self.pool.close_all()
             elif isinstance(msg, Stop):
                 self.stop()
                 return
@@ -201,6 +223,23 @@ class Worker:
         os._exit(0)
 
 
+def _die_with_master() -> None:
+    """Linux: SIGKILL when the master dies (kill -9 too), so that no session outlives it.
+
+    With several daemons, the broker hands a dead master's requests to another daemon at
+    once; a worker finishing its read meanwhile would be a second association to the meter.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the master died before prctl
+            os._exit(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(settings: WorkerSettings, conn: Connection) -> None:
     """Process entry point (spawned by the arbiter, ``workers.Arbiter``)."""
     # The master decides when we stop: a TERM or ^C to the process group must not kill
@@ -208,6 +247,7 @@ def main(settings: WorkerSettings, conn: Connection) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _die_with_master()
     logsetup.configure(settings.debug_file, settings.log_level, process=f"worker{settings.index}")
     try:
         Worker(settings, conn).serve()

@@ -1,0 +1,383 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Scale-out: one request stream, several daemons, one owner per meter (docs/design.md).
+
+With ``Partitions`` N > 0 the daemon declares a consistent-hash exchange
+``<InQueue>.partitions`` and N durable quorum queues ``<InQueue>.p<i>`` bound to it, each
+with ``x-single-active-consumer``: the broker delivers a partition to one consumer at a
+time, whichever daemon subscribed first, and hands it to the next subscriber when that
+daemon's channel goes away.  A request's routing key is its normalised meter key, so one
+meter always lands in one partition, hence in one daemon, whose master sends it always to
+one worker, which runs one session per meter at a time.
+
+The pieces here, called from small hooks in ``broker`` and ``master``:
+
+- ``topology``/``describe``: what is declared (also shown by ``--check-config``);
+- ``routing_key``/``route_of``: the partition key of a request (``dlms2amqp-send`` too);
+- ``Mover``: a delivery from InQueue is published to the exchange with a confirm, then
+  acked (at-least-once; the reply store absorbs a duplicate);
+- ``Balancer``: single-active-consumer never moves a partition from a living consumer,
+  so a daemon that holds more than its share (N / consumers, rounded up) gives partitions
+  away one at a time: it stops starting jobs from it, waits for its jobs in flight, closes
+  its idle associations, cancels its consumer, requeues what it held, and subscribes again
+  (at the end of the line);
+- ``InQueueWatch``: with Partitions 0, a periodic passive declare of InQueue counts its
+  consumers: more than one is a warning and a metric (meters may get two associations).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import orjson
+import pika
+
+from ..config import Config
+from ..errors import GatewayError
+from ..meter.connstring import parse_connection_string
+from . import amqp
+
+WEIGHT = "20"  # points on the hash ring per partition queue: an even spread for small N
+EXCHANGE_TYPE = "x-consistent-hash"
+PLUGIN = "rabbitmq_consistent_hash_exchange"
+#: headers of the InQueue message that belong to that queue, not to the moved request
+QUEUE_HEADERS = (
+    "x-delivery-count",
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+)
+WATCH_SECONDS = 30.0
+BALANCE_SECONDS = 2.0
+RESUBSCRIBE_SECONDS = 1.0
+POOL_CLOSE_SECONDS = 1.5  # workers handle ClosePool within one heartbeat (1 s)
+
+Step = tuple[str, str, Optional[dict]]
+
+
+def exchange_name(cfg: Config) -> str:
+    return cfg.InQueue + ".partitions"
+
+
+def presence_queue(cfg: Config) -> str:
+    """Every daemon holds a consumer here: its consumer count is the number of daemons.
+
+    (A single-active-consumer quorum queue reports only its active consumer, so the
+    partitions cannot tell how many daemons stand by.)  Nothing is published to it.
+    """
+    return cfg.InQueue + ".daemons"
+
+
+def partition_queues(cfg: Config) -> list[str]:
+    """``INDLMS.p0`` ... ``INDLMS.p<N-1>``, zero-padded so that they sort."""
+    width = len(str(max(cfg.Partitions - 1, 0)))
+    return [f"{cfg.InQueue}.p{i:0{width}d}" for i in range(cfg.Partitions)]
+
+
+def partition_arguments(cfg: Config) -> dict[str, Any]:
+    """Quorum (replicated, x-delivery-limit, safe dead-lettering), single active consumer."""
+    return {
+        "x-queue-type": "quorum",
+        "x-single-active-consumer": True,
+        "x-delivery-limit": cfg.DeliveryLimit,
+        "x-dead-letter-exchange": cfg.dead_letter_exchange,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+def topology(cfg: Config) -> list[Step]:
+    """The seed's topology, plus the exchange and the partition queues when N > 0."""
+    steps = amqp.topology(cfg)
+    if cfg.Partitions <= 0:
+        return steps
+    steps.append(("queue", presence_queue(cfg), {"x-queue-type": "quorum"}))
+    steps.append(("hash_exchange", exchange_name(cfg), None))
+    args = partition_arguments(cfg)
+    for q in partition_queues(cfg):
+        steps += [("queue", q, args), ("hash_bind", q, None)]
+    return steps
+
+
+def consumed_queues(cfg: Config) -> list[str]:
+    """InQueue (moved to the partitions when N > 0), presence, every partition queue."""
+    if cfg.Partitions <= 0:
+        return [cfg.InQueue]
+    return [cfg.InQueue, presence_queue(cfg), *partition_queues(cfg)]
+
+
+def describe(cfg: Config) -> dict[str, Any]:
+    """The topology as ``--check-config`` shows it."""
+    out: dict[str, Any] = {
+        "InQueue": {
+            "name": cfg.InQueue,
+            "type": cfg.QueueType,
+            "arguments": amqp.queue_arguments(cfg),
+        },
+        "OutQueue": cfg.OutQueue,
+        "DeadLetter": {"exchange": cfg.dead_letter_exchange, "queue": cfg.dead_letter_queue},
+        "Partitions": cfg.Partitions,
+    }
+    if cfg.Partitions > 0:
+        out["PartitionExchange"] = {
+            "name": exchange_name(cfg),
+            "type": EXCHANGE_TYPE,
+            "plugin": PLUGIN + " (enable it on every broker node)",
+            "routing_key": "normalised meter key, e.g. tcp:10.0.0.5:4059 or serial:/dev/ttyUSB0",
+        }
+        out["PresenceQueue"] = {
+            "name": presence_queue(cfg),
+            "why": "every daemon consumes it; its consumer count is the number of daemons",
+        }
+        out["PartitionQueues"] = {
+            "names": partition_queues(cfg),
+            "binding_weight": int(WEIGHT),
+            "arguments": partition_arguments(cfg),
+        }
+        out["Flow"] = (
+            f"{cfg.InQueue} -> (daemon, confirm then ack) -> {exchange_name(cfg)} -> "
+            "one partition per meter -> the one daemon active on it"
+        )
+    out["BrokerNodes"] = [f"{h}:{p}" for h, p in broker_addresses(cfg)]
+    return out
+
+
+def broker_addresses(cfg: Config) -> list[tuple[str, int]]:
+    """HostName:Port, then ClusterHosts in order (a host without port uses Port)."""
+    out = [(cfg.HostName, cfg.Port)]
+    for entry in cfg.ClusterHosts:
+        host, sep, port = entry.rpartition(":")
+        out.append((host, int(port)) if sep and port.isdigit() else (entry, cfg.Port))
+    return out
+
+
+def pick_address(cfg: Config, failures: int) -> tuple[str, int]:
+    """The node to try on this (re)connect: the next one after each failure."""
+    nodes = broker_addresses(cfg)
+    return nodes[failures % len(nodes)]
+
+
+def routing_key(meter_key: str) -> str:
+    """The meter key as routing key (a short string: a very long one is hashed)."""
+    if len(meter_key.encode()) <= 255:
+        return meter_key
+    return "sha256:" + hashlib.sha256(meter_key.encode()).hexdigest()
+
+
+def route_of(body: bytes, max_bytes: int) -> str:
+    """The routing key of a request body; any key for a body that is no valid request.
+
+    An invalid request still goes to a partition: the intake there answers it (or
+    dead-letters it) exactly as with one daemon.
+    """
+    if len(body) > max_bytes:
+        return "invalid:oversize"
+    try:
+        data = orjson.loads(body)
+        cs = data.get("ConnectionString") if isinstance(data, dict) else None
+        if isinstance(cs, str):
+            return routing_key(parse_connection_string(cs).meter_key)
+    except (orjson.JSONDecodeError, GatewayError, ValueError, TypeError):
+        pass
+    return "invalid:" + hashlib.sha256(body).hexdigest()[:16]
+
+
+def moved_properties(props: Any) -> pika.BasicProperties:
+    """The request's properties, persistent, without InQueue's own headers."""
+    headers = {k: v for k, v in (props.headers or {}).items() if k not in QUEUE_HEADERS}
+    return pika.BasicProperties(
+        content_type=props.content_type,
+        delivery_mode=amqp.PERSISTENT,
+        message_id=props.message_id,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        headers=headers or None,
+    )
+
+
+@dataclass
+class PartitionState:
+    queue: str
+    active: bool = False  # we received a delivery since we subscribed
+    draining: bool = False
+    held: list[Any] = field(default_factory=list)  # deliveries kept while draining
+    drain_step: str = ""  # "" | "jobs" | "pool" | "cancel"
+    pool_closed_at: float = 0.0
+
+
+class Balancer:
+    """Which partitions this daemon is active on, and giving the excess away.
+
+    ``broker`` provides ``cancel_queue(name, on_ok)``, ``consume_queue(name)``,
+    ``requeue(d)``, ``count_consumers(name, on_count)``; ``busy(queue)`` says whether a
+    job from that partition is still being read; ``close_pool()`` asks the workers to
+    close idle associations.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        broker: Any,
+        busy: Callable[[str], bool],
+        close_pool: Callable[[], None],
+        log: Any,
+        metrics: Any,
+    ):
+        self.cfg = cfg
+        self.broker = broker
+        self.busy = busy
+        self.close_pool = close_pool
+        self.log = log
+        self.metrics = metrics
+        self.parts = {q: PartitionState(q) for q in partition_queues(cfg)}
+        self.consumers = 1
+        self.next_check = 0.0
+
+    def share(self) -> int:
+        return math.ceil(len(self.parts) / max(1, self.consumers))
+
+    def active(self) -> list[str]:
+        return [q for q, p in self.parts.items() if p.active and not p.draining]
+
+    def on_delivery(self, queue: str, d: Any) -> bool:
+        """True when the delivery is held (its partition is being given away)."""
+        p = self.parts.get(queue)
+        if p is None:
+            return False
+        if p.draining:
+            p.held.append(d)
+            return True
+        if not p.active:
+            p.active = True
+            self.metrics.partitions_active.set(len(self.active()))
+            self.log.info("partition_taken", partition=queue)
+        return False
+
+    def on_lost(self) -> None:
+        """The channel is gone: the broker gave our partitions to others (or will)."""
+        for p in self.parts.values():
+            p.active = p.draining = False
+            p.held.clear()
+            p.drain_step = ""
+        self.metrics.partitions_active.set(0)
+        self.close_pool()
+
+    def tick(self, now: float) -> None:
+        draining = [p for p in self.parts.values() if p.draining]
+        for p in draining:
+            self._drain(p, now)
+        if now < self.next_check or not self.broker.ready:
+            return
+        self.next_check = now + BALANCE_SECONDS
+        self.broker.count_consumers(presence_queue(self.cfg), self._on_count)
+
+    def _on_count(self, consumers: int) -> None:
+        self.consumers = max(1, consumers)
+        self.metrics.partition_consumers.set(self.consumers)
+        if any(p.draining for p in self.parts.values()):
+            return
+        mine = self.active()
+        if len(mine) > self.share():
+            victim = self.parts[mine[-1]]
+            victim.draining = True
+            victim.drain_step = "jobs"
+            self.log.info(
+                "partition_release",
+                partition=victim.queue,
+                active=len(mine),
+                share=self.share(),
+                daemons=self.consumers,
+            )
+
+    def _drain(self, p: PartitionState, now: float) -> None:
+        if p.drain_step == "jobs" and not self.busy(p.queue):
+            # every read from this partition is answered: close the idle associations
+            # before anyone else may open one
+            self.close_pool()
+            p.drain_step, p.pool_closed_at = "pool", now
+        elif p.drain_step == "pool" and now - p.pool_closed_at >= POOL_CLOSE_SECONDS:
+            p.drain_step = "cancel"
+            self.broker.cancel_queue(p.queue, lambda: self._released(p))
+
+    def _released(self, p: PartitionState) -> None:
+        held, p.held = p.held, []
+        for d in held:
+            self.broker.requeue(d)
+        p.active = p.draining = False
+        p.drain_step = ""
+        self.metrics.partitions_active.set(len(self.active()))
+        self.metrics.partition_handovers.inc()
+        self.log.info("partition_released", partition=p.queue, requeued=len(held))
+        self.broker.ioloop.call_later(
+            RESUBSCRIBE_SECONDS, lambda: self.broker.consume_queue(p.queue)
+        )
+
+
+class InQueueWatch:
+    """Partitions 0: warn when another consumer shares InQueue."""
+
+    def __init__(self, cfg: Config, broker: Any, log: Any, metrics: Any):
+        self.cfg = cfg
+        self.broker = broker
+        self.log = log
+        self.metrics = metrics
+        self.next_check = time.monotonic() + 2.0
+        self.warned = False
+
+    def tick(self, now: float) -> None:
+        if now < self.next_check or not self.broker.ready:
+            return
+        self.next_check = now + WATCH_SECONDS
+        self.broker.count_consumers(self.cfg.InQueue, self._on_count)
+
+    def _on_count(self, consumers: int) -> None:
+        others = max(0, consumers - 1)
+        self.metrics.inqueue_other_consumers.set(others)
+        if others and not self.warned:
+            self.log.warning(
+                "other_consumers_on_inqueue",
+                queue=self.cfg.InQueue,
+                others=others,
+                hint="meters may get parallel associations; set Partitions on every daemon",
+            )
+        self.warned = bool(others)
+
+
+class Mover:
+    """InQueue -> partition exchange: publish with a confirm, then ack the original."""
+
+    def __init__(self, cfg: Config, broker: Any, log: Any, metrics: Any):
+        self.cfg = cfg
+        self.broker = broker
+        self.log = log
+        self.metrics = metrics
+        self.exchange = exchange_name(cfg)
+
+    def move(self, d: Any, props: Any, body: bytes) -> None:
+        key = route_of(body, self.cfg.MaxBodyBytes)
+        out = moved_properties(props)
+        if out.message_id is None:
+            out.message_id = "moved-" + hashlib.sha256(body).hexdigest()[:24]
+
+        def ok() -> None:
+            self.broker.ack(d)
+            self.metrics.requests_moved.inc()
+
+        def failed(kind: str) -> None:
+            if kind == "returned":
+                self.broker.dead_letter(
+                    d,
+                    body,
+                    f"no partition queue is bound to exchange {self.exchange}",
+                    "unroutable",
+                )
+            else:
+                self.log.warning("move_not_confirmed", kind=kind)
+                self.broker.requeue(d)
+
+        if not self.broker.publish(self.exchange, key, body, out, ok, failed):
+            self.broker.requeue(d)
