@@ -51,6 +51,7 @@ class WorkerHandle:
     kill_reason: Optional[str] = None
     pool_hits: float = 0.0
     pool_idle: float = 0.0
+    resyncs: float = 0.0
 
 
 def _sender(conn: Connection, outbox: queue.SimpleQueue) -> None:
@@ -188,6 +189,9 @@ class Arbiter:
             self.metrics.pool_hits.inc(stats.hits - w.pool_hits)
             w.pool_hits = stats.hits
         w.pool_idle = stats.idle
+        if stats.resyncs > w.resyncs:
+            self.metrics.counter_resyncs.inc(stats.resyncs - w.resyncs)
+            w.resyncs = stats.resyncs
         self.metrics.pool_connections.set(sum(x.pool_idle for x in self.workers))
 
     # --- supervision -------------------------------------------------------------------

@@ -16,6 +16,7 @@ and the media in ``finally`` and never raises.
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
@@ -48,6 +49,20 @@ from .connstring import ConnSettings
 from .counters import BLOCK, CounterStore, counter_key
 from .gurux_compat import ReplyData  # (patches Gurux on import)
 from .media import Media, SerialMedia, TcpMedia
+
+#: the invocation-counter object read through the public client when a meter rejects our
+#: counter without saying which one it expects (and no -v was given)
+DEFAULT_COUNTER_OBIS = "0.0.43.1.0.255"
+#: how often a session took the meter's counter because ours was behind (another gateway
+#: host used this meter since, or the state was lost); read by the worker for its metric
+RESYNCS = [0]
+_RESYNC_LOCK = threading.Lock()
+
+
+def _count_resync() -> None:
+    with _RESYNC_LOCK:
+        RESYNCS[0] += 1
+
 
 _AUTH = {
     "None": Authentication.NONE,
@@ -289,8 +304,8 @@ class MeterSession:
                 if attempt == 1 and self.settings.invocation_counter_obis and self._ciphered():
                     meter_counter = self._read_public_counter()
                 self.client = self._make_client()
-                if self._ciphered():
-                    self._init_counter(meter_counter)
+                if self._ciphered() and self._init_counter(meter_counter) and attempt == 1:
+                    _count_resync()  # -v: the meter's counter was above ours
                 self.media = self._open_media()
                 self._associate(self.client)
                 if self._counter_key is not None:
@@ -301,9 +316,16 @@ class MeterSession:
                 self.close()
                 self.broken = False
                 expected = getattr(exc, "expected", None)
+                if attempt == 1 and not expected and not self.settings.invocation_counter_obis:
+                    # another owner (host) moved the meter's counter on: ask the meter
+                    try:
+                        expected = self._read_public_counter(DEFAULT_COUNTER_OBIS) + 1
+                    except MeterError:
+                        expected = None
                 if attempt == 2 or not expected:
                     raise
                 # the meter told which counter it expects: resynchronise once, upwards only
+                _count_resync()
                 meter_counter = max(meter_counter or 0, expected - 1)
             except BaseException:
                 self.close()
@@ -367,9 +389,9 @@ class MeterSession:
         except Exception as exc:
             raise self._translate(exc, step) from exc
 
-    def _read_public_counter(self) -> int:
+    def _read_public_counter(self, obis: Optional[str] = None) -> int:
         """Read the invocation counter object through the public client (16)."""
-        obis = self.settings.invocation_counter_obis
+        obis = obis or self.settings.invocation_counter_obis
         step = f"reading the invocation counter {obis}"
         self.client = self._make_client(public=True)
         self.media = self._open_media()
@@ -383,10 +405,11 @@ class MeterSession:
             self.close()
             self.broken = False
 
-    def _init_counter(self, meter_counter: Optional[int]) -> None:
+    def _init_counter(self, meter_counter: Optional[int]) -> bool:
+        """Set the next counter; True when the meter's value was above ours (a resync)."""
         s = self.settings
-        next_ic = max(meter_counter + 1 if meter_counter is not None else 1,
-                      s.initial_invocation_counter or 1)  # fmt: skip
+        own = s.initial_invocation_counter or 1
+        next_ic = max(meter_counter + 1 if meter_counter is not None else 1, own)
         if self.counters is not None:
             meter_id = (
                 s.meter_system_title.hex()
@@ -394,9 +417,11 @@ class MeterSession:
                 else self.counters.alias(s.meter_key) or s.meter_key
             )
             self._counter_key = counter_key(meter_id, s.system_title, s.block_cipher_key.reveal())
-            next_ic = max(next_ic, self.counters.load(self._counter_key) + 1)
-        self.client.ciphering.invocationCounter = next_ic
+            own = max(own, self.counters.load(self._counter_key) + 1)
+            next_ic = max(next_ic, own)
+        self.client.ciphering.invocationCounter = next_ic  # never lowered: max of both
         self._reserve()
+        return next_ic > own
 
     def _learn_system_title(self) -> None:
         """Key the counter by the meter's system title from now on (the AARE told it)."""
