@@ -8,8 +8,10 @@ once per meter), not from the daemons' own account.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -104,3 +106,59 @@ def test_partitions_without_plugin_is_a_clear_error(run_daemon: Any) -> None:
     out = d.output()
     assert "rabbitmq_consistent_hash_exchange" in out, out[-3000:]
     assert "Traceback" not in out
+
+
+def _serial_request(mid: str, port: str) -> tuple[str, bytes]:
+    body = {
+        "MsgID": mid,
+        "Cmd": "READ",
+        "ObisCode": "1.0.32.7.0.255",
+        "ConnectionString": f"-S {port}:9600:8None1 -c 32 -a Low -P 00000000 -i HDLC",
+    }
+    return mid, json.dumps(body).encode()
+
+
+@pytest.mark.skipif(shutil.which("socat") is None, reason="socat not installed")
+def test_serial_port_requests_reach_its_host_or_end_notok(cluster: Cluster, tmp_path: Path) -> None:
+    from .test_session_serial import pty_pair, serial_simulator
+
+    tmp = tempfile.mkdtemp(prefix="d2a-ser-")
+    lab = ScaleLab(cluster, tmp_path, partitions=2, SerialPortWait=3.0)
+    try:
+        with pty_pair(tmp, "m") as (meter_end, reader_end), serial_simulator(meter_end):
+            owner = lab.start_daemon(SerialPorts=[reader_end])
+            other = lab.start_daemon()
+            lab.wait_subscribed(2)
+            col = lab.collector()
+            assert col.ready.wait(30)
+            reqs = [_serial_request(f"ser-{k}", reader_end) for k in range(4)]
+            reqs.append(_serial_request("nobody", "/dev/ttyNOBODY9"))
+            t0 = time.monotonic()
+            lab.publish(reqs)
+            assert col.wait_ids({m for m, _ in reqs}, timeout=60), col.error
+            got = replies_by_id(col.snapshot(), lab.out_queue)
+            for k in range(4):
+                assert got[f"ser-{k}"][0]["Status"] == "ok", got[f"ser-{k}"][0]["Error"]
+            # read by the daemon of the host with the port, never by the other one
+            read_by_owner = {e.get("msg_id") for e in owner.events("request")}
+            read_by_other = {e.get("msg_id") for e in other.events("request")}
+            assert {f"ser-{k}" for k in range(4)} <= read_by_owner
+            assert not read_by_other & {f"ser-{k}" for k in range(4)}
+            nobody = got["nobody"][0]
+            assert nobody["Status"] == "notok"
+            assert "No gateway host owning serial port /dev/ttyNOBODY9" in nobody["Error"]
+            assert "SerialPorts" in nobody["Error"]
+            # the owner goes away: its port's requests end notok after the bounded wait
+            owner.stop(grace=20)
+            t0 = time.monotonic()
+            lab.publish([_serial_request("orphan", reader_end)])
+            assert col.wait_ids({"orphan"}, timeout=60), col.error
+            waited = time.monotonic() - t0
+            orphan = replies_by_id(col.snapshot(), lab.out_queue)["orphan"][0]
+            assert orphan["Status"] == "notok"
+            assert f"serial port {reader_end}" in orphan["Error"]
+            assert 2.5 <= waited < 30
+            col.stop()
+    finally:
+        lab.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -39,6 +39,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_CONFIG
     if args.check_config:
         print(orjson.dumps(cfg.as_dict(), option=orjson.OPT_INDENT_2).decode())
+        try:
+            partitions.check(cfg)
+        except ConfigError as e:
+            print(f"dlms2amqpd: {e}", file=sys.stderr)
+            return EXIT_CONFIG
         print("topology to declare:")
         print(orjson.dumps(partitions.describe(cfg), option=orjson.OPT_INDENT_2).decode())
         print(f"dlms2amqpd: configuration {cfg.path} is valid", file=sys.stderr)

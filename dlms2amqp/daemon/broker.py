@@ -153,6 +153,18 @@ class Broker:
             ch.exchange_declare(name, "fanout", durable=True, callback=then)
         elif what == "hash_exchange":
             ch.exchange_declare(name, partitions.EXCHANGE_TYPE, durable=True, callback=then)
+        elif what == "xexchange":
+            spec = arguments or {}
+            ch.exchange_declare(
+                name,
+                spec.get("type", "fanout"),
+                durable=True,
+                arguments=spec.get("arguments"),
+                callback=then,
+            )
+        elif what == "xbind":
+            spec = arguments or {}
+            ch.queue_bind(name, spec["exchange"], routing_key=spec["routing_key"], callback=then)
         elif what == "hash_bind":
             ch.queue_bind(
                 name,

@@ -33,11 +33,11 @@ from ..config import Config
 from ..errors import GatewayError
 from ..meter.connstring import ConnSettings
 from ..metrics import Metrics
-from ..request import ReadRequest
+from ..request import ReadRequest, extract_msg_id
 from . import amqp, ipc, partitions, replysize
 from .broker import Broker, Delivery, IOLoop
 from .intake import Answer, Attach, DeadLetter, Dispatch, Intake, Stored
-from .replystore import ReplyStore
+from .replystore import ReplyStore, request_key
 from .workers import Arbiter
 
 TICK_SECONDS = 0.1
@@ -64,6 +64,7 @@ class Job:
 
 class Master:
     def __init__(self, cfg: Config, metrics: Optional[Metrics] = None):
+        partitions.check(cfg)  # settings that need each other (SerialPorts, Partitions)
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.log = logsetup.get_logger("dlms2amqp.master")
@@ -147,6 +148,9 @@ class Master:
             return
         if self.mover is not None and d.queue == partitions.presence_queue(self.cfg):
             self.broker.ack(d)  # nothing belongs here; someone published by mistake
+            return
+        if self.mover is not None and d.queue == partitions.expired_name(self.cfg):
+            self.serial_expired(d, props, body)
             return
         if self.mover is not None and d.queue == self.cfg.InQueue:
             self.mover.move(d, props, body)  # to its partition; read when it comes back
@@ -334,6 +338,18 @@ class Master:
             job.deliveries.clear()
         if self.balancer is not None:
             self.balancer.on_lost()
+
+    def serial_expired(self, d: Delivery, props: Any, body: bytes) -> None:
+        """A serial request no owner took within SerialPortWait: answer it notok."""
+        answer, text = partitions.expired_reply(self.cfg, props.headers, body)
+        msg_id = extract_msg_id(body)
+        if not answer or msg_id is None:
+            self.broker.dead_letter(d, body, text, "serial_port")
+            return
+        rep = replymod.error_reply(msg_id, text)
+        self.answer(request_key(msg_id, body), msg_id, rep["MsgID"], replymod.dumps(rep), [d])
+        self._count("READ", "notok", time.monotonic())
+        self.log.info("request", msg_id=msg_id, status="notok", error=text, rows=0)
 
     def partition_busy(self, queue: str) -> bool:
         """A job from this partition (or of unknown origin, after a reconnect) is running."""

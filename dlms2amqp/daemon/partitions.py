@@ -20,6 +20,11 @@ The pieces here, called from small hooks in ``broker`` and ``master``:
   away one at a time: it stops starting jobs from it, waits for its jobs in flight, closes
   its idle associations, cancels its consumer, requeues what it held, and subscribes again
   (at the end of the line);
+- serial ports: ``serial:<port>`` requests go to the direct exchange ``<InQueue>.serial``,
+  bound by the daemon that lists the port in ``SerialPorts`` to its own single-active-
+  consumer queue; nobody bound -> alternate exchange -> a waiting queue; both wait at most
+  ``SerialPortWait`` (x-message-ttl) and then dead-letter to ``<InQueue>.serial.expired``,
+  which every daemon consumes and answers notok (``expired_reply``);
 - ``InQueueWatch``: with Partitions 0, a periodic passive declare of InQueue counts its
   consumers: more than one is a warning and a metric (meters may get two associations).
 """
@@ -36,7 +41,7 @@ import orjson
 import pika
 
 from ..config import Config
-from ..errors import GatewayError
+from ..errors import ConfigError, GatewayError
 from ..meter.connstring import parse_connection_string
 from . import amqp
 
@@ -90,11 +95,77 @@ def partition_arguments(cfg: Config) -> dict[str, Any]:
     }
 
 
+# --- serial ports: one host each ------------------------------------------------------------
+def serial_exchange(cfg: Config) -> str:
+    """Direct exchange: routing key ``serial:<port>`` -> the owner's port queue."""
+    return cfg.InQueue + ".serial"
+
+
+def unowned_name(cfg: Config) -> str:
+    """Alternate exchange and queue of the serial exchange: ports nobody declared."""
+    return cfg.InQueue + ".serial.unowned"
+
+
+def expired_name(cfg: Config) -> str:
+    """Fanout exchange and queue the waits end in; every daemon answers them notok."""
+    return cfg.InQueue + ".serial.expired"
+
+
+def serial_queue(cfg: Config, port: str) -> str:
+    return f"{cfg.InQueue}.serial:{port}"
+
+
+def serial_wait_arguments(cfg: Config) -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-message-ttl": int(cfg.SerialPortWait * 1000),
+        "x-dead-letter-exchange": expired_name(cfg),
+    }
+
+
+def serial_port_arguments(cfg: Config) -> dict[str, Any]:
+    return {**serial_wait_arguments(cfg), "x-single-active-consumer": True}
+
+
+def check(cfg: Config) -> None:
+    """Settings that only make sense together (a ConfigError names them)."""
+    if cfg.SerialPorts and cfg.Partitions <= 0:
+        raise ConfigError(
+            f"SerialPorts in {cfg.path} needs Partitions > 0: with one daemon every port is "
+            "its own; remove SerialPorts or set Partitions"
+        )
+
+
+def serial_topology(cfg: Config) -> list[Step]:
+    unowned, expired = unowned_name(cfg), expired_name(cfg)
+    steps: list[Step] = [
+        ("xexchange", expired, {"type": "fanout"}),
+        ("queue", expired, {"x-queue-type": "quorum"}),
+        ("xbind", expired, {"exchange": expired, "routing_key": ""}),
+        ("xexchange", unowned, {"type": "fanout"}),
+        ("queue", unowned, serial_wait_arguments(cfg)),
+        ("xbind", unowned, {"exchange": unowned, "routing_key": ""}),
+        (
+            "xexchange",
+            serial_exchange(cfg),
+            {"type": "direct", "arguments": {"alternate-exchange": unowned}},
+        ),
+    ]
+    for port in cfg.SerialPorts:
+        q = serial_queue(cfg, port)
+        steps += [
+            ("queue", q, serial_port_arguments(cfg)),
+            ("xbind", q, {"exchange": serial_exchange(cfg), "routing_key": "serial:" + port}),
+        ]
+    return steps
+
+
 def topology(cfg: Config) -> list[Step]:
     """The seed's topology, plus the exchange and the partition queues when N > 0."""
     steps = amqp.topology(cfg)
     if cfg.Partitions <= 0:
         return steps
+    steps += serial_topology(cfg)
     steps.append(("queue", presence_queue(cfg), {"x-queue-type": "quorum"}))
     steps.append(("hash_exchange", exchange_name(cfg), None))
     args = partition_arguments(cfg)
@@ -107,7 +178,13 @@ def consumed_queues(cfg: Config) -> list[str]:
     """InQueue (moved to the partitions when N > 0), presence, every partition queue."""
     if cfg.Partitions <= 0:
         return [cfg.InQueue]
-    return [cfg.InQueue, presence_queue(cfg), *partition_queues(cfg)]
+    return [
+        cfg.InQueue,
+        presence_queue(cfg),
+        expired_name(cfg),
+        *[serial_queue(cfg, p) for p in cfg.SerialPorts],
+        *partition_queues(cfg),
+    ]
 
 
 def describe(cfg: Config) -> dict[str, Any]:
@@ -137,6 +214,13 @@ def describe(cfg: Config) -> dict[str, Any]:
             "names": partition_queues(cfg),
             "binding_weight": int(WEIGHT),
             "arguments": partition_arguments(cfg),
+        }
+        out["SerialPorts"] = {
+            "exchange": serial_exchange(cfg) + " (direct, routing key serial:<port>)",
+            "owned_here": {p: serial_queue(cfg, p) for p in cfg.SerialPorts},
+            "port_queue_arguments": serial_port_arguments(cfg),
+            "no_owner": f"{unowned_name(cfg)} (alternate exchange), after SerialPortWait "
+            f"{cfg.SerialPortWait:g} s to {expired_name(cfg)}, answered notok by any daemon",
         }
         out["Flow"] = (
             f"{cfg.InQueue} -> (daemon, confirm then ack) -> {exchange_name(cfg)} -> "
@@ -359,6 +443,7 @@ class Mover:
 
     def move(self, d: Any, props: Any, body: bytes) -> None:
         key = route_of(body, self.cfg.MaxBodyBytes)
+        exchange = serial_exchange(self.cfg) if key.startswith("serial:") else self.exchange
         out = moved_properties(props)
         if out.message_id is None:
             out.message_id = "moved-" + hashlib.sha256(body).hexdigest()[:24]
@@ -379,5 +464,22 @@ class Mover:
                 self.log.warning("move_not_confirmed", kind=kind)
                 self.broker.requeue(d)
 
-        if not self.broker.publish(self.exchange, key, body, out, ok, failed):
+        if not self.broker.publish(exchange, key, body, out, ok, failed):
             self.broker.requeue(d)
+
+
+def expired_reply(cfg: Config, headers: Optional[dict], body: bytes) -> tuple[bool, str]:
+    """A request out of a serial wait: (answer it, text) or (dead-letter it, reason)."""
+    deaths = (headers or {}).get("x-death") or []
+    reason = ""
+    if deaths and isinstance(deaths[0], dict):
+        raw = deaths[0].get("reason", b"")
+        reason = raw.decode() if isinstance(raw, bytes) else str(raw)
+    port = route_of(body, cfg.MaxBodyBytes).removeprefix("serial:")
+    if reason and reason != "expired":
+        return False, f"serial port {port}: the request was {reason} by its owner's queue"
+    return True, (
+        f"No gateway host owning serial port {port} took this request within "
+        f"{cfg.SerialPortWait:g} s: check that the daemon of the host with this port is "
+        "running and lists it in SerialPorts"
+    )
