@@ -74,8 +74,21 @@ class Cluster:
     nodes: list[ClusterNode] = field(default_factory=list)
     start_seconds: float | None = None
 
-    def start(self, timeout: float = 180.0) -> Cluster:
-        """Start every node at once, wait until all are running members of one cluster."""
+    def start(self, timeout: float = 180.0, attempts: int = 2) -> Cluster:
+        """Start the nodes, wait until all are running members of one cluster.
+
+        A node may fail to boot on a loaded machine (a port taken between ``free_port``
+        and the bind): the whole cluster is then started again, once, with new ports.
+        """
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout)
+            except BrokerNodeError:
+                if attempt == attempts - 1:
+                    raise
+        return self
+
+    def _start(self, timeout: float) -> Cluster:
         cookie = secrets.token_hex(16).upper()
         tag = f"{os.getpid()}-{secrets.token_hex(2)}"
         first = f"d2acl-{tag}-0@localhost"

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import pytest
 
 from testing.cluster import Cluster
+from testing.oracle import dead_letter_reason, reply_in_id
 from testing.proxy import TcpProxy
 from testing.scaleout import GMAC, LOW, ScaleLab, replies_by_id
 from testing.simulator import running_simulator
@@ -49,31 +50,130 @@ def _requests(lab: ScaleLab, sim: Any, n: int, prefix: str) -> list[tuple[str, b
     return out
 
 
-def test_two_daemons_partitions_one_association_per_meter(
+def _check_outcome(lab: ScaleLab, col: Any, ids: set[str], proxy: TcpProxy) -> dict:
+    """Every id answered (or dead-lettered with a reason), duplicates identical, one
+    association per meter at any time; returns the replies by id."""
+    items = col.snapshot()
+    got = replies_by_id(items, lab.out_queue)
+    dead = [r for r in items if r.queue == lab.in_queue + ".dead"]
+    assert all(dead_letter_reason(r) for r in dead)
+    assert ids <= set(got) | {reply_in_id(r) for r in dead}
+    divergent = {
+        i: r for i, r in got.items() if len({json.dumps(x, sort_keys=True) for x in r}) > 1
+    }
+    assert not divergent, divergent
+    worst = {
+        f"meter {p} (proxy port {proxy.port_of[p]})": s.max_open
+        for p, s in proxy.stats.items()
+        if s.max_open > 1
+    }
+    assert not worst, f"meters with two associations at once: {worst}"
+    return got
+
+
+def test_three_daemons_600_requests_one_association_per_meter(
     cluster: Cluster, tmp_path: Path, meters: tuple[Any, TcpProxy]
 ) -> None:
     sim, proxy = meters
-    lab = ScaleLab(cluster, tmp_path, proxy, partitions=6)
+    lab = ScaleLab(cluster, tmp_path, proxy, partitions=12)
     try:
-        d0 = lab.start_daemon()
-        d1 = lab.start_daemon()
-        lab.wait_subscribed(2)
+        daemons = [lab.start_daemon() for _ in range(3)]
+        lab.wait_subscribed(3)
         col = lab.collector()
         assert col.ready.wait(30)
-        reqs = _requests(lab, sim, 120, "two")
-        lab.publish(reqs)
+        reqs = _requests(lab, sim, 600, "three")
         ids = {m for m, _ in reqs}
-        assert col.wait_ids(ids, timeout=120), col.error
-        got = replies_by_id(col.snapshot(), lab.out_queue)
+        lab.publish(reqs)
+        assert col.wait_ids(ids, timeout=180), col.error
+        got = _check_outcome(lab, col, ids, proxy)
         bad = {i: r[0].get("Error") for i, r in got.items() if r[0]["Status"] != "ok"}
         assert not bad, bad
-        assert set(got) == ids
-        # duplicates, if any, are byte-identical answers of one reading
-        assert all(len({json.dumps(x, sort_keys=True) for x in r}) == 1 for r in got.values())
-        worst = max(s.max_open for s in proxy.stats.values())
-        assert worst == 1, {p: s.max_open for p, s in proxy.stats.items()}
-        moved = sum(d.metric("dlms2amqp_requests_moved_total") for d in (d0, d1))
-        assert moved >= 120
+        moved = sum(d.metric("dlms2amqp_requests_moved_total") for d in daemons)
+        assert moved >= 600
+        read = [len(d.events("request")) for d in daemons]
+        assert sum(read) >= 600
+        col.stop()
+    finally:
+        lab.stop_all()
+
+
+def test_fourth_daemon_takes_partitions_under_load(
+    cluster: Cluster, tmp_path: Path, meters: tuple[Any, TcpProxy]
+) -> None:
+    sim, proxy = meters
+    lab = ScaleLab(cluster, tmp_path, proxy, partitions=12)
+    try:
+        for _ in range(3):
+            lab.start_daemon()
+        lab.wait_subscribed(3)
+        col = lab.collector()
+        assert col.ready.wait(30)
+        reqs = _requests(lab, sim, 600, "four")
+        ids = {m for m, _ in reqs}
+        lab.publish(reqs)
+        deadline = time.monotonic() + 60
+        while len(col.snapshot()) < 100 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        fourth = lab.start_daemon()
+        # keep the load on until the newcomer has been handed a partition
+        deadline, batch = time.monotonic() + 60, 0
+        while not fourth.events("partition_taken") and time.monotonic() < deadline:
+            more = _requests(lab, sim, 40, f"four{batch}")
+            batch += 1
+            ids |= {m for m, _ in more}
+            lab.publish(more)
+            time.sleep(1.0)
+        more = _requests(lab, sim, 80, "four-after")  # and some after it took over
+        ids |= {m for m, _ in more}
+        lab.publish(more)
+        assert col.wait_ids(ids, timeout=180), col.error
+        got = _check_outcome(lab, col, ids, proxy)
+        bad = {i: r[0].get("Error") for i, r in got.items() if r[0]["Status"] != "ok"}
+        assert not bad, bad
+        # the newcomer was given partitions and read some of the requests
+        assert fourth.events("partition_taken"), fourth.output(20)[-3000:]
+        assert fourth.events("request")
+        col.stop()
+    finally:
+        lab.stop_all()
+
+
+@pytest.mark.faults
+def test_daemon_killed_and_broker_node_stopped_under_load(
+    cluster: Cluster, tmp_path: Path, meters: tuple[Any, TcpProxy]
+) -> None:
+    sim, proxy = meters
+    lab = ScaleLab(cluster, tmp_path, proxy, partitions=12)
+    try:
+        daemons = [lab.start_daemon() for _ in range(3)]
+        lab.wait_subscribed(3)
+        col = lab.collector()
+        assert col.ready.wait(30)
+        reqs = _requests(lab, sim, 600, "fault")
+        ids = {m for m, _ in reqs}
+        lab.publish(reqs)
+        deadline = time.monotonic() + 60
+        while len(col.snapshot()) < 300 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # kill -9 the daemon serving the most partitions
+        victim = max(daemons, key=lambda d: d.metric("dlms2amqp_partitions_active"))
+        assert victim.metric("dlms2amqp_partitions_active") > 0
+        pid = victim.pid
+        victim.kill9()
+        assert not victim.alive()
+        # and take away the broker node of another daemon, then bring it back
+        other = next(d for d in daemons if d is not victim)
+        node = next(n for n in cluster.nodes if n.port == other.cfg["Port"])
+        node.stop_app()
+        assert not node.amqp_ok()
+        time.sleep(3)
+        node.start_app()
+        cluster.wait_members(timeout=60)
+        assert col.wait_ids(ids, timeout=240), (col.error, len(col.snapshot()))
+        got = _check_outcome(lab, col, ids, proxy)
+        bad = {i: r[0].get("Error") for i, r in got.items() if r[0]["Status"] != "ok"}
+        assert not bad, bad  # ciphered meters too, after the takeover
+        assert pid not in [d.pid for d in daemons if d.alive()]
         col.stop()
     finally:
         lab.stop_all()

@@ -142,7 +142,8 @@ class Broker:
             ch.confirm_delivery(
                 self.guard(self._on_confirm),
                 callback=lambda _f: ch.basic_qos(
-                    prefetch_count=self.cfg.prefetch, callback=self.guard(self._consume)
+                    prefetch_count=partitions.consumer_prefetch(self.cfg),
+                    callback=self.guard(self._consume),
                 ),
             )
             return

@@ -93,7 +93,9 @@ class Reopen:
 
 @dataclass(frozen=True)
 class ClosePool:
-    """This daemon gave a partition away: close every idle association (another owns it)."""
+    """Close idle associations: of these meters (a partition given away), or all (none)."""
+
+    keys: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

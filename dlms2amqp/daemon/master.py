@@ -112,7 +112,7 @@ class Master:
                 cfg,
                 self.broker,
                 self.partition_busy,
-                lambda: self.workers.broadcast(ipc.ClosePool()),
+                lambda keys: self.workers.broadcast(ipc.ClosePool(frozenset(keys))),
                 self.log,
                 self.metrics,
             )
@@ -213,6 +213,8 @@ class Master:
         """Route by crc32 of the meter key: one meter, one worker."""
         idx = zlib.crc32(dec.settings.meter_key.encode()) % len(self.workers)
         job = Job(self.next_job, dec.key, dec.msg_id, dec.request, dec.settings, idx, t0, [d])
+        if self.balancer is not None:
+            self.balancer.note(d.queue, dec.settings.meter_key)
         self.next_job += 1
         self.jobs[job.job_id] = job
         self.by_key[job.key] = job.job_id

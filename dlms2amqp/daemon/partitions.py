@@ -174,6 +174,18 @@ def topology(cfg: Config) -> list[Step]:
     return steps
 
 
+def consumer_prefetch(cfg: Config) -> int:
+    """Prefetch per consumer: the whole Prefetch with one queue, a slice of it per partition.
+
+    Quorum queues know no channel-wide (global) prefetch, so with N partition consumers the
+    daemon may hold N times this.  A small slice keeps a partition's backlog in the broker,
+    where the next owner finds it, and makes a handover wait for few jobs.
+    """
+    if cfg.Partitions <= 0:
+        return cfg.prefetch
+    return max(2, 2 * math.ceil(cfg.prefetch / cfg.Partitions))
+
+
 def consumed_queues(cfg: Config) -> list[str]:
     """InQueue (moved to the partitions when N > 0), presence, every partition queue."""
     if cfg.Partitions <= 0:
@@ -289,6 +301,7 @@ class PartitionState:
     active: bool = False  # we received a delivery since we subscribed
     draining: bool = False
     held: list[Any] = field(default_factory=list)  # deliveries kept while draining
+    keys: set[str] = field(default_factory=set)  # meters read from this partition
     drain_step: str = ""  # "" | "jobs" | "pool" | "cancel"
     pool_closed_at: float = 0.0
 
@@ -307,7 +320,7 @@ class Balancer:
         cfg: Config,
         broker: Any,
         busy: Callable[[str], bool],
-        close_pool: Callable[[], None],
+        close_pool: Callable[[set[str]], None],
         log: Any,
         metrics: Any,
     ):
@@ -341,14 +354,21 @@ class Balancer:
             self.log.info("partition_taken", partition=queue)
         return False
 
+    def note(self, queue: str, meter_key: str) -> None:
+        """A job of this meter was dispatched from this partition."""
+        p = self.parts.get(queue)
+        if p is not None:
+            p.keys.add(meter_key)
+
     def on_lost(self) -> None:
         """The channel is gone: the broker gave our partitions to others (or will)."""
         for p in self.parts.values():
             p.active = p.draining = False
             p.held.clear()
             p.drain_step = ""
+            p.keys.clear()
         self.metrics.partitions_active.set(0)
-        self.close_pool()
+        self.close_pool(set())  # all: every partition may go to another daemon
 
     def tick(self, now: float) -> None:
         draining = [p for p in self.parts.values() if p.draining]
@@ -365,8 +385,8 @@ class Balancer:
         if any(p.draining for p in self.parts.values()):
             return
         mine = self.active()
-        if len(mine) > self.share():
-            victim = self.parts[mine[-1]]
+        for q in mine[self.share() :]:  # give the excess away, all at once
+            victim = self.parts[q]
             victim.draining = True
             victim.drain_step = "jobs"
             self.log.info(
@@ -381,7 +401,10 @@ class Balancer:
         if p.drain_step == "jobs" and not self.busy(p.queue):
             # every read from this partition is answered: close the idle associations
             # before anyone else may open one
-            self.close_pool()
+            # (only this partition's meters: closing a session of a meter still being
+            # served here would race with its next job opening a new one)
+            self.close_pool(set(p.keys) or {"-"})
+            p.keys.clear()
             p.drain_step, p.pool_closed_at = "pool", now
         elif p.drain_step == "pool" and now - p.pool_closed_at >= POOL_CLOSE_SECONDS:
             p.drain_step = "cancel"

@@ -200,7 +200,12 @@ class Worker:
                 logsetup.reopen()
             elif isinstance(msg, ClosePool):
                 if self.pool is not None:
-                    self.pool.close_all()
+                    if msg.keys:
+                        n = self.pool.close_keys(msg.keys)
+                    else:
+                        n = len(self.pool)
+                        self.pool.close_all()
+                    logsetup.get_logger("dlms2amqp.worker").info("pool_closed", sessions=n)
             elif isinstance(msg, Stop):
                 self.stop()
                 return

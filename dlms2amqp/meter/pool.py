@@ -94,6 +94,14 @@ class SessionPool:
             session.close()
         return len(victims)
 
+    def close_keys(self, keys: set[str] | frozenset[str]) -> int:
+        """Release the idle sessions of these meters (another gateway host takes them)."""
+        with self._lock:
+            victims = [self._sessions.pop(k)[1] for k in list(self._sessions) if k in keys]
+        for session in victims:
+            session.close()
+        return len(victims)
+
     def close_all(self) -> None:
         with self._lock:
             victims = [s for _, s in self._sessions.values()]
