@@ -165,6 +165,14 @@ def topology(cfg: Config) -> list[Step]:
     steps = amqp.topology(cfg)
     if cfg.Partitions <= 0:
         return steps
+    if cfg.QueueType == "quorum":
+        # a classic queue lives on one node: with it down, no reply could be published
+        # and no request dead-lettered, whatever the partitions do
+        replicated = {cfg.OutQueue, cfg.dead_letter_queue}
+        steps = [
+            (w, n, {"x-queue-type": "quorum"} if w == "queue" and n in replicated else a)
+            for w, n, a in steps
+        ]
     steps += serial_topology(cfg)
     steps.append(("queue", presence_queue(cfg), {"x-queue-type": "quorum"}))
     steps.append(("hash_exchange", exchange_name(cfg), None))
@@ -207,7 +215,10 @@ def describe(cfg: Config) -> dict[str, Any]:
             "type": cfg.QueueType,
             "arguments": amqp.queue_arguments(cfg),
         },
-        "OutQueue": cfg.OutQueue,
+        "OutQueue": {
+            "name": cfg.OutQueue,
+            "type": "quorum" if cfg.Partitions > 0 and cfg.QueueType == "quorum" else "classic",
+        },
         "DeadLetter": {"exchange": cfg.dead_letter_exchange, "queue": cfg.dead_letter_queue},
         "Partitions": cfg.Partitions,
     }

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Scale-out benchmark: the same N-meter read with one daemon and with two (issue 12).
+
+It starts the private 3-node cluster (testing/cluster.py), N simulated meters, and runs
+one READ per meter three times over unique queues:
+
+- ``direct``: one daemon, Partitions 0 (the seed's path, the baseline);
+- ``1 daemon``: one daemon, Partitions P (every request makes the partition hop);
+- ``2 daemons``: two daemons, Partitions P.
+
+For each it prints reads/s (first publish to last reply) and the CPU time per read of
+the daemons' processes (masters and workers, from /proc), and the overhead per read of
+the partition hop against ``direct``.  On two cores expect no speed-up from the second
+daemon: the figure to watch is the CPU per read of the hop (the issue asks for < 15 %).
+Every reply must be ok, or the run fails (exit 1).
+
+    .venv/bin/python bench/scaleout_bench.py            # 10,000 meters
+    .venv/bin/python bench/scaleout_bench.py -N 200     # a quick proof of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from testing.cluster import Cluster  # noqa: E402
+from testing.daemon import children_of  # noqa: E402
+from testing.scaleout import LOW, ScaleLab, replies_by_id  # noqa: E402
+from testing.simulator import running_simulator  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its live children (the workers)."""
+    total = 0.0
+    for p in [pid, *children_of(pid)]:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        fields = st[st.rindex(")") + 2 :].split()
+        total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
+def run(cluster: Cluster, sim: Any, n: int, daemons: int, partitions: int, work: Path) -> dict:
+    lab = ScaleLab(cluster, work, None, partitions=partitions, IdleSessionTimeout=0)
+    started = []
+    try:
+        for _ in range(daemons):
+            over: dict[str, Any] = {"Workers": 2, "SessionsPerWorker": 32}
+            if partitions == 0:
+                over["Partitions"] = 0
+                over["QueueType"] = "quorum"
+            started.append(lab.start_daemon(**over))
+        if partitions:
+            lab.wait_subscribed(daemons)
+        col = lab.collector()
+        if not col.ready.wait(60):
+            raise SystemExit("collector did not start")
+        reqs = [(f"b{k}", lab.request(f"b{k}", sim.port + k, LOW)) for k in range(n)]
+        ids = {m for m, _ in reqs}
+        cpu0 = sum(cpu_seconds(d.pid) for d in started)
+        t0 = time.monotonic()
+        lab.publish(reqs)
+        if not col.wait_ids(ids, timeout=max(300, n / 5)):
+            raise SystemExit(f"only {len(col.snapshot())} of {n} replies")
+        wall = max(r.t for r in col.snapshot()) - t0
+        cpu = sum(cpu_seconds(d.pid) for d in started) - cpu0
+        got = replies_by_id(col.snapshot(), lab.out_queue)
+        bad = [i for i, r in got.items() if r[0]["Status"] != "ok"]
+        col.stop()
+        if bad:
+            raise SystemExit(f"{len(bad)} replies not ok, e.g. {got[bad[0]][0]['Error']}")
+        return {"reads_per_s": n / wall, "cpu_ms_per_read": 1000 * cpu / n, "wall_s": wall}
+    finally:
+        lab.stop_all()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-N", type=int, default=10000, help="meters (one read each)")
+    ap.add_argument("-P", type=int, default=12, help="Partitions")
+    ap.add_argument("--procs", type=int, default=2, help="simulator processes")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="d2a-scalebench-"))
+    cluster = Cluster()
+    t0 = time.monotonic()
+    cluster.start()
+    print(f"cluster started in {time.monotonic() - t0:.1f} s", flush=True)
+    results: dict[str, dict] = {}
+    try:
+        with running_simulator(args.N, "--procs", str(args.procs), timeout=300) as sim:
+            plan = [("direct", 1, 0), ("1 daemon", 1, args.P), ("2 daemons", 2, args.P)]
+            for name, daemons, parts in plan:
+                results[name] = r = run(cluster, sim, args.N, daemons, parts, work / name)
+                print(
+                    f"{name:<10} {args.N} reads: {r['reads_per_s']:8.1f} reads/s, "
+                    f"{r['cpu_ms_per_read']:6.2f} ms CPU per read ({r['wall_s']:.1f} s)",
+                    flush=True,
+                )
+    finally:
+        with contextlib.suppress(Exception):
+            cluster.destroy()
+    base = results["direct"]["cpu_ms_per_read"]
+    for name in ("1 daemon", "2 daemons"):
+        extra = results[name]["cpu_ms_per_read"] / base - 1
+        print(f"partition hop overhead, {name}: {100 * extra:+.1f} % CPU per read")
+    print(json.dumps({"meters": args.N, "partitions": args.P, **results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
