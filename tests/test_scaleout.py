@@ -264,3 +264,21 @@ def test_serial_port_requests_reach_its_host_or_end_notok(cluster: Cluster, tmp_
     finally:
         lab.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_partitions_0_warns_about_another_consumer_on_inqueue(
+    run_daemon: Any, tmp_path: Path
+) -> None:
+    """Two daemons on one InQueue without Partitions: the second one says so."""
+    first = run_daemon()
+    second = run_daemon(
+        InQueue=first.cfg["InQueue"],
+        OutQueue=first.cfg["OutQueue"],
+        DebugFile=str(tmp_path / "second.log"),
+    )
+    deadline = time.monotonic() + 30
+    while not second.events("other_consumers_on_inqueue") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    [warning] = second.events("other_consumers_on_inqueue")[:1]
+    assert warning["others"] == 1 and "Partitions" in warning["hint"]
+    assert second.metric("dlms2amqp_inqueue_other_consumers") == 1
