@@ -58,7 +58,6 @@ QUEUE_HEADERS = (
 )
 WATCH_SECONDS = 30.0
 BALANCE_SECONDS = 2.0
-RESUBSCRIBE_SECONDS = 1.0
 POOL_CLOSE_SECONDS = 1.5  # workers handle ClosePool within one heartbeat (1 s)
 
 Step = tuple[str, str, Optional[dict]]
@@ -313,6 +312,7 @@ class PartitionState:
     draining: bool = False
     held: list[Any] = field(default_factory=list)  # deliveries kept while draining
     keys: set[str] = field(default_factory=set)  # meters read from this partition
+    subscribed: bool = True  # we have a consumer on it (active or in line)
     drain_step: str = ""  # "" | "jobs" | "pool" | "cancel"
     pool_closed_at: float = 0.0
 
@@ -378,6 +378,7 @@ class Balancer:
             p.held.clear()
             p.drain_step = ""
             p.keys.clear()
+            p.subscribed = True  # the reconnect subscribes to every partition
         self.metrics.partitions_active.set(0)
         self.close_pool(set())  # all: every partition may go to another daemon
 
@@ -396,6 +397,18 @@ class Balancer:
         if any(p.draining for p in self.parts.values()):
             return
         mine = self.active()
+        if len(mine) >= self.share():
+            # full: leave the line of the partitions we do not serve, so that what
+            # others give away goes to a daemon that still needs partitions
+            for p in self.parts.values():
+                if p.subscribed and not p.active and not p.draining:
+                    p.draining, p.drain_step = True, "cancel"
+                    self.broker.cancel_queue(p.queue, lambda p=p: self._released(p, False))
+        else:
+            for p in self.parts.values():
+                if not p.subscribed and not p.draining:
+                    p.subscribed = True
+                    self.broker.consume_queue(p.queue)
         for q in mine[self.share() :]:  # give the excess away, all at once
             victim = self.parts[q]
             victim.draining = True
@@ -421,18 +434,19 @@ class Balancer:
             p.drain_step = "cancel"
             self.broker.cancel_queue(p.queue, lambda: self._released(p))
 
-    def _released(self, p: PartitionState) -> None:
+    def _released(self, p: PartitionState, served: bool = True) -> None:
         held, p.held = p.held, []
         for d in held:
             self.broker.requeue(d)
-        p.active = p.draining = False
+        p.active = p.draining = p.subscribed = False
         p.drain_step = ""
         self.metrics.partitions_active.set(len(self.active()))
-        self.metrics.partition_handovers.inc()
-        self.log.info("partition_released", partition=p.queue, requeued=len(held))
-        self.broker.ioloop.call_later(
-            RESUBSCRIBE_SECONDS, lambda: self.broker.consume_queue(p.queue)
-        )
+        if served:
+            self.metrics.partition_handovers.inc()
+            self.log.info("partition_released", partition=p.queue, requeued=len(held))
+        elif held:
+            self.log.info("partition_left", partition=p.queue, requeued=len(held))
+        # back in line (last) at a later balance check, if this daemon is below its share
 
 
 class InQueueWatch:
