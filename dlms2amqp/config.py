@@ -253,7 +253,6 @@ KEYS: tuple[Key, ...] = (
         _float_range(1, 3600),
         "a worker process silent this long (no heartbeat) is killed and replaced",
     ),
-
     # --- scale-out (docs/design.md "Scale-out") ---
     Key(
         "Partitions",

@@ -115,6 +115,7 @@ class Master:
                 lambda keys: self.workers.broadcast(ipc.ClosePool(frozenset(keys))),
                 self.log,
                 self.metrics,
+                redeliver=self.on_delivery,
             )
         else:
             self.inqueue_watch = partitions.InQueueWatch(cfg, self.broker, self.log, self.metrics)
@@ -155,7 +156,7 @@ class Master:
         if self.mover is not None and d.queue == self.cfg.InQueue:
             self.mover.move(d, props, body)  # to its partition; read when it comes back
             return
-        if self.balancer is not None and self.balancer.on_delivery(d.queue, d):
+        if self.balancer is not None and self.balancer.on_delivery(d.queue, d, method, props, body):
             return  # held: this partition is being given to another daemon
         t0 = time.monotonic()
         try:
@@ -340,6 +341,24 @@ class Master:
             job.deliveries.clear()
         if self.balancer is not None:
             self.balancer.on_lost()
+            self.drop_jobs()
+
+    def drop_jobs(self) -> None:
+        """Partitions: the broker gives our partitions to others now; stop reading at once.
+
+        Another daemon gets the requests in flight here (redelivered) and opens its own
+        sessions to their meters: a session of ours still running, or a job still queued in
+        a worker, would be a second association.  The workers with jobs are killed (the
+        kernel closes their sockets), the jobs forgotten; the replacements start clean.
+        """
+        if not self.jobs:
+            return
+        busy = {job.worker for job in self.jobs.values()}
+        self.log.warning("jobs_dropped", jobs=len(self.jobs), workers=len(busy))
+        self.jobs.clear()
+        self.by_key.clear()
+        for idx in busy:
+            self.workers.kill(self.workers.workers[idx], "partitions_lost")
 
     def serial_expired(self, d: Delivery, props: Any, body: bytes) -> None:
         """A serial request no owner took within SerialPortWait: answer it notok."""

@@ -58,7 +58,11 @@ QUEUE_HEADERS = (
 )
 WATCH_SECONDS = 30.0
 BALANCE_SECONDS = 2.0
-POOL_CLOSE_SECONDS = 1.5  # workers handle ClosePool within one heartbeat (1 s)
+POOL_CLOSE_SECONDS = 1.5
+#: a partition taken over with redelivered requests: its previous owner may not know yet
+#: (a stopped broker node tells the other nodes before its own clients); wait this long
+#: before reading, so that the old owner has dropped its sessions (Master.drop_jobs)
+TAKEOVER_GRACE_SECONDS = 2.0  # workers handle ClosePool within one heartbeat (1 s)
 
 Step = tuple[str, str, Optional[dict]]
 
@@ -313,6 +317,8 @@ class PartitionState:
     held: list[Any] = field(default_factory=list)  # deliveries kept while draining
     keys: set[str] = field(default_factory=set)  # meters read from this partition
     subscribed: bool = True  # we have a consumer on it (active or in line)
+    grace_until: float = 0.0  # taken over: deliveries wait until then
+    waiting: list[Any] = field(default_factory=list)  # (d, method, props, body) in grace
     drain_step: str = ""  # "" | "jobs" | "pool" | "cancel"
     pool_closed_at: float = 0.0
 
@@ -334,7 +340,9 @@ class Balancer:
         close_pool: Callable[[set[str]], None],
         log: Any,
         metrics: Any,
+        redeliver: Optional[Callable[[Any, Any, Any, bytes], None]] = None,
     ):
+        self.redeliver = redeliver
         self.cfg = cfg
         self.broker = broker
         self.busy = busy
@@ -351,13 +359,25 @@ class Balancer:
     def active(self) -> list[str]:
         return [q for q, p in self.parts.items() if p.active and not p.draining]
 
-    def on_delivery(self, queue: str, d: Any) -> bool:
-        """True when the delivery is held (its partition is being given away)."""
+    def on_delivery(
+        self, queue: str, d: Any, method: Any = None, props: Any = None, body: bytes = b""
+    ) -> bool:
+        """True when the delivery is held (partition being given away, or taken over)."""
         p = self.parts.get(queue)
         if p is None:
             return False
         if p.draining:
             p.held.append(d)
+            return True
+        now = time.monotonic()
+        if not p.active and method is not None and method.redelivered:
+            p.grace_until = now + TAKEOVER_GRACE_SECONDS
+            self.log.info(
+                "partition_takeover_grace", partition=queue, seconds=TAKEOVER_GRACE_SECONDS
+            )
+        if now < p.grace_until and self.redeliver is not None:
+            p.active = True
+            p.waiting.append((d, method, props, body))
             return True
         if not p.active:
             p.active = True
@@ -378,11 +398,18 @@ class Balancer:
             p.held.clear()
             p.drain_step = ""
             p.keys.clear()
+            p.waiting.clear()  # their tags are void: the broker redelivers them
+            p.grace_until = 0.0
             p.subscribed = True  # the reconnect subscribes to every partition
         self.metrics.partitions_active.set(0)
         self.close_pool(set())  # all: every partition may go to another daemon
 
     def tick(self, now: float) -> None:
+        for p in self.parts.values():
+            if p.waiting and now >= p.grace_until and self.redeliver is not None:
+                waiting, p.waiting = p.waiting, []
+                for args in waiting:
+                    self.redeliver(*args)
         draining = [p for p in self.parts.values() if p.draining]
         for p in draining:
             self._drain(p, now)
@@ -435,7 +462,8 @@ class Balancer:
             self.broker.cancel_queue(p.queue, lambda: self._released(p))
 
     def _released(self, p: PartitionState, served: bool = True) -> None:
-        held, p.held = p.held, []
+        held, p.held = p.held + [w[0] for w in p.waiting], []
+        p.waiting = []
         for d in held:
             self.broker.requeue(d)
         p.active = p.draining = p.subscribed = False
