@@ -141,6 +141,16 @@ def test_classic_queue_ignores_a_publisher_set_delivery_count(
     assert isinstance(d, Dispatch), d
 
 
+@pytest.mark.parametrize("count", [3, 99])
+def test_quorum_first_delivery_keeps_a_forged_count_that_counts_for_nothing(
+    quorum: Intake, count: int
+) -> None:
+    # a quorum queue overwrites x-delivery-count on a redelivery only; on the first
+    # delivery the header is whatever the publisher put there
+    d = quorum.decide(body(), {"x-delivery-count": count}, set(), redelivered=False)
+    assert isinstance(d, Dispatch), d
+
+
 def test_quorum_header_that_is_no_number_counts_for_nothing(quorum: Intake) -> None:
     for bogus in ("99", True, 9.5, None):
         d = quorum.decide(body(), {"x-delivery-count": bogus}, set(), redelivered=True)
