@@ -162,6 +162,23 @@ def test_reply_to_a_missing_queue_dead_letters_the_request_not_the_reply(
     assert broker.count(missing) is None  # a client's reply_to queue is not ours to create
 
 
+def test_deleted_dead_letter_queue_is_declared_and_bound_again(
+    run_daemon: Any, broker: Broker
+) -> None:
+    d: Daemon = run_daemon()
+    dlq = d.cfg["InQueue"] + ".dead"
+    with broker.connection() as c:
+        c.channel().queue_delete(dlq)
+    # When a body that must be dead-lettered comes in (its publish to the exchange returns)
+    broker.publish(d.cfg["InQueue"], b"not json at all")
+    # Then the queue is declared and bound again and the body lands there, with its reason
+    dead = broker.get_all(dlq, 1, timeout=30)
+    assert len(dead) == 1 and dead[0][2] == b"not json at all"
+    assert dead[0][1].headers["x-dlms2amqp-reason"] == "body is not valid JSON"
+    assert d.events("queue_declared_again")[0]["queue"] == dlq
+    assert broker.count(d.cfg["InQueue"]) == 0
+
+
 # --- 2. replies over the size limit (a private node, max_message_size 64 KiB) -------------
 class NodeBroker(Broker):
     """The conftest helpers, on the private node."""
