@@ -135,6 +135,7 @@ def test_deleted_out_queue_is_declared_again_and_the_reply_delivered(
     for i in range(5):
         broker.publish(inq, req(f"after-{i}", Cmd="X"))
     # Then the daemon declares it again and the replies land there, nothing dead-lettered
+    assert wait_for(lambda: broker.count(outq) is not None, 30), d.output()
     got = broker.replies(outq, 5, timeout=30)
     assert sorted(r["InMsgID"] for r in got) == [f"after-{i}" for i in range(5)]
     assert broker.count(inq + ".dead") == 0
@@ -172,6 +173,7 @@ def test_deleted_dead_letter_queue_is_declared_and_bound_again(
     # When a body that must be dead-lettered comes in (its publish to the exchange returns)
     broker.publish(d.cfg["InQueue"], b"not json at all")
     # Then the queue is declared and bound again and the body lands there, with its reason
+    assert wait_for(lambda: broker.count(dlq) is not None, 30), d.output()
     dead = broker.get_all(dlq, 1, timeout=30)
     assert len(dead) == 1 and dead[0][2] == b"not json at all"
     assert dead[0][1].headers["x-dlms2amqp-reason"] == "body is not valid JSON"

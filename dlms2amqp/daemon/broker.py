@@ -414,8 +414,7 @@ class Broker:
         def failed(why: str, again: bool) -> None:
             if why == "returned" and not again:
                 # the dead-letter queue was deleted: declare and bind it again, retry once
-                dlq = self.cfg.dead_letter_queue
-                if self.declare_again(dlq, lambda: send(True), bind=True):
+                if self.declare_again(self.cfg.dead_letter_queue, resend, bind=True):
                     return
             self.log.error("dead_letter_failed", kind=why)
             self.requeue(d)
@@ -424,6 +423,9 @@ class Broker:
             return self.current(d) and self.publish(
                 self.cfg.dead_letter_exchange, "", body, props, ok, lambda w: failed(w, again)
             )
+
+        def resend() -> None:
+            send(True)
 
         if send():
             self.log.warning("dead_lettered", reason=reason, bytes=len(body))

@@ -178,10 +178,11 @@ def fault_consumer_cancelled(ctx: Ctx) -> dict[str, Any]:
     ctx.wait_some_progress()
     pid = ctx.daemon.pid
     lost, cancels = ctx.log_count(LOST_EVENT), ctx.log_count("broker_cancelled_consumer")
+    held = ctx.lab.node.queue_stats(ctx.in_q) or (0, 0)  # (ready, unacknowledged)
     conn = ctx.lab.client.connect()
     try:
         ch = conn.channel()
-        dropped = ch.queue_delete(ctx.in_q).method.message_count
+        ch.queue_delete(ctx.in_q)
         ch.queue_declare(ctx.in_q, durable=True)  # classic, no arguments: as the daemon does
     finally:
         conn.close()
@@ -195,8 +196,12 @@ def fault_consumer_cancelled(ctx: Ctx) -> dict[str, Any]:
     again = [(i, b) for i, b in ctx.bodies if i not in answered]
     ctx.no_repeat_ids |= stored_reply_ids(ctx.daemon.workdir / "state") & {i for i, _ in again}
     ctx.lab.client.publish(ctx.in_q, again)
-    ctx.notes = f"{dropped} dropped with the queue; {len(again)} sent again"
-    return {"dropped_with_queue": dropped, "sent_again": len(again), "daemon_pid_unchanged": pid}
+    ctx.notes = f"deleted with {held[0]} ready + {held[1]} unacked; {len(again)} sent again"
+    return {
+        "queue_held_ready_unacked": list(held),
+        "sent_again": len(again),
+        "daemon_pid_unchanged": pid,
+    }
 
 
 #: spare meters (after the ones Lab.run uses) for the oversize requests
