@@ -356,7 +356,7 @@ class Broker:
         return True
 
     def declare_again(self, queue: str, then: Callable[[], None], bind: bool = False) -> bool:
-        """Declare ``queue`` (durable, no arguments) again, then call ``then``.
+        """Declare ``queue`` again (durable, its arguments of the topology), then call ``then``.
 
         For OutQueue after a reply to it came back unroutable (somebody deleted it), and
         for the dead-letter queue (``bind``: bound to the dead-letter exchange again).
@@ -386,7 +386,15 @@ class Broker:
                     callback=self.guard(declared),
                 )
 
-            ch.queue_declare(queue, durable=True, callback=self.guard(bound if bind else declared))
+            arguments = next(
+                (a for w, n, a in amqp.topology(self.cfg) if w == "queue" and n == queue), None
+            )
+            ch.queue_declare(
+                queue,
+                durable=True,
+                arguments=arguments or None,
+                callback=self.guard(bound if bind else declared),
+            )
         return True
 
     def _on_confirm(self, frame: Any) -> None:
