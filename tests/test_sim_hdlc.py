@@ -613,6 +613,8 @@ def test_reader_reads_a_multi_frame_reply_with_window_3():
         (["-n", "x"], "is not an HDLC physical address (0..16381)"),
         (["-n", "16382"], "is not an HDLC physical address (0..16381)"),
         (["-n", "200"], "-n 200 does not fit a two-byte HDLC address (0..127)"),
+        (["--hdlc-window", "8"], "'8' is not a number from 1 to 7"),
+        (["--hdlc-max-info", "2031"], "'2031' is not a number from 32 to 2030"),
     ],
 )
 def test_bad_address_switches_are_refused_with_the_reason(args, message):
@@ -636,6 +638,36 @@ def test_four_byte_physical_address_over_127():
             m.connect()
             assert str(m.read(GXDLMSData("0.0.96.1.0.255"), 2)) == model.serial_number(0)
             m.release()
+
+
+@pytest.mark.integration
+def test_meter_limits_cap_what_the_client_proposes():
+    from gurux_dlms.objects import GXDLMSProfileGeneric
+
+    from tests.helpers_sim import GuruxMeter, running_simulator
+    from tests.test_sim_gurux import _rows, _ts, _utc
+
+    # Given a meter that agrees to at most window 1 and 128-byte fields
+    args = ("--hdlc-window", "1", "--hdlc-max-info", "128")
+    with running_simulator(2, *args, interface="HDLC") as sim:
+        # When Gurux's client proposes window 7 and 2030 bytes
+        c = _gurux(1, 32, 7, 2030)
+        with GuruxMeter(c, sim.host, sim.port, timeout=10) as m:
+            m.connect()
+            # Then the UA says 128 and 1, and a day of profile reads back in small frames
+            h = c.hdlcSettings
+            assert (h.maxInfoTX, h.maxInfoRX, h.windowSizeTX, h.windowSizeRX) == (128, 128, 1, 1)
+            start, end = _utc(2026, 2, 28, 12), _utc(2026, 3, 1, 12)
+            pg = GXDLMSProfileGeneric("1.0.99.1.0.255")
+            m.read(pg, 3)
+            reply = m.request(c.readRowsByRange(pg, start, end))
+            assert _rows(reply.value) == model.load_profile_rows(0, _ts(start), _ts(end))
+            m.release()
+        # and our reader with -f 2030 -w 7 reads the same meter
+        start, end = "2026-03-01T00:00:00Z", "2026-03-02T00:00:00Z"
+        reply = _reader(sim, "-f 2030 -w 7", "1.0.99.1.0.255", dtFrom=start, dtTo=end)
+        assert reply["Status"] == "ok", reply["Error"]
+        assert len(reply["DataRecords"]) == 3 * 97
 
 
 @pytest.mark.integration

@@ -57,6 +57,19 @@ def _physical(text: str) -> int:
     return v
 
 
+def _bounded(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = low - 1
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number from {low} to {high}")
+        return v
+
+    return parse
+
+
 def _forms(text: str) -> tuple[str, ...]:
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     if "any" in names:
@@ -95,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--hdlc-address", type=_forms, default=DEFAULT_FORMS, metavar="FORMS",
         help="HDLC server address forms answered, comma-separated: one-byte, two-byte, "
         "four-byte, serial, or any (default one-byte,two-byte,serial)",
+    )  # fmt: skip
+    p.add_argument(
+        "--hdlc-window", type=_bounded(1, 7), default=7, metavar="N",
+        help="largest HDLC window the meters agree to (1..7, default 7)",
+    )  # fmt: skip
+    p.add_argument(
+        "--hdlc-max-info", type=_bounded(32, 2030), default=2030, metavar="BYTES",
+        help="largest HDLC information field the meters agree to (32..2030, default 2030)",
     )  # fmt: skip
     p.add_argument("--serial", help="serve one meter (HDLC) on this serial device or pty")
     p.add_argument("--utc-offset", type=int, default=0, help="meter local time offset, minutes")
@@ -187,6 +208,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # without -n, physical 1 (the reference meter's) and 0 (the form readers that send
         # -s N as logical N / physical 0 use)
         hdlc_physical=(1, 0) if args.physical is None else (args.physical,),
+        hdlc_limits=(args.hdlc_window, args.hdlc_max_info),
     )
     try:
         device = _device(args)

@@ -126,6 +126,7 @@ class SimOptions:
     # addresses of the two- and four-byte forms (0 too until every reader sends Gurux's form)
     hdlc_address: tuple[str, ...] = ("one-byte", "two-byte", "serial")
     hdlc_physical: tuple[int, ...] = (1, 0)
+    hdlc_limits: tuple[int, int] = (7, 2030)  # the meter's largest HDLC window, info field
 
 
 def _aare(

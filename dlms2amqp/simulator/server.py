@@ -55,7 +55,8 @@ class Conn:
             o = session.opts
             serial = int(model.serial_number(k))
             addresses = framing.server_addresses(o.hdlc_address, o.hdlc_physical, serial)
-            self.link = framing.HdlcLink(addresses)
+            window, max_info = o.hdlc_limits
+            self.link = framing.HdlcLink(addresses, max_info, window)
         else:
             self.decoder = framing.WrapperDecoder()
         self.session = session
