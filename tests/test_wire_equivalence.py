@@ -12,7 +12,9 @@ bytes, the bytes are taken from two independent sides and compared:
   is written from reading the option handling of Gurux's example clients (``GXSettings``
   of Gurux.DLMS.Python's client example and ``Settings`` of Gurux.DLMS.Net's), not from our
   connstring, then driven as Gurux's example reader drives it (SNRM, the same UA parsed
-  with ``parseUAResponse``, AARQ).
+  with ``parseUAResponse``, AARQ), with Gurux's own framing and HDLC sequence code (the
+  gurux_compat patches of those lifted, :func:`stock_gurux`; every frame of the table is
+  under 256 bytes, where Gurux frames correctly).
 
 Nondeterminism, fixed explicitly rather than masked:
 - the HLS client challenge (CtoS, the AARQ's calling-authentication-value, 16 random
@@ -26,23 +28,36 @@ No byte is masked.
 
 from __future__ import annotations
 
+import calendar
+import contextlib
+import re
 import shlex
 import socket
+import subprocess
+import sys
 import threading
 import time
-from typing import Optional
+from pathlib import Path
+from typing import Iterator, Optional
 
+import orjson
 import pytest
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXReplyData
 from gurux_dlms.enums import Authentication, Conformance, InterfaceType, Security, Standard
+from gurux_dlms.GXDLMS import GXDLMS
+from gurux_dlms.GXDLMSSettings import GXDLMSSettings
 from gurux_dlms.GXSecure import GXSecure
 from gurux_dlms.secure import GXDLMSSecureClient
 
 from dlms2amqp.errors import ConnectionStringError, MeterError
-from dlms2amqp.meter import gurux_compat  # noqa: F401  (the same patched Gurux on both sides)
+from dlms2amqp.meter import gurux_compat
 from dlms2amqp.meter.connstring import parse_connection_string
+from dlms2amqp.meter.reader import ReaderOptions, execute
 from dlms2amqp.meter.session import MeterSession
-from dlms2amqp.simulator.framing import hdlc_encode
+from dlms2amqp.request import parse_request
+from dlms2amqp.simulator import model
+from dlms2amqp.simulator.framing import HdlcDecoder, hdlc_encode
+from tests.helpers_sim import running_simulator
 
 T = "4775727578313233"
 A = "D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF"
@@ -159,17 +174,43 @@ def _addresses(frame: bytes) -> tuple[bytes, bytes]:
     return out[0], out[1]
 
 
+@contextlib.contextmanager
+def stock_gurux() -> Iterator[None]:
+    """Gurux's own framing and HDLC sequence code, without this project's patches of them.
+
+    The expected side of the table is stock gurux-dlms where it frames correctly (every
+    frame of the table is under 256 bytes); gurux_compat's HDLC length, window and GBT
+    patches are lifted while it builds its frames.
+    """
+    saved = [
+        (GXDLMS, "getHdlcFrame", classmethod(gurux_compat._orig_get_hdlc_frame)),
+        (GXDLMS, "receiverReady", classmethod(gurux_compat._orig_receiver_ready)),
+        (GXDLMSSettings, "checkFrame", gurux_compat._orig_check_frame),
+        (GXDLMSSettings, "getReceiverReady", gurux_compat._orig_receiver_ready_frame),
+        (GXDLMSSettings, "getNextSend", gurux_compat._orig_next_send),
+    ]
+    patched = [(owner, name, owner.__dict__[name]) for owner, name, _ in saved]
+    try:
+        for owner, name, stock in saved:
+            setattr(owner, name, stock)
+        yield
+    finally:
+        for owner, name, ours in patched:
+            setattr(owner, name, ours)
+
+
 def gurux_opening(options: str) -> list[bytes]:
     """[SNRM (HDLC only), AARQ frame(s)...] as Gurux's example client sends them."""
-    c = gurux_example_client(options)
-    out = []
-    if c.interfaceType == InterfaceType.HDLC:
-        snrm = bytes(c.snrmRequest())
-        out.append(snrm)
-        reply = GXReplyData()
-        c.getData(GXByteBuffer(ua_for(snrm)), reply)
-        c.parseUAResponse(reply.data)
-    out += [bytes(f) for f in c.aarqRequest()]
+    with stock_gurux():
+        c = gurux_example_client(options)
+        out = []
+        if c.interfaceType == InterfaceType.HDLC:
+            snrm = bytes(c.snrmRequest())
+            out.append(snrm)
+            reply = GXReplyData()
+            c.getData(GXByteBuffer(ua_for(snrm)), reply)
+            c.parseUAResponse(reply.data)
+        out += [bytes(f) for f in c.aarqRequest()]
     return out
 
 
@@ -352,3 +393,311 @@ def test_server_address_bytes_on_the_wire():
     assert _addresses(our_opening("-l 1")[0])[0] == b"\x02\x03"
     assert _addresses(our_opening("-s 17 -l 1")[0])[0] == b"\x02\x23"
     assert len(_addresses(our_opening("-n 12345678")[0])[0]) == 4
+
+
+# --- HDLC frames over 255 bytes (gurux_compat's length fix) --------------------------------
+@pytest.mark.parametrize("max_info", [128, 245, 248, 250, 252, 1024, 2030])
+def test_hdlc_frame_length_field_is_11_bits(max_info):
+    # Given Gurux's client framing a long APDU with this max info field
+    c = GXDLMSSecureClient(True, 16, 1, Authentication.NONE, None, InterfaceType.HDLC)
+    c.hdlcSettings.maxInfoTX = max_info
+    payload = bytes(range(256)) * 9
+    frame = bytes(GXDLMS.getHdlcFrame(c.settings, 0x10, GXByteBuffer(payload)))
+    # Then the frame format field holds type 0xA, S=1, and the 11-bit length of the frame
+    assert frame[0] == frame[-1] == 0x7E
+    assert frame[1] & 0xF8 == 0xA8
+    assert ((frame[1] & 7) << 8 | frame[2]) == len(frame) - 2
+    # and the simulator's independent codec decodes it (HCS and FCS right) to the same bytes
+    decoder = HdlcDecoder()
+    (fr,) = decoder.feed(frame)
+    assert decoder.dropped == 0 and fr.segmented
+    assert fr.info == payload[: len(fr.info)] and len(fr.info) == max_info - 3
+    assert hdlc_encode(fr.destination, fr.source, fr.control, fr.info, True) == frame
+
+
+def test_unpatched_gurux_misframes_over_255_bytes():
+    # The defect the patch exists for: Gurux's own length for a 258-byte frame is wrong
+    c = GXDLMSSecureClient(True, 16, 1, Authentication.NONE, None, InterfaceType.HDLC)
+    c.hdlcSettings.maxInfoTX = 250
+    raw = bytes(
+        gurux_compat._orig_get_hdlc_frame(GXDLMS, c.settings, 0x10, GXByteBuffer(bytes(512)))
+    )
+    assert ((raw[1] & 7) << 8 | raw[2]) != len(raw) - 2
+    decoder = HdlcDecoder()
+    assert decoder.feed(raw) == []
+
+
+@pytest.mark.parametrize("length", [196, 202, 300, 455])
+def test_long_aarq_in_one_frame_over_255_bytes(length):
+    # Given -f 1024 and a Low password making the AARQ frame 256..518 bytes long
+    options = f"-i HDLC -f 1024 -c 32 -a Low -P {'p' * length}"
+    got = our_opening(options)
+    # Then it goes out as one frame that decodes: stock Gurux's frame, with the length
+    # field (and so HCS and FCS) corrected where Gurux's is wrong (frame lengths of
+    # 256..262 and 512..518 bytes: its bits 8-10 come from the length less 7)
+    assert len(got) == 2 and len(got[1]) > 256
+    (fr,) = HdlcDecoder().feed(got[1])
+    assert b"p" * length in fr.info
+    stock = gurux_opening(options)
+    assert got[0] == stock[0]
+    assert got[1] == bytes(gurux_compat.fix_hdlc_length(bytearray(stock[1])))
+    assert (got[1] != stock[1]) is ((len(got[1]) - 2) % 256 < 7)
+
+
+# --- end to end: the same strings against the real simulator over real sockets -------------
+def _read(port: int, conn: str, obis: str, days: int = 0, trace: Optional[list] = None) -> dict:
+    body = {
+        "MsgID": "w1",
+        "Cmd": "READ",
+        "ObisCode": obis,
+        "ConnectionString": f"-h 127.0.0.1 -p {port} {conn}",
+    }
+    if days:
+        body["dtFrom"], body["dtTo"] = "2026-03-01T00:00:00Z", f"2026-03-{1 + days:02d}T00:00:00Z"
+    sink = trace.append if trace is not None else None
+    options = ReaderOptions(
+        frame_timeout=2, request_timeout=20, trace=trace is not None, trace_sink=sink
+    )
+    return execute(parse_request(orjson.dumps(body)), options)
+
+
+def _profile_ok(reply: dict, days: int) -> None:
+    assert reply["Status"] == "ok", reply["Error"]
+    start = calendar.timegm((2026, 3, 1, 0, 0, 0))
+    rows = model.load_profile_rows(0, start, start + days * 86400)
+    assert len(reply["DataRecords"]) == 3 * len(rows)
+    assert reply["DataRecords"][-1]["Value"] == str(rows[-1][3])
+
+
+@pytest.fixture(scope="module")
+def hdlc_sim():
+    # default address forms: one-byte 1, two-byte logical 1 / physical 1, serial number
+    with running_simulator(1, interface="HDLC") as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def strict_sim():
+    # only the two-byte form, physical 5 (a meter at physical address 5)
+    with running_simulator(1, "--hdlc-address", "two-byte", "-n", "5", interface="HDLC") as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def wrapper_sim():
+    with running_simulator(1, interface="WRAPPER") as info:
+        yield info
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "address, answered",
+    [
+        ("", True),  # -s default 1: the one-byte address 03
+        ("-s 1", True),
+        ("-l 1", True),  # logical 1 / physical 1 (the current -s value)
+        (f"-n {model.serial_number(0)}", True),
+        ("-s 3 -l 1", False),  # logical 1 / physical 3: this meter has no physical 3
+        ("-s 2", False),
+    ],
+)
+def test_address_forms_against_the_simulator(hdlc_sim, address, answered):
+    reply = _read(hdlc_sim.port, f"-i HDLC -c 32 -a Low -P 00000000 {address}", "0.0.42.0.0.255")
+    if answered:
+        assert reply["Status"] == "ok", reply["Error"]
+        assert reply["DataRecords"][0]["Value"] == model.logical_device_name(0).hex().upper()
+    else:
+        assert reply["Status"] == "notok"
+        assert "timeout during HDLC connection (SNRM)" in reply["Error"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "address, answered",
+    [("-s 5 -l 1", True), ("-l 1 -s 5", False), ("-s 1", False), ("-l 1", False)],
+)
+def test_order_of_s_and_l_matters(strict_sim, address, answered):
+    # -s 5 -l 1: logical 1 / physical 5; -l 1 -s 5: -l made 129, then -s 5 its physical part
+    reply = _read(strict_sim.port, f"-i HDLC -c 32 -a Low -P 00000000 {address}", "0.0.96.1.0.255")
+    assert (reply["Status"] == "ok") is answered, reply["Error"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("interface", ["HDLC", "WRAPPER"])
+@pytest.mark.parametrize(
+    "client, mechanism", [(18, "High"), (19, "HighMd5"), (20, "HighSHA1"), (22, "HighSha256")]
+)
+def test_high_family_without_ciphering(hdlc_sim, wrapper_sim, interface, client, mechanism):
+    sim = hdlc_sim if interface == "HDLC" else wrapper_sim
+    conn = f"-i {interface} -c {client} -a {mechanism}"
+    good = _run_read(sim.port, f"{conn} -P Gurux", "1.0.1.8.0.255")
+    assert good["Status"] == "ok", good["Error"]
+    bad = _run_read(sim.port, f"{conn} -P Wrong", "1.0.1.8.0.255")
+    assert bad["Status"] == "notok"
+    assert bad["Error"].startswith("Authentication failure: the meter did not accept the High")
+    assert "check the password (-P)" in bad["Error"] and "Wrong" not in bad["Error"]
+
+
+def _run_read(port: int, conn: str, obis: str) -> dict:
+    """dlms2amqp-read as a process: stdout must be exactly one JSON reply, nothing else."""
+    r = subprocess.run(
+        [sys.executable, "-m", "dlms2amqp.cli.read", f"-h 127.0.0.1 -p {port} {conn}", obis],
+        capture_output=True,
+        timeout=60,
+    )
+    reply = orjson.loads(r.stdout)  # fails on any stray print (e.g. Gurux's CtoS notice)
+    assert r.returncode == (0 if reply["Status"] == "ok" else 1), r.stderr
+    assert b"CtoS" not in r.stdout + r.stderr
+    return reply
+
+
+@pytest.mark.integration
+def test_hdlc_window_is_proposed_and_used(hdlc_sim):
+    # Given -w 7 with 128-byte frames, when a week of profile is read
+    trace: list = []
+    reply = _read(
+        hdlc_sim.port, "-i HDLC -c 32 -a Low -P 00000000 -w 7", "1.0.99.1.0.255", 7, trace
+    )
+    _profile_ok(reply, 7)
+    # Then the SNRM proposed window 7 both ways, the UA agreed, and the meter sent runs of
+    # up to 7 I-frames between our RRs
+    tx = [bytes.fromhex(line[3:].replace("**", "00")) for line in trace if line[:2] == "TX"]
+    assert b"\x07\x04\x00\x00\x00\x07\x08\x04\x00\x00\x00\x07" in tx[0]
+    ua = next(bytes.fromhex(line[3:]) for line in trace if line[:2] == "RX")
+    assert b"\x07\x04\x00\x00\x00\x07" in ua and b"\x08\x04\x00\x00\x00\x07" in ua
+    decoder, runs, run = HdlcDecoder(), [], 0
+    for line in trace:
+        if line[:2] == "RX":
+            run += sum(1 for f in decoder.feed(bytes.fromhex(line[3:])) if not f.control & 1)
+        elif run:
+            runs.append(run)
+            run = 0
+    assert max(runs) == 7 and min(runs) >= 1
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("frame_size", [1024, 2030])
+def test_frames_over_255_bytes_both_ways(hdlc_sim, frame_size):
+    trace: list = []
+    conn = f"-i HDLC -c 32 -a Low -P 00000000 -f {frame_size}"
+    reply = _read(hdlc_sim.port, conn, "1.0.99.1.0.255", 7, trace)
+    _profile_ok(reply, 7)
+    rx = [len(line[3:].split()) for line in trace if line[:2] == "RX"]
+    assert max(rx) > 1000
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("interface", ["HDLC", "WRAPPER"])
+def test_gbt_proposed_with_W_and_used(hdlc_sim, wrapper_sim, interface):
+    sim = hdlc_sim if interface == "HDLC" else wrapper_sim
+    trace: list = []
+    conn = f"-i {interface} -c 32 -a Low -P 00000000 -W 4"
+    # 27 days do not fit one 65535-byte PDU: the reply comes in blocks
+    reply = _read(sim.port, conn, "1.0.99.1.0.255", 27, trace)
+    _profile_ok(reply, 27)
+    # the meter answered with general-block-transfer APDUs (tag E0)
+    rx = [bytes.fromhex(line[3:]) for line in trace if line[:2] == "RX"]
+    head = 11 if interface == "HDLC" else 8  # HDLC: flag, format, 1+1 address, control, HCS, LLC
+    assert any(len(f) > head and f[head] == 0xE0 for f in rx)
+    # and without -W it does not
+    trace.clear()
+    reply = _read(sim.port, f"-i {interface} -c 32 -a Low -P 00000000", "1.0.99.1.0.255", 27, trace)
+    _profile_ok(reply, 27)
+    rx = [bytes.fromhex(line[3:]) for line in trace if line[:2] == "RX"]
+    assert not any(len(f) > head and f[head] == 0xE0 for f in rx)
+
+
+# --- HDLC receive window and GBT acknowledgements, with bytes --------------------------------
+def _linked_client(window: int) -> GXDLMSSecureClient:
+    """A client after SNRM/UA that agreed on ``window`` frames both ways."""
+    c = gurux_example_client(f"-i HDLC -w {window}")
+    snrm = bytes(c.snrmRequest())
+    dest, src = _addresses(snrm)
+    # UA parameters: max info 128 both ways, window `window` both ways (one-byte values)
+    params = bytes.fromhex(f"0501800601800701{window:02x}0801{window:02x}")
+    ua = hdlc_encode(src, dest, 0x73, b"\x81\x80" + bytes([len(params)]) + params)
+    reply = GXReplyData()
+    c.getData(GXByteBuffer(ua), reply)
+    c.parseUAResponse(reply.data)
+    assert c.hdlcSettings.windowSizeRX == window
+    return c
+
+
+@pytest.mark.parametrize("window", [2, 3, 7])
+def test_a_window_of_i_frames_is_taken_whole_and_acknowledged(window):
+    # Given a GET request sent (N(S) 0) and the meter's answer in `window` segmented frames
+    c = _linked_client(window)
+    request = bytes(c.aarqRequest()[0])
+    assert request[5] == 0x10  # N(R) 0, P, N(S) 0: as Gurux's own first I-frame
+    # a GET-response (normal, success) carrying an octet string, cut into `window` parts
+    apdu = b"\xc4\x01\xc1\x00\x09\x82\x01\xf4" + bytes(range(250)) * 2
+    parts = [apdu[i * 40 : (i + 1) * 40] for i in range(window)]
+    frames = b"".join(
+        # N(R) 1 (our frame acknowledged), N(S) i, P/F only on the window's last frame
+        hdlc_encode(b"\x21", b"\x03", 0x20 | i << 1 | (0x10 if i == window - 1 else 0),
+                    (b"\xe6\xe7\x00" if i == 0 else b"") + part, segmented=True)
+        for i, part in enumerate(parts)
+    )  # fmt: skip
+    reply = GXReplyData()
+    # When they arrive in one read, then all are taken and the RR acknowledges the window
+    assert c.getData(GXByteBuffer(frames), reply)
+    assert bytes(reply.data.array()) == b"".join(parts)[4:]  # Gurux took the GET header
+    rr = bytes(c.receiverReady(reply))
+    (fr,) = HdlcDecoder().feed(rr)
+    assert fr.control == 0x01 | 0x10 | (window % 8) << 5
+
+
+def test_window_1_stays_gurux_own_sequence():
+    c = _linked_client(1)
+    assert bytes(c.aarqRequest()[0])[5] == 0x10
+    body = b"\xc4\x01\xc1\x00\x09\x82\x01\xf4" + bytes(32)
+    frame = hdlc_encode(b"\x21", b"\x03", 0x30, b"\xe6\xe7\x00" + body, segmented=True)
+    reply = GXReplyData()
+    assert c.getData(GXByteBuffer(frame), reply)
+    (fr,) = HdlcDecoder().feed(bytes(c.receiverReady(reply)))
+    assert fr.control == 0x31  # RR, N(R) 1
+
+
+def test_gbt_block_acknowledged_with_window_and_numbers():
+    # Given -W 4 and an association that negotiated general block transfer
+    c = gurux_example_client("-i WRAPPER -W 4")
+    c.settings.negotiatedConformance = c.proposedConformance
+    c.settings.connected = 2 | 4  # HDLC/DLMS connected bits, as after an AARE
+    c.settings.resetBlockIndex()
+    # When the meter's first GBT block (not last, not streaming, block 1, ack 0) arrives
+    block = bytes.fromhex("E0010001000005") + b"\xc4\x01\xc1\x00\x09"
+    wrapper = bytes.fromhex("0001000100100000")[:6] + len(block).to_bytes(2, "big") + block
+    reply = GXReplyData()
+    c.getData(GXByteBuffer(wrapper), reply)
+    # Then the acknowledgement is a GBT APDU: last block of ours (nothing more to send),
+    # window 4, our block 1, acknowledging block 1, no data
+    ack = bytes(c.receiverReady(reply))
+    assert ack[8:] == bytes.fromhex("E084000100010" + "0")
+    # and a block with the streaming bit set is not answered (the window is still coming)
+    reply.streaming = True
+    assert c.receiverReady(reply) == b""
+
+
+# --- nothing from Gurux on stdout ------------------------------------------------------------
+def test_every_printing_gurux_module_is_silenced():
+    # the list in gurux_compat covers every gurux_dlms module that calls print()
+    import gurux_dlms
+
+    root = Path(gurux_dlms.__file__).parent
+    printing = {
+        str(p.relative_to(root).with_suffix("")).replace("/", ".")
+        for p in root.rglob("*.py")
+        if re.search(r"(?<![\w.])print\(", p.read_text(encoding="utf-8", errors="replace"))
+    }
+    assert printing == set(gurux_compat.PRINTING_MODULES)
+
+
+def test_refused_ctos_prints_nothing(capsys):
+    # Given a High login whose reply_to_HLS answer carries no f(CtoS) (Gurux's
+    # "Server did not accept CtoS." path), then Gurux raises and prints nothing
+    c = gurux_example_client("-i WRAPPER -a High -P Gurux")
+    c.aarqRequest()
+    with pytest.raises(Exception, match="Server to Client do not match"):
+        c.parseApplicationAssociationResponse(GXByteBuffer(b"\x00"))
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""

@@ -506,7 +506,7 @@ def _check(s: ConnSettings) -> None:
     elif s.client_address > 0x7F:
         raise ConnectionStringError(
             f"option -c: client address {s.client_address} does not fit in the one-byte "
-            "HDLC client address (0..127)"
+            "HDLC client address (1..127)"
         )
     if s.interface == "HdlcWithModeE" and s.serial_port is None:
         raise ConnectionStringError("option -i HdlcWithModeE needs a serial port (-S)")

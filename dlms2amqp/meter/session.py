@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
-from gurux_dlms import GXByteBuffer, GXDLMSClient, GXDLMSException, GXReplyData
+from gurux_dlms import GXByteBuffer, GXDLMSClient, GXDLMSException
 from gurux_dlms.enums import (
     Authentication,
     Conformance,
@@ -42,12 +42,10 @@ from ..errors import (
     MeterTimeoutError,
     ObjectError,
 )
-from . import (
-    axdr,
-    gurux_compat,  # noqa: F401  (patches Gurux on import)
-)
+from . import axdr
 from .connstring import ConnSettings
 from .counters import BLOCK, CounterStore, counter_key
+from .gurux_compat import ReplyData  # (patches Gurux on import)
 from .media import Media, SerialMedia, TcpMedia
 
 _AUTH = {
@@ -94,6 +92,10 @@ DATA_ACCESS_RESULTS = {
 #: results that mean "this (class, OBIS) does not exist here" (the class guess may be wrong)
 NOT_FOUND = {4, 9, 11}
 MAX_REPLY_BYTES = 8 * 1024 * 1024
+#: Gurux exceptions that mean "the meter answered no" (the association is fine)
+_REFUSALS = (GXDLMSExceptionResponse, GXDLMSConfirmedServiceError)
+#: bytes a glo-ciphered APDU adds (tag, length, security control, invocation counter, tag)
+CIPHER_OVERHEAD = 20
 
 
 def gurux_to_native(v: Any) -> Any:
@@ -440,43 +442,99 @@ class MeterSession:
         frames = self.client._read(name, class_id, attr, data)
         reply = self._request(frames, step, raw=True)
         if reply.error:
-            text = DATA_ACCESS_RESULTS.get(reply.error, f"error {reply.error}")
-            if reply.error in NOT_FOUND:
-                msg = f"unknown object {obis} (class {class_id}): the meter answered {text}"
-            elif reply.error == 3:
-                msg = f"access denied to {obis} attribute {attr} ({text})"
-            else:
-                msg = f"the meter refused {obis} attribute {attr}: {text}"
-            raise DataAccessError(msg, reply.error)
+            raise self._access_error(class_id, obis, attr, reply.error)
         return bytes(reply.data.array())
 
-    def get_list(self, items: list) -> list:
-        """GET-with-list: [(class_id, obis, attr)] -> values decoded by Gurux (small)."""
+    @staticmethod
+    def _access_error(class_id: int, obis: str, attr: int, code: int) -> DataAccessError:
+        text = DATA_ACCESS_RESULTS.get(code, f"error {code}")
+        if code in NOT_FOUND:
+            msg = f"unknown object {obis} (class {class_id}): the meter answered {text}"
+        elif code == 3:
+            msg = f"access denied to {obis} attribute {attr} ({text})"
+        else:
+            msg = f"the meter refused {obis} attribute {attr}: {text}"
+        return DataAccessError(msg, code)
+
+    def list_chunk(self) -> int:
+        """How many attributes one GET-with-list may carry on this association.
+
+        As Gurux's clients do: the request must fit in one APDU of the size the meter
+        negotiated (10 bytes per attribute, 12 for the header, room for a ciphering
+        header), and never more than 10 attributes ("all meters can handle 10").
+        """
+        budget = int(self.client.settings.maxPduSize) - 12
+        if self._ciphered():
+            budget -= CIPHER_OVERHEAD
+        return max(1, min(10, budget // 10))
+
+    def get_list(self, items: list, step: Optional[str] = None) -> list:
+        """GET-with-list: [(class_id, obis, attr)] -> per item its A-XDR bytes or a DataAccessError.
+
+        A long list goes out in chunks of :meth:`list_chunk`; a refused item is a
+        DataAccessError in its own place, the other items still carry their values.
+        """
         from gurux_dlms.objects import GXDLMSObject
 
-        objs = []
-        for class_id, obis, attr in items:
-            obj = GXDLMSObject()
-            obj.objectType = class_id
-            obj.logicalName = obis
-            objs.append((obj, attr))
-        try:
-            frames = self.client.readList(objs)
-        except ValueError as exc:
-            raise ObjectError("the meter does not support reading a list in one request") from exc
-        try:
-            reply = self._request(frames, "reading a list of attributes", raw=False)
-        except (MeterProtocolError, ObjectError):
-            # an exception-response to GET-with-list leaves the association usable
-            self.broken = False
-            raise
-        if reply.error:
-            text = DATA_ACCESS_RESULTS.get(reply.error, f"error {reply.error}")
-            raise DataAccessError(f"the meter refused the list read: {text}", reply.error)
-        values = [gurux_to_native(v) for v in (reply.value or [])]
-        if len(values) != len(items):
-            raise MeterProtocolError("the meter answered the list read with a different count")
-        return values
+        out: list = [None] * len(items)
+        names: dict = {}
+        wanted = []
+        for i, (_class_id, obis, _attr) in enumerate(items):
+            if self.settings.referencing == "SN":
+                try:
+                    names[i] = self._short_name(obis)
+                except ObjectError as exc:
+                    out[i] = exc  # not in the object list: nothing to ask the meter
+                    continue
+            wanted.append(i)
+        size = self.list_chunk()
+        what = step or f"reading a list of {len(items)} attributes"
+        for first in range(0, len(wanted), size):
+            chunk = wanted[first : first + size]
+            objs = []
+            for i in chunk:
+                class_id, obis, attr = items[i]
+                objs.append((GXDLMSObject(class_id, obis, names.get(i, 0)), attr))
+            try:
+                messages = self.client.readList(objs)
+            except ValueError as exc:
+                raise ObjectError(
+                    "the meter does not support reading a list in one request"
+                ) from exc
+            results: list = []
+            for message in messages:
+                try:
+                    reply = self._request(message, what, raw=True, results=True)
+                except (MeterProtocolError, ObjectError) as exc:
+                    # an exception-response or a confirmed-service-error to the list
+                    # request is an answer: the association stays usable
+                    if isinstance(exc.__cause__, _REFUSALS):
+                        self.broken = False
+                    raise
+                if reply.error:
+                    # the whole request refused (not per item)
+                    text = DATA_ACCESS_RESULTS.get(reply.error, f"error {reply.error}")
+                    raise DataAccessError(f"the meter refused the list read: {text}", reply.error)
+                part, extra = axdr.split_results(bytes(reply.data.array()))
+                if extra:
+                    self.note(f"{extra} trailing bytes after the list reply ignored")
+                results += part
+            if len(results) != len(chunk):
+                raise MeterProtocolError(
+                    f"the meter answered a list read of {len(chunk)} attributes "
+                    f"with {len(results)} results"
+                )
+            for i, result in zip(chunk, results):
+                out[i] = (
+                    result if isinstance(result, bytes) else self._access_error(*items[i], result)
+                )
+        return out
+
+    def note(self, text: str) -> None:
+        """A line in the --trace output (no-op without tracing): what the gateway decided."""
+        note = getattr(self.trace, "note", None)
+        if note is not None:
+            note(text)
 
     def supports_list_reads(self) -> bool:
         from gurux_dlms.enums import Conformance
@@ -497,6 +555,8 @@ class MeterSession:
 
     def load_object_list(self) -> None:
         """Read the association's object list (class and short name of every object)."""
+        if self.class_cache.get("object list read"):
+            return  # one association's object list does not change while it lasts
         step = "reading the object list"
         reply = self._request(self.client.getObjectsRequest(), step, raw=False)
         try:
@@ -508,6 +568,7 @@ class MeterSession:
             self.class_cache[ln] = int(obj.objectType)
             if obj.shortName:
                 self.class_cache[("sn", ln)] = obj.shortName
+        self.class_cache["object list read"] = True
 
     def close(self) -> None:
         """Release the association (unless broken) and the media; never raises."""
@@ -537,17 +598,20 @@ class MeterSession:
         return self.associated and not self.broken and self.media is not None
 
     # --- exchange -----------------------------------------------------------------
-    def _request(self, frames, step: str, raw: bool) -> GXReplyData:
+    def _request(self, frames, step: str, raw: bool, results: bool = False) -> ReplyData:
+        """Send the frames, collect every block; ``results``: keep a list reply's raw results."""
         if frames is None:
             frames = []
         elif isinstance(frames, (bytes, bytearray)):
             frames = [frames]
-        reply = GXReplyData()
+        reply = ReplyData()
         reply.raw_only = raw
+        reply.raw_list = results
         try:
             for frame in frames:
                 reply.clear()
                 reply.raw_only = raw
+                reply.raw_list = results
                 self._exchange(frame, reply, step)
                 while reply.isMoreData():
                     self._exchange(self.client.receiverReady(reply), reply, step)
@@ -560,12 +624,13 @@ class MeterSession:
         self.last_used = time.monotonic()
         return reply
 
-    def _exchange(self, frame, reply: GXReplyData, step: str) -> None:
+    def _exchange(self, frame, reply: ReplyData, step: str) -> None:
         if self.media is None:
             raise MeterConnectionError(f"no connection to the meter during {step}")
         if self._counter_key is not None:
             self._reserve()
-        self.media.send(bytes(frame))
+        if frame:  # empty: nothing to send, the meter streams more (GBT window)
+            self.media.send(bytes(frame))
         buf = GXByteBuffer()
         received = 0
         while True:
