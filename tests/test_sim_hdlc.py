@@ -570,39 +570,25 @@ def test_reader_address_options_against_each_configuration(sim_args, answered):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("conn", ["-f 1024", "-f 2030", "-f 2030 -w 7"])
-def test_reader_reads_frames_over_255_bytes(conn):
+@pytest.mark.parametrize(
+    "conn",
+    ["-f 1024", "-f 2030", "-f 2030 -w 7", "-f 128 -w 2", "-f 128 -w 3", "-f 247 -w 7"],
+)
+def test_reader_reads_big_frames_and_whole_windows(conn):
     from tests.helpers_sim import running_simulator
 
-    # a week of load profile: 19 kB in frames of 1 or 2 kB (two per window at -w 7, which
-    # is as many as Gurux's client takes in one window)
+    # a week of load profile: 19 kB in frames of up to 2 kB, or in windows of 2, 3, 7
+    # frames the meter sends before it waits for the reader's RR
     start, end = "2026-03-01T00:00:00Z", "2026-03-08T00:00:00Z"
-    if "-w 7" in conn:
-        end = "2026-03-02T00:00:00Z"
     with running_simulator(2, interface="HDLC") as sim:
         reply = _reader(sim, conn, "1.0.99.1.0.255", dtFrom=start, dtTo=end)
     assert reply["Status"] == "ok", reply["Error"]
     t0 = calendar.timegm(time.strptime(start, "%Y-%m-%dT%H:%M:%SZ"))
     t1 = calendar.timegm(time.strptime(end, "%Y-%m-%dT%H:%M:%SZ"))
     rows = model.load_profile_rows(1, t0, t1)
-    assert len(reply["DataRecords"]) == 3 * len(rows)
-    assert [r["Value"] for r in reply["DataRecords"][-3:]] == [str(v) for v in rows[-1][1:]]
-
-
-@pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="the reader's HDLC receive window is Gurux's: its RR acknowledges one frame per "
-    "window and it drops the third frame of a window, so a meter that uses the window it "
-    "agreed to cannot be read with -w over 1 and replies of several frames",
-)
-def test_reader_reads_a_multi_frame_reply_with_window_3():
-    from tests.helpers_sim import running_simulator
-
-    start, end = "2026-03-01T00:00:00Z", "2026-03-02T00:00:00Z"
-    with running_simulator(2, interface="HDLC") as sim:
-        reply = _reader(sim, "-w 3 -f 128", "1.0.99.1.0.255", dtFrom=start, dtTo=end)
-    assert reply["Status"] == "ok", reply["Error"]
+    assert len(reply["DataRecords"]) == 3 * len(rows) == 3 * (7 * 96 + 1)
+    values = [int(r["Value"]) for r in reply["DataRecords"]]
+    assert values == [v for row in rows for v in row[1:]]
 
 
 @pytest.mark.parametrize(
