@@ -20,7 +20,8 @@ $(STAMP): setup.cfg setup.py
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check dlms2amqp tests bench
+	$(BIN)/ruff check dlms2amqp tests bench tools testing
+	$(BIN)/mypy
 
 # Everything, fault-injection suite included (this is what CI runs).
 test: $(STAMP) system lint

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Run the fault scenarios of tests/faultlib.py and print the table.
+"""Run the fault scenarios of testing/faults/ and print the table.
 
     .venv/bin/python bench/faults_report.py            # everything (~6 min here)
     .venv/bin/python bench/faults_report.py --only kill --only cut
@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests import faultlib  # noqa: E402
-from tests.faultlib import SCENARIOS, Lab, format_table  # noqa: E402
+from testing import faults as faultlib  # noqa: E402
+from testing.faults import SCENARIOS, Lab, format_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

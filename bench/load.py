@@ -39,11 +39,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the shared harness, testing/
 
 import loadlib  # noqa: E402
 from loadlib import BenchError, Child, ProcGroup, RunStats, Sampler, fmt  # noqa: E402
 
 from dlms2amqp.simulator import model  # noqa: E402
+from testing.collector import AmqpClient, Collector, Received  # noqa: E402
+from testing.daemon import DaemonProcess  # noqa: E402
+from testing.ports import free_port, free_port_range  # noqa: E402
+from testing.publisher import Publisher  # noqa: E402
 
 PROFILE_OBIS = "1.0.99.1.0.255"
 REGISTER_OBIS = "1.0.1.8.0.255"
@@ -170,7 +175,7 @@ class Sim:
 
 
 def start_simulator(args: argparse.Namespace, tmp: Path, count: int, latency_ms: int = 0) -> Sim:
-    first = loadlib.free_port_range(count)
+    first = free_port_range(count)
     argv = shlex.split(args.sim_cmd) + ["-p", str(first), "-N", str(count)]
     argv += ["-i", "HDLC" if args.hdlc else "WRAPPER", "-t", "Error"]
     # 0 = auto: a pooling daemon holds one connection per meter besides its listening
@@ -207,14 +212,14 @@ def daemon_config(
         "SessionsPerWorker": sessions,
         "Prefetch": prefetch,
         "IdleSessionTimeout": idle_timeout,
-        "MetricsPort": loadlib.free_port(),
+        "MetricsPort": free_port(),
         "StateDir": str(tmp / f"state-{tag}"),
         "LogLevel": "Warning",
     }
 
 
 def start_profiler(
-    args: argparse.Namespace, tmp: Path, name: str, daemon: Child
+    args: argparse.Namespace, tmp: Path, name: str, daemon: DaemonProcess
 ) -> Optional[tuple[Child, Path]]:
     """py-spy on the daemon and its workers during the main run (``--profile SECONDS``).
 
@@ -352,19 +357,27 @@ def run_daemon_scenario(
                 replies[mid] = (t, body)
 
     queues = [cfg["InQueue"], cfg["OutQueue"]]
-    daemon: Optional[Child] = None
-    collector: Optional[loadlib.Collector] = None
-    publisher: Optional[loadlib.Publisher] = None
+    daemon: Optional[DaemonProcess] = None
+    collector: Optional[Collector] = None
+    publisher: Optional[Publisher] = None
     spy: Optional[tuple[Child, Path]] = None
     try:
-        daemon = loadlib.start_child(
-            "daemon",
-            [*shlex.split(args.daemon_cmd), "-c", str(cfg_path)],
-            tmp / f"daemon-{tag}.out",
-        )
+        daemon = DaemonProcess(
+            cfg_path,
+            cfg,
+            output_path=tmp / f"daemon-{tag}.out",
+            own_group=True,
+            command=shlex.split(args.daemon_cmd),
+        ).start()
         wait_consuming(daemon, cfg["InQueue"], cfg["OutQueue"])
-        collector = loadlib.Collector(cfg["OutQueue"], on_reply)
-        collector.start()
+
+        def on_item(r: Received) -> None:
+            on_reply(r.body, r.props, r.t)
+
+        collector = Collector(
+            AmqpClient(loadlib.broker_params), [cfg["OutQueue"]], on_item, prefetch=2000
+        ).start()
+        collector.ready.wait(30)
         if collector.error:
             raise BenchError(collector.error)
         groups = [
@@ -375,7 +388,9 @@ def run_daemon_scenario(
         with Sampler(groups) as sampler:
             cpu0 = sampler.snapshot()
             sampler.reset_peaks()
-            publisher = loadlib.Publisher(cfg["InQueue"], messages, on_sent, rate=args.rate)
+            publisher = Publisher(
+                loadlib.broker_params(), cfg["InQueue"], messages, on_sent, rate=args.rate
+            )
             t_first = time.monotonic()
             publisher.start()
             spy = start_profiler(args, tmp, name, daemon)
@@ -397,10 +412,10 @@ def run_daemon_scenario(
         if collector is not None:
             collector.stop()
         if daemon is not None:
-            rc = daemon.stop()
+            rc = daemon.stop(grace=15.0)
             st.config["daemon_exit"] = rc
             if rc != 0:
-                log(f"[{name}] daemon exited with {rc} after SIGTERM: {daemon.log_tail(600)}")
+                log(f"[{name}] daemon exited with {rc} after SIGTERM: {daemon.output()[-600:]}")
         with contextlib.suppress(Exception):
             loadlib.delete_queues(queues + dead_letter_names(cfg), dead_letter_exchanges(cfg))
 
@@ -461,28 +476,30 @@ def dead_letter_exchanges(cfg: dict[str, Any]) -> list[str]:
     return [f"{base}.dlx", f"{base}.dead"]
 
 
-def wait_consuming(daemon: Child, in_queue: str, out_queue: str, timeout: float = 90) -> None:
+def wait_consuming(
+    daemon: DaemonProcess, in_queue: str, out_queue: str, timeout: float = 90
+) -> None:
     """Wait until the daemon consumes InQueue and OutQueue exists (so no reply is dropped)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not daemon.alive():
             raise BenchError(
-                f"daemon exited with {daemon.proc.returncode} at start:\n" + daemon.log_tail()
+                f"daemon exited with {daemon.returncode} at start:\n" + daemon.output()[-2000:]
             )
         n = loadlib.queue_consumers(in_queue)
         if n and loadlib.queue_consumers(out_queue) is not None:
             return
         time.sleep(0.3)
     raise BenchError(
-        f"daemon not consuming {in_queue} after {timeout:.0f} s:\n" + daemon.log_tail()
+        f"daemon not consuming {in_queue} after {timeout:.0f} s:\n" + daemon.output()[-2000:]
     )
 
 
 def wait_replies(
     st: RunStats,
-    publisher: loadlib.Publisher,
-    collector: loadlib.Collector,
-    daemon: Child,
+    publisher: Publisher,
+    collector: Collector,
+    daemon: DaemonProcess,
     replies: dict,
     lock: threading.Lock,
     args: argparse.Namespace,
@@ -506,7 +523,7 @@ def wait_replies(
             log(f"[{st.name}] no reply for {args.stall:.0f} s: giving up")
             break
         if not daemon.alive():
-            log(f"[{st.name}] daemon exited with {daemon.proc.returncode}")
+            log(f"[{st.name}] daemon exited with {daemon.returncode}")
             time.sleep(1)
             break
         if now - last_print >= 1.0:

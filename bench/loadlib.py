@@ -10,13 +10,10 @@ writers.  Nothing here is part of the gateway.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pika
 import pika.exceptions
@@ -41,46 +38,6 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 class BenchError(Exception):
     """A benchmark set-up step failed (simulator, daemon or broker not usable)."""
-
-
-# --- ports ---------------------------------------------------------------------------------
-def free_port() -> int:
-    """An ephemeral TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_range(count: int, low: int = 10000, high: int = 32700, tries: int = 30) -> int:
-    """First port of ``count`` consecutive free ports below the ephemeral range.
-
-    The simulator listens on ``first .. first+count-1``; every port is probed by
-    binding it, because other engineers' tests share this machine.
-    """
-    if count > high - low:
-        raise BenchError(f"cannot find {count} consecutive ports in {low}..{high}")
-    rng = random.Random()
-    for _ in range(tries):
-        base = rng.randrange(low, high - count)
-        socks: list[socket.socket] = []
-        try:
-            ok = True
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError as e:
-                    if e.errno != errno.EADDRINUSE:
-                        raise
-                    ok = False
-                    break
-            if ok:
-                return base
-        finally:
-            for s in socks:
-                s.close()
-    raise BenchError(f"no {count} consecutive free ports found after {tries} tries")
 
 
 # --- /proc accounting ----------------------------------------------------------------------
@@ -374,178 +331,6 @@ def delete_queues(names: Iterable[str], exchanges: Iterable[str] = ()) -> None:
     finally:
         with contextlib.suppress(Exception):
             conn.close()
-
-
-class Publisher:
-    """Publishes bodies to one queue over ONE connection with pipelined publisher confirms.
-
-    A blocking publish that waits for each confirm managed ~580 messages/s here, which would
-    make the sender part of what is measured; this keeps up to ``window`` unconfirmed.
-    Every message is persistent and ``mandatory``; a nack or a return is counted as a failure.
-    """
-
-    def __init__(
-        self,
-        queue: str,
-        messages: Sequence[tuple[str, bytes]],
-        on_sent: Callable[[str, float], None],
-        window: int = 500,
-        rate: float = 0.0,
-    ):
-        self.queue = queue
-        self.messages = messages
-        self.on_sent = on_sent
-        self.window = window
-        self.rate = rate
-        self.next = 0
-        self.tag = 0
-        self.unconfirmed: dict[int, str] = {}
-        self.confirmed = 0
-        self.failed: list[str] = []
-        self.error: Optional[str] = None
-        self._conn: Optional[pika.SelectConnection] = None
-        self._ch: Any = None
-        self._t0 = 0.0
-        self.thread = threading.Thread(target=self._run, name="publisher", daemon=True)
-
-    # pika callbacks (all in the publisher thread)
-    def _run(self) -> None:
-        try:
-            self._conn = pika.SelectConnection(
-                broker_params(),
-                on_open_callback=lambda c: c.channel(on_open_callback=self._on_channel),
-                on_open_error_callback=self._on_fail,
-                on_close_callback=self._on_closed,
-            )
-            self._conn.ioloop.start()
-        except Exception as e:  # noqa: BLE001 - reported by the benchmark
-            self.error = f"publisher: {e}"
-
-    def _on_fail(self, _conn: Any, err: Any) -> None:
-        self.error = f"publisher cannot connect: {err}"
-        self._conn.ioloop.stop()
-
-    def _on_closed(self, _conn: Any, reason: Any) -> None:
-        if self.next < len(self.messages) or self.unconfirmed:
-            self.error = f"publisher connection closed: {reason}"
-        self._conn.ioloop.stop()
-
-    def _on_channel(self, ch: Any) -> None:
-        self._ch = ch
-        ch.add_on_return_callback(self._on_return)
-        ch.confirm_delivery(self._on_confirm)
-        self._t0 = time.monotonic()
-        self._pump()
-
-    def _on_return(self, _ch: Any, _method: Any, props: Any, _body: bytes) -> None:
-        self.failed.append(props.message_id or "?")
-
-    def _on_confirm(self, frame: Any) -> None:
-        m = frame.method
-        ok = isinstance(m, pika.spec.Basic.Ack)
-        tags = (
-            [t for t in self.unconfirmed if t <= m.delivery_tag] if m.multiple else [m.delivery_tag]
-        )
-        for t in tags:
-            mid = self.unconfirmed.pop(t, None)
-            if mid is None:
-                continue
-            if ok:
-                self.confirmed += 1
-            else:
-                self.failed.append(mid)
-        self._pump()
-
-    def _pump(self) -> None:
-        n = 0
-        while self.next < len(self.messages) and len(self.unconfirmed) < self.window:
-            if self.rate > 0:
-                due = self._t0 + self.next / self.rate
-                if time.monotonic() < due:
-                    self._conn.ioloop.call_later(max(0.0, due - time.monotonic()), self._pump)
-                    return
-            mid, body = self.messages[self.next]
-            self.next += 1
-            self.tag += 1
-            self.unconfirmed[self.tag] = mid
-            self.on_sent(mid, time.monotonic())
-            self._ch.basic_publish(
-                "",
-                self.queue,
-                body,
-                pika.BasicProperties(
-                    delivery_mode=2,
-                    content_type="application/json",
-                    message_id=mid,
-                    correlation_id=mid,
-                ),
-                mandatory=True,
-            )
-            n += 1
-            if n >= 200:  # let the ioloop read confirms now and then
-                self._conn.ioloop.call_later(0, self._pump)
-                return
-        if self.next >= len(self.messages) and not self.unconfirmed:
-            self._conn.close()
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def done(self) -> bool:
-        return not self.thread.is_alive()
-
-    def abort(self) -> None:
-        conn = self._conn
-        if conn is not None and self.thread.is_alive():
-            with contextlib.suppress(Exception):
-                conn.ioloop.add_callback_threadsafe(conn.close)
-        self.thread.join(10)
-
-
-class Collector:
-    """Consumes replies from one queue in its own thread and connection."""
-
-    def __init__(self, queue: str, on_reply: Callable[[bytes, Any, float], None]):
-        self.queue = queue
-        self.on_reply = on_reply
-        self.error: Optional[str] = None
-        self._stop = threading.Event()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="collector", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            conn = pika.BlockingConnection(broker_params())
-        except Exception as e:  # noqa: BLE001
-            self.error = f"collector cannot connect: {e}"
-            self.ready.set()
-            return
-        try:
-            ch = conn.channel()
-            ch.basic_qos(prefetch_count=2000)
-
-            def cb(ch_: Any, method: Any, props: Any, body: bytes) -> None:
-                self.on_reply(body, props, time.monotonic())
-                ch_.basic_ack(method.delivery_tag)
-
-            ch.basic_consume(self.queue, cb)
-            self.ready.set()
-            while not self._stop.is_set():
-                conn.process_data_events(time_limit=0.2)
-        except Exception as e:  # noqa: BLE001
-            self.error = f"collector: {e}"
-        finally:
-            self.ready.set()
-            with contextlib.suppress(Exception):
-                conn.close()
-
-    def start(self) -> None:
-        self.thread.start()
-        self.ready.wait(30)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(10)
 
 
 # --- statistics ------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from dlms2amqp.meter.pool import SessionPool  # noqa: E402
 from dlms2amqp.meter.reader import ReaderOptions, execute  # noqa: E402
 from dlms2amqp.reply import format_datetime, ok_reply, value_to_str  # noqa: E402
 from dlms2amqp.request import ReadRequest  # noqa: E402
-from tests.helpers_sim import running_simulator  # noqa: E402
+from testing.simulator import running_simulator  # noqa: E402
 
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 OBIS = "1.0.99.1.0.255"

@@ -9,12 +9,11 @@ translated into these at the boundary with ``raise ... from exc``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 class GatewayError(Exception):
     """Base of every error raised on purpose by dlms2amqp."""
-
-    #: short machine-friendly reason, used as a metric label / dead-letter reason
-    reason = "error"
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -26,62 +25,49 @@ class GatewayError(Exception):
 
 # --- configuration and input -------------------------------------------------
 class ConfigError(GatewayError):
-    reason = "config"
+    """The configuration file (or a file it names) cannot be used; the message names the key."""
 
 
 class RequestError(GatewayError):
     """A request that cannot be executed as given (bad JSON, types, dates...)."""
 
-    reason = "bad_request"
-
 
 class ConnectionStringError(RequestError):
     """A ConnectionString that does not parse; the message names the option."""
-
-    reason = "bad_connection_string"
 
 
 # --- meter side ----------------------------------------------------------------
 class MeterError(GatewayError):
     """Anything that went wrong talking to a meter."""
 
-    reason = "meter_error"
-
 
 class MeterConnectionError(MeterError):
     """TCP connection refused / unreachable, serial port missing or busy."""
-
-    reason = "connection"
 
 
 class MeterTimeoutError(MeterError):
     """No (complete) answer in time; the message names the step."""
 
-    reason = "timeout"
-
 
 class MeterProtocolError(MeterError):
     """The meter answered with something that is not valid DLMS."""
-
-    reason = "protocol"
 
 
 class AuthenticationError(MeterError):
     """Association rejected (wrong password, wrong keys, unknown client)."""
 
-    reason = "authentication"
-
 
 class InvocationCounterError(AuthenticationError):
-    reason = "invocation_counter"
+    """The meter refused the invocation counter of a ciphered association."""
+
+    #: the counter the meter said it expects at least, when it said one
+    expected: Optional[int] = None
 
 
 class ObjectError(MeterError):
     """Object unknown to the meter, access denied, or other data-access result."""
 
-    reason = "data_access"
-
 
 # --- broker side ----------------------------------------------------------------
 class BrokerError(GatewayError):
-    reason = "broker"
+    """The broker cannot be reached or refused us; the message names it, never the password."""

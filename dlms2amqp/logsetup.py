@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import threading
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
@@ -65,7 +66,7 @@ def _redact_value(value: Any) -> Any:
     return redact_text(str(value))
 
 
-def redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: mask secret keys and secret-looking text."""
     for k in list(event):
         if k.lower() in SECRET_KEYS:
@@ -125,14 +126,14 @@ class _Logger:
     log = debug = info = warning = warn = error = critical = exception = msg
 
 
-def _render(logger: Any, name: str, event: dict[str, Any]) -> str:
+def _render(logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
     """JSON to the file; on a terminal with no file, readable lines instead."""
     console = None
     if _sink.path is None and sys.stderr.isatty():
         return _console(logger, name, dict(event))
     if _sink.also_stderr:
         console = _console(logger, name, dict(event))
-    line = _json(logger, name, event)
+    line = str(_json(logger, name, event))  # the serializer returns str
     if console is not None:
         _sink.write(line, console)
         raise structlog.DropEvent

@@ -47,7 +47,11 @@ def record(
     unit: Optional[int] = None,
 ) -> dict:
     """One DataRecord; Scaler and Unit only for registers."""
-    rec = {"DateTime": format_datetime(dt, fmt), "Code": code, "Value": value_to_str(value)}
+    rec: dict[str, Any] = {
+        "DateTime": format_datetime(dt, fmt),
+        "Code": code,
+        "Value": value_to_str(value),
+    }
     if scaler is not None:
         rec["Scaler"] = scaler
     if unit is not None:

@@ -114,7 +114,11 @@ def _string(data: dict, key: str, required: bool) -> Optional[str]:
 
 def parse_request(body: bytes, max_bytes: int = 65536) -> ReadRequest:
     """Validate a request body (JSON object in the seed's format)."""
-    data = _loads(body, max_bytes)
+    return request_from(_loads(body, max_bytes))
+
+
+def request_from(data: dict) -> ReadRequest:
+    """Validate an already decoded request object (the daemon decodes each body once)."""
     msg_id = _string(data, "MsgID", True)
     cmd = _string(data, "Cmd", True)
     obis = _string(data, "ObisCode", True)
@@ -149,6 +153,11 @@ def extract_msg_id(body: bytes) -> Optional[str]:
         data = orjson.loads(body[:65536])
     except (orjson.JSONDecodeError, TypeError):
         return None
+    return msg_id_of(data)
+
+
+def msg_id_of(data: object) -> Optional[str]:
+    """Best-effort MsgID of a decoded body (cut to its longest length), or None."""
     if not isinstance(data, dict):
         return None
     value = data.get("MsgID")

@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -23,6 +18,10 @@ from typing import Any, Iterator, Optional
 import pika
 import pika.exceptions
 import pytest
+
+from testing.daemon import DaemonProcess
+from testing.ports import free_port
+from testing.publisher import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 BROKER_HOST = "127.0.0.1"
@@ -39,12 +38,6 @@ def _broker_params() -> pika.ConnectionParameters:
         socket_timeout=5,
         blocked_connection_timeout=30,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Broker:
@@ -78,16 +71,8 @@ class Broker:
         reply_to: Optional[str] = None,
         headers: Optional[dict] = None,
     ) -> None:
-        with self.connection() as c:
-            ch = c.channel()
-            ch.confirm_delivery()
-            ch.basic_publish(
-                "",
-                queue,
-                body,
-                pika.BasicProperties(delivery_mode=2, reply_to=reply_to, headers=headers),
-                mandatory=True,
-            )
+        mid = f"test-{uuid.uuid4().hex[:12]}"
+        publish(_broker_params(), queue, [(mid, body)], reply_to=reply_to, headers=headers)
 
     def count(self, queue: str) -> Optional[int]:
         """Messages ready in a queue, None if it does not exist."""
@@ -182,124 +167,35 @@ def write_config(tmp_path: Path, cfg: dict[str, Any], name: str = "dlms2amqp.jso
     return p
 
 
-class Daemon:
-    """dlms2amqpd as a subprocess."""
+class Daemon(DaemonProcess):
+    """dlms2amqpd as a subprocess, on the shared broker."""
 
     def __init__(self, config_path: Path, cfg: dict[str, Any], broker: Broker):
-        self.config_path = config_path
-        self.cfg = cfg
-        self.broker = broker
-        self.proc: Optional[subprocess.Popen] = None
-        self.stderr_path = config_path.parent / f"daemon-stderr-{uuid.uuid4().hex[:6]}.txt"
-
-    def start(self, wait: bool = True, timeout: float = 60.0) -> Daemon:
-        self._err = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dlms2amqp.cli.daemon", "-c", str(self.config_path)],
-            cwd=ROOT,
-            stdout=self._err,
-            stderr=self._err,
+        super().__init__(
+            config_path,
+            cfg,
+            output_path=config_path.parent / f"daemon-stderr-{uuid.uuid4().hex[:6]}.txt",
         )
+        self.broker = broker
+
+    def start(self, wait: bool = True, timeout: float = 60.0) -> Daemon:  # type: ignore[override]
+        super().start()
         if wait:
             self.wait_consuming(timeout)
         return self
 
-    def wait_consuming(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
-            if self.broker.consumers(self.cfg["InQueue"]):
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"daemon not consuming after {timeout} s:\n{self.output()}")
+    def wait_consuming(self, timeout: float = 60.0) -> None:  # type: ignore[override]
+        super().wait_consuming(self.broker.consumers, self.cfg["InQueue"], timeout)
 
-    def output(self) -> str:
-        text = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
-        return text + "\n--- log tail ---\n" + "\n".join(self.log_lines()[-40:])
-
-    def log_lines(self) -> list[str]:
-        p = Path(self.cfg["DebugFile"])
-        return p.read_text(errors="replace").splitlines() if p.exists() else []
-
-    def events(self, name: Optional[str] = None) -> list[dict]:
-        out = []
-        for line in self.log_lines():
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            if name is None or ev.get("event") == name:
-                out.append(ev)
-        return out
+    def output(self, log_tail: int = 40) -> str:
+        return super().output(log_tail)
 
     def children(self) -> list[int]:
-        assert self.proc is not None
-        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        try:
-            pids = [int(x) for x in path.read_text().split()]
-        except OSError:
-            return []
-        # the spawn context also starts a resource tracker: keep only our workers
-        return [p for p in pids if b"dlms2amqp" in _cmdline(p) or _is_worker(p)]
+        return self.workers()
 
-    def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.cfg['MetricsPort']}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.read().decode()
-
-    def metric(self, name: str, labels: str = "") -> float:
-        total = 0.0
-        found = False
-        for line in self.metrics().splitlines():
-            if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith(
-                "#"
-            ):
-                key, _, value = line.rpartition(" ")
-                if key.split("{")[0] == name:
-                    total += float(value)
-                    found = True
-        return total if found else 0.0
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._err.close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        for pid in self.children():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _is_worker(pid: int) -> bool:
-    cmd = _cmdline(pid)
-    return b"multiprocessing.spawn" in cmd and b"resource_tracker" not in cmd
+    def stop(self, timeout: float = 60.0) -> int:  # type: ignore[override]
+        rc = super().stop(timeout)
+        return 0 if rc is None else rc
 
 
 @pytest.fixture

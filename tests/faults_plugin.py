@@ -11,7 +11,7 @@ from typing import Any
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
-    from tests.faultlib import ROWS, format_table
+    from testing.oracle import ROWS, format_table
 
     if not ROWS:
         return

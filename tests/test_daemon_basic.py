@@ -2,7 +2,7 @@
 """dlms2amqpd against the real broker, on requests that need no meter.
 
 Unknown commands, malformed bodies, bad requests, reply_to, the reply store, metrics,
-SIGHUP, bad configuration and a queue declared with other arguments.
+SIGHUP, bad configuration, a queue declared with other arguments, a queue deleted under it.
 """
 
 from __future__ import annotations
@@ -280,3 +280,24 @@ def test_overlong_msgid_gets_notok_reply(run_daemon: Any, broker: Broker) -> Non
     assert body["Status"] == "notok" and "MsgID" in body["Error"]
     assert rep[0][1].correlation_id is None  # 255-byte AMQP limit
     assert d.metric("dlms2amqp_dead_lettered_total") == 0
+
+
+def test_deleted_queue_consumer_cancelled_redeclared_and_served(
+    run_daemon: Any, broker: Broker
+) -> None:
+    d: Daemon = run_daemon(ReconnectMaxDelay=1.0)
+    inq, outq = d.cfg["InQueue"], d.cfg["OutQueue"]
+    # When somebody deletes InQueue under the running daemon (the broker cancels its consumer)
+    with broker.connection() as c:
+        c.channel().queue_delete(inq)
+    deadline = time.monotonic() + 30
+    while not d.events("broker_cancelled_consumer") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert d.events("broker_cancelled_consumer"), d.output()
+    # Then it reconnects, declares the queue again and consumes it
+    deadline = time.monotonic() + 30
+    while not broker.consumers(inq) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert broker.consumers(inq) == 1
+    broker.publish(inq, req("after-delete", Cmd="X"))
+    assert broker.replies(outq, 1, timeout=30)[0]["InMsgID"] == "after-delete"

@@ -2,7 +2,7 @@
 """Fault injection against the real daemon, a private RabbitMQ node and the simulator.
 
 Each test injects the fault for real, checks that it happened (exit code, changed PID,
-closed connection, detection time), then applies the oracle of tests/faultlib.py: every
+closed connection, detection time), then applies the oracle of testing.oracle: every
 request id ends with exactly one distinct reply or a dead-letter entry with a reason, no
 meter is read twice for an id whose reply was already produced, and no canary secret
 shows up anywhere.  Run: ``make test-faults`` (``pytest -m faults``).
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import faultlib
-from tests.faultlib import SCENARIOS, Lab, Result
+from testing import faults as faultlib
+from testing.faults import SCENARIOS, Lab, Result
 
 pytestmark = pytest.mark.faults
 

@@ -7,8 +7,8 @@ import socket
 import threading
 import time
 
-from tests import faultlib
-from tests.faultlib import Received, Row, TcpProxy, judge, scan_canaries
+from testing import faults as faultlib
+from testing.faults import Received, Row, TcpProxy, judge, scan_canaries
 from tests.helpers_sim import GuruxMeter, gurux_client, running_simulator
 
 

@@ -323,3 +323,95 @@ def test_value_cut_short_is_still_refused():
     class_id, raw = reader._get(s, "0.0.1.0.0.255", 2)
     with pytest.raises(MeterProtocolError, match="middle of a value"):
         reader._records_for(s, class_id, "0.0.1.0.0.255", raw, "iso")
+
+
+# --- end to end against the simulator (which offers multiple references) ----------------
+@pytest.fixture(scope="module", params=["WRAPPER", "HDLC"])
+def sim(request):
+    from tests.helpers_sim import running_simulator
+
+    with running_simulator(2, interface=request.param) as info:
+        info.interface = request.param
+        yield info
+
+
+def read_list(sim, items: str, conn: str = "-c 32 -a Low -P 00000000", k: int = 0):
+    import orjson
+
+    from dlms2amqp.request import parse_request
+
+    lines: list = []
+    where = f"-h {sim.host} -p {sim.port + k} -i {sim.interface}"
+    body = {
+        "MsgID": "l",
+        "Cmd": "READ",
+        "ObisCode": "0.0.0.0.0.0",
+        "ConnectionString": f'{where} {conn} -g "{items}"',
+    }
+    options = reader.ReaderOptions(frame_timeout=10, request_timeout=30, trace=True,
+                                   trace_sink=lines.append)  # fmt: skip
+    return reader.execute(parse_request(orjson.dumps(body)), options), lines
+
+
+def list_requests(lines: list) -> list:
+    """Number of attributes in each GET-with-list request (C0 03) the reader sent."""
+    out = []
+    for line in lines:
+        if line.startswith("TX ") and " C0 03 " in line:
+            after = line.split(" C0 03 ", 1)[1].split()
+            out.append(int(after[1], 16))  # invoke id, then the count
+    return out
+
+
+@pytest.mark.integration
+def test_e2e_long_list_in_chunks_with_per_item_errors(sim):
+    from dlms2amqp.simulator import model
+
+    k = 1
+    registers = ["1.0.1.8.0.255", "1.0.2.8.0.255", "1.0.32.7.0.255", "1.0.31.7.0.255"]
+    items = [f"{o}:3" for o in registers] * 3 + ["1.2.3.4.5.6:2", "0.0.96.1.0.255:2"]
+    reply, lines = read_list(sim, "; ".join(items), k=k)
+    assert reply["Status"] == "ok", reply["Error"]
+    recs = reply["DataRecords"]
+    assert len(recs) == 14
+    assert [r["Value"] for r in recs[:4]] == ["[0, 30]", "[0, 30]", "[-1, 35]", "[-2, 33]"]
+    assert recs[12]["Value"] == "" and "unknown object 1.2.3.4.5.6" in recs[12]["Error"]
+    assert recs[13]["Value"] == model.serial_number(k)
+    assert sum("Error" in r for r in recs) == 1
+    assert list_requests(lines) == [10, 4]
+
+
+@pytest.mark.integration
+def test_e2e_list_denied_item_for_the_public_client(sim):
+    reply, lines = read_list(sim, "0.0.96.1.0.255:2; 1.0.1.8.0.255:2; 0.0.42.0.0.255:2",
+                             conn="-c 16")  # fmt: skip
+    assert reply["Status"] == "ok", reply["Error"]
+    recs = reply["DataRecords"]
+    assert recs[1]["Error"] == "access denied to 1.0.1.8.0.255 attribute 2 (read-write-denied)"
+    assert "Error" not in recs[0] and "Error" not in recs[2]
+    assert list_requests(lines) == [3]
+
+
+@pytest.mark.integration
+def test_e2e_list_values_equal_gurux_clients(sim):
+    """The same list read by Gurux's own client (helpers_sim.GuruxMeter) gives the same values."""
+    from tests.helpers_sim import GuruxMeter, gurux_client
+
+    objs = [(3, "1.0.1.8.0.255", 3), (1, "0.0.96.1.0.255", 2), (1, "0.0.42.0.0.255", 2),
+            (8, "0.0.1.0.0.255", 3)]  # fmt: skip
+    reply, _ = read_list(sim, "; ".join(f"{o}:{a}" for _, o, a in objs))
+    assert reply["Status"] == "ok", reply["Error"]
+    m = GuruxMeter(gurux_client(32, sim.interface, password="00000000"), sim.host, sim.port)
+    try:
+        m.connect()
+        frames = m.client.readList([(GXDLMSObject(c, o), a) for c, o, a in objs])
+        values = []
+        for message in frames:
+            values += m.request(message).value
+        m.release()
+    finally:
+        m.close()
+    ours = [r["Value"] for r in reply["DataRecords"]]
+    from dlms2amqp.reply import value_to_str
+
+    assert ours == [value_to_str(gurux_to_native(v)) for v in values]

@@ -10,11 +10,10 @@ from typing import Optional
 import orjson
 
 from .. import __version__, logsetup
-from ..config import describe_keys, load_config
-from ..daemon.supervisor import EXIT_CONFIG, EXIT_WORKER_BOOT, Supervisor
+from ..config import describe_keys
+from ..daemon.master import Master
 from ..errors import ConfigError, GatewayError
-
-DEFAULT_CONFIG = "/etc/dlms2amqp.json"
+from .common import EXIT_CONFIG, EXIT_OK, EXIT_WORKER_BOOT, add_config_option, load_or_report
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -24,7 +23,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         epilog="Configuration keys:\n" + describe_keys(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="configuration file (JSON)")
+    add_config_option(p, "configuration file (JSON)")
     p.add_argument(
         "--check-config", action="store_true", help="validate the configuration and exit"
     )
@@ -34,15 +33,13 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"dlms2amqpd: {e}", file=sys.stderr)
+    cfg = load_or_report("dlms2amqpd", args.config)
+    if cfg is None:
         return EXIT_CONFIG
     if args.check_config:
         print(orjson.dumps(cfg.as_dict(), option=orjson.OPT_INDENT_2).decode())
         print(f"dlms2amqpd: configuration {cfg.path} is valid", file=sys.stderr)
-        return 0
+        return EXIT_OK
     try:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -52,7 +49,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     log = logsetup.get_logger("dlms2amqp.master")
     log.info("starting", version=__version__, config=str(cfg.path), workers=cfg.Workers)
     try:
-        return Supervisor(cfg).run()
+        return Master(cfg).run()
     except ConfigError as e:
         log.error("config_error", error=e.message)
         print(f"dlms2amqpd: {e}", file=sys.stderr)

@@ -14,12 +14,9 @@ from typing import Optional
 
 import orjson
 
-from ..config import load_config
 from ..daemon import amqp
 from ..errors import BrokerError, ConfigError
-
-EXIT_UNAVAILABLE = 69
-EXIT_CONFIG = 78
+from .common import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE, add_config_option, load_or_report
 
 
 def one_line(body: bytes) -> bytes:
@@ -34,7 +31,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="dlms2amqp-dump", description="Print replies from the daemon's OutQueue."
     )
-    p.add_argument("-c", "--config", default="/etc/dlms2amqp.json", help="daemon config file")
+    add_config_option(p)
     p.add_argument("--max", type=int, default=0, metavar="N", help="stop after N replies")
     p.add_argument(
         "--timeout",
@@ -46,10 +43,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--follow", action="store_true", help="keep waiting for new replies")
     p.add_argument("--queue", help="read this queue instead of OutQueue")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"dlms2amqp-dump: {e}", file=sys.stderr)
+    cfg = load_or_report("dlms2amqp-dump", args.config)
+    if cfg is None:
         return EXIT_CONFIG
     timeout = args.timeout if args.timeout is not None else (None if args.follow else 2.0)
     queue = args.queue or cfg.OutQueue
@@ -92,7 +87,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         pass
     print(f"dlms2amqp-dump: {printed} replies from {queue}", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -10,30 +10,29 @@ import argparse
 import sys
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import orjson
 
 from ..errors import RequestError
 from ..meter.reader import ReaderOptions, execute
 from ..request import ReadRequest, parse_datetime
-
-EXIT_OK, EXIT_NOTOK, EXIT_USAGE = 0, 1, 2
+from .common import EXIT_NOTOK, EXIT_OK
 
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors never echo a connection string (it may hold a password or keys)."""
 
-    hidden: tuple = ()
+    hidden: tuple[str, ...] = ()
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         for text in self.hidden:
             if text:
                 message = message.replace(text, "<connection string>")
         super().error(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     # no -h: connection strings start with "-h host"; --help only
     p = _Parser(
         add_help=False,
@@ -58,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser.hidden = tuple(a.strip() for a in argv if " " in a.strip() or "-P" in a)

@@ -14,14 +14,16 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..config import load_config
 from ..daemon import amqp
 from ..errors import BrokerError, ConfigError, GatewayError
-
-EXIT_REJECTED = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 69
-EXIT_CONFIG = 78
+from .common import (
+    EXIT_CONFIG,
+    EXIT_NOTOK,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    add_config_option,
+    load_or_report,
+)
 
 
 def _stdin_requests(data: bytes) -> list[tuple[str, bytes]]:
@@ -67,14 +69,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         prog="dlms2amqp-send",
         description="Send request files (JSON) to the daemon's InQueue.",
     )
-    p.add_argument("-c", "--config", default="/etc/dlms2amqp.json", help="daemon config file")
+    add_config_option(p)
     p.add_argument("files", nargs="+", metavar="FILE", help="request files, or - for stdin")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, errors only")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"dlms2amqp-send: {e}", file=sys.stderr)
+    cfg = load_or_report("dlms2amqp-send", args.config)
+    if cfg is None:
         return EXIT_CONFIG
     t0 = time.monotonic()
     good, errors = collect(args.files, cfg.MaxBodyBytes)
@@ -125,7 +125,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"{time.monotonic() - t0:.2f} s",
             file=sys.stderr,
         )
-    return EXIT_REJECTED if errors else 0
+    return EXIT_NOTOK if errors else EXIT_OK
 
 
 if __name__ == "__main__":

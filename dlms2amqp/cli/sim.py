@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import resource
-import select
-import signal
 import sys
 from typing import Optional
 
@@ -130,34 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{name}", type=_rate, nargs="?", const=1.0, default=0.0, metavar="RATE",
             help=f"{what} (fraction of connections; bare flag = 1)",
         )  # fmt: skip
+    p.add_argument(
+        "-r",
+        "--referencing",
+        type=str.upper,
+        choices=["LN", "SN"],
+        default="LN",
+        help="logical-name or short-name referencing for every client (default LN)",
+    )
+    p.add_argument(
+        "--sn-blocks",
+        choices=["list", "data"],
+        default="list",
+        help="short-name READ blocks carry the result list (as field SN meters send it;"
+        " default) or the bare value (as Gurux's servers do; what gurux-dlms clients read)",
+    )
     p.add_argument("--procs", type=int, default=1, help="split the meters over K processes")
     p.add_argument("--seed", type=int, help="random seed for the fault rates")
     return p
 
 
-def raise_nofile(needed: int) -> Optional[str]:
-    """Raise RLIMIT_NOFILE to ``needed`` (each meter is one listening socket).
-
-    Returns None when done, else a message saying which limit to set.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= needed:
-        return None
-    new_hard = hard if hard == resource.RLIM_INFINITY or hard >= needed else needed
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, new_hard))
-        return None
-    except (ValueError, OSError):
-        return (
-            f"{needed} open files are needed but the limit is {soft} (hard limit {hard}): "
-            f"run 'ulimit -n {needed}' as root before starting, raise 'nofile' in "
-            f"/etc/security/limits.conf (or LimitNOFILE= in the systemd unit), "
-            f"or serve fewer meters per process (-N, --procs)"
-        )
-
-
 def _device(args: argparse.Namespace):
-    from dlms2amqp.simulator import cosem
+    from dlms2amqp.simulator import cosem, sn
 
     if args.template:
         from dlms2amqp.simulator import template
@@ -166,9 +156,13 @@ def _device(args: argparse.Namespace):
         for warning in tpl.warnings:  # what the template has but the simulator does not serve
             print(f"dlms2amqp-sim: template: {warning}", file=sys.stderr, flush=True)
         password = args.password.encode() if args.password is not None else None
-        return template.build_device(tpl, password)
-    password = (args.password if args.password is not None else "00000000").encode()
-    return cosem.builtin_device(password)
+        device = template.build_device(tpl, password)
+    else:
+        password = (args.password if args.password is not None else "00000000").encode()
+        device = cosem.builtin_device(password)
+    if args.referencing == "SN":
+        sn.use_short_names(device)
+    return device
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -210,6 +204,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         hdlc_physical=(1, 0) if args.physical is None else (args.physical,),
         hdlc_limits=(args.hdlc_window, args.hdlc_max_info),
     )
+    opts.sn_blocks = args.sn_blocks
     try:
         device = _device(args)
     except Exception as e:  # template errors are reported, not traced
@@ -219,19 +214,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         from dlms2amqp.simulator.server import serve_serial
 
         return serve_serial(device, args.serial, opts)
+    from dlms2amqp.simulator import procs as prefork
+
     procs = min(args.procs, args.count)
     per_proc = (args.count + procs - 1) // procs
-    msg = raise_nofile(per_proc + 256)
+    msg = prefork.open_files(per_proc)
     if msg:
         print(f"dlms2amqp-sim: {msg}", file=sys.stderr)
         return EXIT_START
-    # A gateway that pools associations keeps one connection per meter open, besides the
-    # listening socket: take what the hard limit allows up to two descriptors per meter.
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    roomy = 2 * per_proc + 256
-    raise_nofile(roomy if hard == resource.RLIM_INFINITY else min(hard, roomy))
     if procs > 1:
-        return _run_procs(device, args, opts, procs, per_proc)
+        return prefork.run_procs(device, args.host, args.port, args.count, opts, procs, per_proc)
     server = Server(device, args.host, args.port, args.count, opts)
     try:
         server.listen()
@@ -242,109 +234,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"ready {args.count} meters on {args.port}-{last}", flush=True)
     server.run()
     return EXIT_OK
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: a child gets SIGTERM when the parent dies, so no meter outlives it."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:
-        os._exit(EXIT_START)
-
-
-def _run_procs(device, args: argparse.Namespace, opts, procs: int, per_proc: int) -> int:
-    """Fork K children, each serving a port range; one ready line when all are ready."""
-    from dlms2amqp.simulator.server import Server
-
-    children = []
-    parent_pid = os.getpid()
-    ready_r, ready_w = os.pipe()
-    for i in range(procs):
-        first_k = i * per_proc
-        n = min(per_proc, args.count - first_k)
-        if n <= 0:
-            break
-        pid = os.fork()
-        if pid == 0:
-            os.close(ready_r)
-            _die_with_parent(parent_pid)
-            code = EXIT_OK
-            try:
-                server = Server(device, args.host, args.port + first_k, n, opts, first_k=first_k)
-                server.listen()
-                server.install_signals()
-                os.write(ready_w, b"r")
-                server.run()
-            except OSError as e:
-                print(f"dlms2amqp-sim: {e.strerror or e}", file=sys.stderr)
-                code = EXIT_START
-            except BaseException as e:  # noqa: B036 - a child must never return into main()
-                print(f"dlms2amqp-sim: meters {first_k}..{first_k + n - 1}: {e}", file=sys.stderr)
-                code = EXIT_START
-            finally:
-                sys.stderr.flush()
-                os._exit(code)
-        children.append(pid)
-    os.close(ready_w)
-    stop = {"sig": False}
-
-    def on_signal(signum, frame) -> None:
-        stop["sig"] = True
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    got = 0
-    failed = False
-    while got < len(children) and not failed and not stop["sig"]:
-        try:
-            readable, _, _ = select.select([ready_r], [], [], 0.2)
-        except InterruptedError:
-            continue
-        if readable:
-            chunk = os.read(ready_r, 64)
-            got += len(chunk)
-            if not chunk:
-                failed = True
-        for pid in children:  # a child that died while starting
-            try:
-                done, _status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = pid
-            if done:
-                failed = True
-                children.remove(pid)
-                break
-    os.close(ready_r)
-    code = EXIT_OK
-    if not failed and got == len(children):
-        print(f"ready {args.count} meters on {args.port}-{args.port + args.count - 1}", flush=True)
-    elif not stop["sig"]:  # a child failed to start (a signal while starting is a clean stop)
-        on_signal(signal.SIGTERM, None)
-        code = EXIT_START
-    for pid in children:
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-            except ChildProcessError:
-                status = 0
-                break
-        if not stop["sig"] and os.waitstatus_to_exitcode(status) != 0:
-            code = EXIT_START
-            on_signal(signal.SIGTERM, None)
-    return code
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """pika plumbing shared by the daemon, dlms2amqp-send and dlms2amqp-dump.
 
-One BlockingConnection per process, used from one thread.  Publishes go out with
+Connection parameters, the field-engineer texts of broker errors, the topology, and
+the one publisher-confirm tracker.  The tools use one BlockingConnection per process,
+from one thread.  Publishes go out with
 publisher confirms, ``mandatory`` and persistent delivery, so "returned without error"
 means the broker has the message.  pika's exceptions are translated into ``BrokerError``
 here, with messages that name the broker and never the password.
@@ -10,7 +12,7 @@ here, with messages that name the broker and never the password.
 from __future__ import annotations
 
 import ssl
-from typing import Any, Optional
+from typing import Any, Generic, Optional, TypeVar
 
 import pika
 import pika.exceptions as pex
@@ -20,6 +22,7 @@ from ..errors import BrokerError, ConfigError
 
 PERSISTENT = pika.DeliveryMode.Persistent
 JSON = "application/json"
+T = TypeVar("T")
 
 #: exceptions meaning "the connection or channel is gone: reconnect"
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -118,6 +121,43 @@ def queue_arguments(cfg: Config) -> dict[str, Any]:
     }
 
 
+def queue_mismatch(
+    cfg: Config, name: str, arguments: Optional[dict], reply_text: str
+) -> ConfigError:
+    """PRECONDITION_FAILED on a queue declare, in the field engineer's words."""
+    kind = (arguments or {}).get("x-queue-type", "classic")
+    return ConfigError(
+        f"Queue {name} already exists on {describe(cfg)} with other arguments than a "
+        f"durable {kind} queue ({reply_text}). Set QueueType in {cfg.path} to match "
+        "the existing queue, or delete the queue (rabbitmqctl delete_queue) if it is "
+        "empty."
+    )
+
+
+def exchange_mismatch(cfg: Config) -> ConfigError:
+    """PRECONDITION_FAILED on the dead-letter exchange declare."""
+    return ConfigError(
+        f"Exchange {cfg.dead_letter_exchange} already exists with another type; set "
+        f"DeadLetterExchange in {cfg.path}"
+    )
+
+
+def topology(cfg: Config) -> list[tuple[str, str, Optional[dict]]]:
+    """What the daemon declares, in order: (what, name, queue arguments).
+
+    ``what`` is "exchange" (the dead-letter fanout), "queue" (durable) or "bind" (the
+    dead-letter queue to its exchange).  One list for the daemon's asynchronous declare
+    and the blocking ``declare_topology``.
+    """
+    return [
+        ("exchange", cfg.dead_letter_exchange, None),
+        ("queue", cfg.dead_letter_queue, None),
+        ("bind", cfg.dead_letter_queue, None),
+        ("queue", cfg.InQueue, queue_arguments(cfg)),
+        ("queue", cfg.OutQueue, None),
+    ]
+
+
 def declare_queue(
     conn: pika.BlockingConnection, cfg: Config, name: str, arguments: Optional[dict] = None
 ) -> Any:
@@ -127,37 +167,29 @@ def declare_queue(
         ch.queue_declare(name, durable=True, arguments=arguments or None)
     except pex.ChannelClosedByBroker as e:
         if e.reply_code == 406:
-            kind = (arguments or {}).get("x-queue-type", "classic")
-            raise ConfigError(
-                f"Queue {name} already exists on {describe(cfg)} with other arguments than a "
-                f"durable {kind} queue ({e.reply_text}). Set QueueType in {cfg.path} to match "
-                "the existing queue, or delete the queue (rabbitmqctl delete_queue) if it is "
-                "empty."
-            ) from None
+            raise queue_mismatch(cfg, name, arguments, e.reply_text) from None
         raise broker_error(cfg, e) from e
     else:
         ch.close()
 
 
 def declare_topology(conn: pika.BlockingConnection, cfg: Config) -> None:
-    """InQueue, OutQueue, and the dead-letter exchange and queue."""
-    ch = conn.channel()
-    try:
-        ch.exchange_declare(cfg.dead_letter_exchange, "fanout", durable=True)
-    except pex.ChannelClosedByBroker as e:
-        if e.reply_code == 406:
-            raise ConfigError(
-                f"Exchange {cfg.dead_letter_exchange} already exists with another type; set "
-                f"DeadLetterExchange in {cfg.path}"
-            ) from None
-        raise
-    ch.close()
-    declare_queue(conn, cfg, cfg.dead_letter_queue)
-    ch = conn.channel()
-    ch.queue_bind(cfg.dead_letter_queue, cfg.dead_letter_exchange, routing_key="")
-    ch.close()
-    declare_queue(conn, cfg, cfg.InQueue, queue_arguments(cfg))
-    declare_queue(conn, cfg, cfg.OutQueue)
+    """InQueue, OutQueue, and the dead-letter exchange and queue (blocking connection)."""
+    for what, name, arguments in topology(cfg):
+        if what == "queue":
+            declare_queue(conn, cfg, name, arguments)
+            continue
+        ch = conn.channel()
+        if what == "bind":
+            ch.queue_bind(name, cfg.dead_letter_exchange, routing_key="")
+        else:
+            try:
+                ch.exchange_declare(name, "fanout", durable=True)
+            except pex.ChannelClosedByBroker as e:
+                if e.reply_code == 406:
+                    raise exchange_mismatch(cfg) from None
+                raise
+        ch.close()
 
 
 def properties(
@@ -176,6 +208,64 @@ def properties(
         correlation_id=correlation_id,
         headers=headers,
     )
+
+
+class ConfirmTracker(Generic[T]):
+    """Publisher confirms of one channel: which publish a (multiple) ack or nack is for.
+
+    Publish with ``mandatory`` and a ``message_id``; a message the broker could not route
+    comes back (``on_return``) before its ack, so an ack of a returned message counts as
+    "returned".  The one tracker of the daemon's broker adapter and of the publishers
+    (``PipelinedPublisher``, the tests' and the bench's).
+    """
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.pending: dict[int, tuple[Optional[str], T]] = {}
+        self.returned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def published(self, message_id: Optional[str], payload: T) -> int:
+        """Count one basic_publish on this channel; ``payload`` comes back with its outcome."""
+        self.seq += 1
+        self.pending[self.seq] = (message_id, payload)
+        return self.seq
+
+    def on_return(self, message_id: Optional[str]) -> None:
+        if message_id:
+            self.returned.add(message_id)
+
+    def on_confirm(self, method: Any) -> list[tuple[T, str]]:
+        """Outcomes of a Basic.Ack/Basic.Nack: (payload, "ok" | "nacked" | "returned")."""
+        ok = isinstance(method, pika.spec.Basic.Ack)
+        if method.multiple:
+            seqs = [s for s in self.pending if s <= method.delivery_tag]
+        else:
+            seqs = [method.delivery_tag]
+        out: list[tuple[T, str]] = []
+        for seq in seqs:
+            entry = self.pending.pop(seq, None)
+            if entry is None:
+                continue
+            mid, payload = entry
+            if not ok:
+                out.append((payload, "nacked"))
+            elif mid is not None and mid in self.returned:
+                self.returned.discard(mid)
+                out.append((payload, "returned"))
+            else:
+                out.append((payload, "ok"))
+        return out
+
+    def reset(self) -> list[T]:
+        """A new channel starts at 1: forget everything; returns what was unconfirmed."""
+        left = [payload for _mid, payload in self.pending.values()]
+        self.seq = 0
+        self.pending.clear()
+        self.returned.clear()
+        return left
 
 
 class PipelinedPublisher:
@@ -200,12 +290,10 @@ class PipelinedPublisher:
         self.window = window
         self.on_progress = on_progress
         self.next = 0
-        self.tag = 0
-        self.unconfirmed: dict[int, int] = {}  # delivery tag -> message index
+        self.confirms: ConfirmTracker[int] = ConfirmTracker()  # payload: message index
         self.confirmed: list[int] = []
         self.failed: dict[int, str] = {}  # message index -> reason
         self.error: Optional[BrokerError] = None
-        self._returned: set[int] = set()
         self._conn: Any = None
         self._ch: Any = None
 
@@ -228,55 +316,42 @@ class PipelinedPublisher:
         self._conn.ioloop.stop()
 
     def _on_closed(self, _conn: Any, reason: BaseException) -> None:
-        if self.error is None and (self.next < len(self.messages) or self.unconfirmed):
+        if self.error is None and (self.next < len(self.messages) or self.confirms):
             self.error = broker_error(self.cfg, reason)
         self._conn.ioloop.stop()
 
     def _on_channel(self, ch: Any) -> None:
         self._ch = ch
         ch.add_on_close_callback(self._on_channel_closed)
-        ch.add_on_return_callback(self._on_return)
+        ch.add_on_return_callback(
+            lambda _c, _m, props, _b: self.confirms.on_return(props.message_id)
+        )
         ch.confirm_delivery(self._on_confirm, callback=lambda _f: self._pump())
 
     def _on_channel_closed(self, _ch: Any, reason: BaseException) -> None:
-        if self.error is None and (self.next < len(self.messages) or self.unconfirmed):
+        if self.error is None and (self.next < len(self.messages) or self.confirms):
             self.error = broker_error(self.cfg, reason)
         if self._conn.is_open:
             self._conn.close()
 
     def _pump(self) -> None:
-        while self.next < len(self.messages) and len(self.unconfirmed) < self.window:
+        while self.next < len(self.messages) and len(self.confirms) < self.window:
             i = self.next
             self.next += 1
-            self.tag += 1
-            self.unconfirmed[self.tag] = i
+            mid = f"d2a-send-{i}"
             props = pika.BasicProperties(
-                content_type=JSON, delivery_mode=PERSISTENT, message_id=f"d2a-send-{i}"
+                content_type=JSON, delivery_mode=PERSISTENT, message_id=mid
             )
             self._ch.basic_publish("", self.queue, self.messages[i][1], props, mandatory=True)
-        if self.next >= len(self.messages) and not self.unconfirmed:
+            self.confirms.published(mid, i)
+        if self.next >= len(self.messages) and not self.confirms:
             self._conn.close()
 
-    def _on_return(self, _ch: Any, _method: Any, props: Any, _body: bytes) -> None:
-        mid = props.message_id or ""
-        if mid.startswith("d2a-send-"):
-            self._returned.add(int(mid[9:]))
-
     def _on_confirm(self, frame: Any) -> None:
-        method = frame.method
-        ack = isinstance(method, pika.spec.Basic.Ack)
-        tags = (
-            [t for t in self.unconfirmed if t <= method.delivery_tag]
-            if method.multiple
-            else [method.delivery_tag]
-        )
-        for t in tags:
-            i = self.unconfirmed.pop(t, None)
-            if i is None:
-                continue
-            if not ack:
+        for i, outcome in self.confirms.on_confirm(frame.method):
+            if outcome == "nacked":
                 self.failed[i] = "refused by the broker (nack)"
-            elif i in self._returned:
+            elif outcome == "returned":
                 self.failed[i] = f"queue {self.queue} does not exist (returned)"
             else:
                 self.confirmed.append(i)

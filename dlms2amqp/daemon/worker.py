@@ -6,11 +6,10 @@ sessions busy at once (threads); the GIL is released while they wait on sockets.
 requests for the same meter never overlap: the master routes a meter to one worker, and
 here a per-meter queue runs them one after the other.
 
-The worker knows nothing of AMQP.  It talks to the master over one duplex pipe:
-
-    master -> worker   ("job", job_id, ReadRequest, meter_key) | ("reopen",) | ("stop",)
-    worker -> master   ("ready", pid) | ("hb", stats) | ("start", job_id)
-                       | ("done", job_id, reply_id, body, status, rows, seconds, pool_stats)
+The worker knows nothing of AMQP.  It talks to the master over one duplex pipe, with
+the typed messages of ``ipc``: it receives ``Job`` (a request and its connection settings,
+parsed by the master), ``Reopen`` and ``Stop``; it sends ``Ready``, ``Heartbeat``,
+``Started`` and ``Done`` (the reply with its status and error).
 
 A heartbeat every second proves the worker is alive; the master kills a silent one.
 """
@@ -20,36 +19,19 @@ from __future__ import annotations
 import collections
 import os
 import queue
-import resource
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, Optional
 
 from .. import logsetup
 from .. import reply as replymod
+from ..limits import raise_open_files
+from .ipc import Done, Heartbeat, Job, PoolStats, Ready, Reopen, Started, Stop, WorkerSettings
 
 HEARTBEAT_SECONDS = 1.0
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """What a worker needs from the configuration (picklable, no broker password)."""
-
-    index: int
-    sessions: int
-    request_timeout: float
-    frame_timeout: float
-    idle_timeout: float
-    state_dir: Optional[Path]
-    datetime_format: str
-    trace: bool
-    debug_file: Optional[Path]
-    log_level: str
 
 
 class _PipeOut:
@@ -68,7 +50,7 @@ class _PipeOut:
         self.thread = threading.Thread(target=self._pump, name="pipe-out", daemon=True)
         self.thread.start()
 
-    def send(self, msg: tuple) -> None:
+    def send(self, msg: Any) -> None:
         self.queue.put(msg)
 
     def _pump(self) -> None:
@@ -81,26 +63,13 @@ class _PipeOut:
                 os._exit(0)
 
 
-def _open_files_limit() -> int:
-    """Raise the soft open-files limit to the hard one; returns the soft limit in force.
-
-    Each pooled association holds a socket: with systemd's default of 1024 a pool of
-    thousands of meters would otherwise end in "Too many open files".
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = 65536 if hard == resource.RLIM_INFINITY else hard
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
 def _make_pool(settings: WorkerSettings) -> Any:
-    """The session layer's pool (bounded by the open-files limit), or None when off."""
-    limit = _open_files_limit()
+    """The session layer's pool (bounded by the open-files limit), or None when off.
+
+    Each pooled association holds a socket: the soft open-files limit is raised to the
+    hard one first (systemd's default of 1024 would end in "Too many open files").
+    """
+    limit = raise_open_files()
     if settings.idle_timeout <= 0:
         return None
     from ..meter.pool import SessionPool
@@ -110,11 +79,11 @@ def _make_pool(settings: WorkerSettings) -> Any:
     return SessionPool(idle_timeout=settings.idle_timeout, max_sessions=min(10000, room))
 
 
-def _pool_stats(pool: Any) -> dict[str, float]:
+def _pool_stats(pool: Any) -> PoolStats:
     """Pool counters the master exports: reuses so far (``hits``) and idle sessions."""
     if pool is None:
-        return {}
-    return {"hits": float(getattr(pool, "hits", 0)), "idle": float(len(pool))}
+        return PoolStats()
+    return PoolStats(hits=float(getattr(pool, "hits", 0)), idle=float(len(pool)))
 
 
 class Worker:
@@ -123,18 +92,11 @@ class Worker:
         self.conn = conn
         self.out = _PipeOut(conn)
         self.log = logsetup.get_logger("dlms2amqp.worker")
-        from ..meter.reader import ReaderOptions
-
-        self.options = ReaderOptions(
-            frame_timeout=settings.frame_timeout,
-            request_timeout=settings.request_timeout,
-            datetime_format=settings.datetime_format,
-            state_dir=settings.state_dir,
-            trace=settings.trace,
-        )
+        sink = None
         if settings.trace:
             tlog = logsetup.get_logger("dlms2amqp.trace")
-            self.options.trace_sink = lambda line: tlog.info("frame", frame=line)
+            sink = lambda line: tlog.info("frame", frame=line)  # noqa: E731
+        self.options = settings.reader_options(sink)
         self.pool = _make_pool(settings)
         self.executor = ThreadPoolExecutor(settings.sessions, thread_name_prefix="session")
         self.lock = threading.Lock()
@@ -143,80 +105,81 @@ class Worker:
         self.running = 0
 
     # --- per-meter serialisation ---------------------------------------------------
-    def submit(self, job_id: int, request: Any, meter_key: str) -> None:
+    def submit(self, job: Job) -> None:
+        meter_key = job.settings.meter_key
         with self.lock:
             if meter_key in self.busy:
-                self.waiting.setdefault(meter_key, collections.deque()).append((job_id, request))
+                self.waiting.setdefault(meter_key, collections.deque()).append(job)
                 return
             self.busy.add(meter_key)
             self.running += 1
-        self.executor.submit(self._run, job_id, request, meter_key)
+        self.executor.submit(self._run, job)
 
-    def _next(self, meter_key: str) -> Optional[tuple[int, Any]]:
+    def _next(self, meter_key: str) -> Optional[Job]:
         with self.lock:
             q = self.waiting.get(meter_key)
             if q:
-                item = q.popleft()
+                job = q.popleft()
                 if not q:
                     del self.waiting[meter_key]
-                return item
+                return job
             self.busy.discard(meter_key)
             self.running -= 1
             return None
 
-    def _run(self, job_id: int, request: Any, meter_key: str) -> None:
-        item: Optional[tuple[int, Any]] = (job_id, request)
-        while item is not None:
-            self._execute(*item)
-            item = self._next(meter_key)
+    def _run(self, first: Job) -> None:
+        job: Optional[Job] = first
+        while job is not None:
+            self._execute(job)
+            job = self._next(first.settings.meter_key)
 
-    def _execute(self, job_id: int, request: Any) -> None:
+    def _execute(self, job: Job) -> None:
         from ..meter.reader import execute
 
-        self.out.send(("start", job_id))
+        request = job.request
+        self.out.send(Started(job.job_id))
         t0 = time.monotonic()
         try:
-            reply = execute(request, self.options, self.pool)
+            reply = execute(request, self.options, self.pool, settings=job.settings)
         except Exception as e:  # noqa: BLE001 - execute must not raise; never lose a reply
             self.log.error("reader_crashed", msg_id=request.msg_id, error=type(e).__name__)
             reply = replymod.error_reply(
                 request.msg_id, "Internal error in the gateway while reading the meter"
             )
         seconds = time.monotonic() - t0
-        body = replymod.dumps(reply)
+        status = reply.get("Status", "notok")
         self.out.send(
-            (
-                "done",
-                job_id,
-                reply["MsgID"],
-                body,
-                reply.get("Status", "notok"),
-                len(reply.get("DataRecords") or ()),
-                seconds,
-                _pool_stats(self.pool),
+            Done(
+                job_id=job.job_id,
+                reply_id=reply["MsgID"],
+                body=replymod.dumps(reply),
+                status=status,
+                error="" if status == "ok" else str(reply.get("Error", "")),
+                rows=len(reply.get("DataRecords") or ()),
+                seconds=seconds,
+                pool=_pool_stats(self.pool),
             )
         )
 
     # --- main loop -------------------------------------------------------------------
     def serve(self) -> None:
-        self.out.send(("ready", os.getpid()))
+        self.out.send(Ready(os.getpid()))
         next_hb = 0.0
         while True:
             now = time.monotonic()
             if now >= next_hb:
                 if self.pool is not None:
                     self.pool.close_idle()  # idle associations expire without traffic too
-                self.out.send(("hb", _pool_stats(self.pool)))
+                self.out.send(Heartbeat(_pool_stats(self.pool)))
                 next_hb = now + HEARTBEAT_SECONDS
             if not self.conn.poll(max(0.0, next_hb - time.monotonic())):
                 continue
             msg = self.conn.recv()
-            kind = msg[0]
-            if kind == "job":
-                self.submit(msg[1], msg[2], msg[3])
-            elif kind == "reopen":
+            if isinstance(msg, Job):
+                self.submit(msg)
+            elif isinstance(msg, Reopen):
                 logsetup.reopen()
-            elif kind == "stop":
+            elif isinstance(msg, Stop):
                 self.stop()
                 return
 
@@ -224,7 +187,7 @@ class Worker:
         """The master gave up on what is left (it was requeued): drop it, close the pool.
 
         Sessions still running are abandoned (the process exits; the OS closes their
-        sockets): the master only sends "stop" once the grace period is over.
+        sockets): the master only sends ``Stop`` once the grace period is over.
         """
         with self.lock:
             self.waiting.clear()
@@ -239,7 +202,7 @@ class Worker:
 
 
 def main(settings: WorkerSettings, conn: Connection) -> None:
-    """Process entry point (spawned by the supervisor)."""
+    """Process entry point (spawned by the arbiter, ``workers.Arbiter``)."""
     # The master decides when we stop: a TERM or ^C to the process group must not kill
     # sessions half way; SIGHUP arrives as a "reopen" message.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

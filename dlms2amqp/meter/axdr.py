@@ -281,6 +281,30 @@ def _decode(data: bytes, pos: int) -> tuple[Any, int]:
     raise MeterProtocolError(f"the meter's reply holds an unsupported data type ({tag})")
 
 
+def single_result(data: bytes) -> tuple[Any, int]:
+    """The raw-data of SN READ blocks for one item -> (its Data bytes or error code, extra).
+
+    Meters put either the encoded result list there (count 1, choice, Data: what the
+    standard and real SN meters send) or the bare Data (what Gurux's servers send and
+    Gurux's clients expect).  The reading that leaves fewer bytes over wins; on a tie,
+    the bare Data.  ``extra`` counts the bytes after the value.
+    """
+    try:
+        _value, bare_extra = decode_value(data)
+    except MeterProtocolError:
+        bare_extra = None
+    if data[:1] == b"\x01" and data[1:2] in (b"\x00", b"\x01"):
+        try:
+            items, list_extra = split_results(data)
+        except MeterProtocolError:
+            items = []
+        if len(items) == 1 and items[0] != 0 and (bare_extra is None or list_extra < bare_extra):
+            return items[0], list_extra
+    if bare_extra is None:
+        raise MeterProtocolError("the meter's reply ended in the middle of a value")
+    return data[: len(data) - bare_extra], bare_extra
+
+
 def decode_profile(data: bytes) -> tuple[list, int]:
     """Decode a profile buffer (array of structures) -> (rows as lists, bytes after it)."""
     rows, extra = decode_value(data)

@@ -13,8 +13,9 @@ another version fails loudly here instead of misbehaving somewhere else.
 - HDLC frame length: ``GXDLMS.getHdlcFrame`` takes bits 8-10 of the 11-bit frame
   length from the length less 7, so frames of 256..262, 512..518, ... bytes (with
   one-byte addresses: the first frame of a long request with a max info field of 250
-  or 1024, for instance) go out with a wrong length; the frame is corrected here (length field, HCS, FCS), everything
-  else (segmentation, sequence numbers) stays Gurux's.
+  or 1024, for instance) go out with a wrong length; the frame is corrected here
+  (length field, HCS, FCS), everything else (segmentation, sequence numbers) stays
+  Gurux's.
 - raw list results: a GET-with-list (LN) or multi-variable READ (SN) reply read
   with ``raw_list`` keeps its count and per-item results as bytes; Gurux's own
   parsing keeps only the last item's error and puts None in every refused place.
@@ -182,6 +183,7 @@ class ReplyData(GXReplyData):
 
     raw_only = False  # skip Gurux's value decoding (see above)
     raw_list = False  # keep a list reply's per-item results as bytes
+    read_blocks = 0  # how many more blocks the session asked for (set by the session)
 
     def setTotalCount(self, value: int) -> None:  # noqa: N802 (Gurux's name)
         self.totalCount = value

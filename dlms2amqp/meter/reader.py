@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 _OBIS_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
 CLOCK_OBIS = "0.0.1.0.0.255"
-PROFILE, REGISTER, EXT_REGISTER, DATA, CLOCK = 7, 3, 4, 1, 8
+PROFILE, REGISTER, EXT_REGISTER, DEMAND_REGISTER, DATA, CLOCK = 7, 3, 4, 5, 1, 8
 
 
 @dataclass
@@ -79,11 +79,18 @@ def _counter_store(state_dir: Optional[Path]) -> Optional[CounterStore]:
 
 
 def execute(
-    request: ReadRequest, options: ReaderOptions, pool: Optional[SessionPool] = None
+    request: ReadRequest,
+    options: ReaderOptions,
+    pool: Optional[SessionPool] = None,
+    settings: Optional[ConnSettings] = None,
 ) -> dict:
-    """Run one request; returns the reply dict (``ok`` or ``notok``), never raises for errors."""
+    """Run one request; returns the reply dict (``ok`` or ``notok``), never raises for errors.
+
+    ``settings``: the request's connection string already parsed (the daemon's master
+    parses it to route); None parses it here.
+    """
     try:
-        records = _run(request, options, pool)
+        records = _run(request, options, pool, settings)
     except GatewayError as exc:
         return error_reply(request.msg_id, exc.message)
     except Exception:
@@ -161,12 +168,18 @@ def make_tracer(settings: ConnSettings, sink: Optional[Callable[[str], None]]) -
     return FrameTracer(settings, sink)
 
 
-def _run(request: ReadRequest, options: ReaderOptions, pool: Optional[SessionPool]) -> list:
+def _run(
+    request: ReadRequest,
+    options: ReaderOptions,
+    pool: Optional[SessionPool],
+    settings: Optional[ConnSettings] = None,
+) -> list:
     if request.cmd != "READ":
         raise RequestError(f"Unknown command {request.cmd[:32]!r}: only READ is supported")
     if options.datetime_format not in DATETIME_FORMATS:
         raise RequestError("datetime format must be iso or dotnet")
-    settings = parse_connection_string(request.connection_string)
+    if settings is None:
+        settings = parse_connection_string(request.connection_string)
     if not settings.get_list:
         check_obis(request.obis)
     deadline = time.monotonic() + options.request_timeout
@@ -253,7 +266,10 @@ def _class_from_object_list(session: MeterSession, obis: str, original: DataAcce
     real = session.class_cache.get(obis)
     if real is None:
         if original.code == 3:
-            raise original  # denied, and not listed for this client: still "access denied"
+            # the meter said "denied" and its object list does not show the object
+            raise DataAccessError(
+                f"{original.message}; {obis} is not in this association's object list", 3
+            ) from original
         raise ObjectError(f"unknown object {obis}: not in the meter's object list") from original
     session.note(f"{obis} is class {real} in the meter's object list")
     return real
@@ -292,7 +308,7 @@ def _records_for(session: MeterSession, class_id: int, obis: str, raw: bytes, fm
         dt = axdr.to_datetime(value) if isinstance(value, bytes) else value
         shown = format_datetime(dt, fmt) if isinstance(dt, datetime) else value
         return [record(dt if isinstance(dt, datetime) else _now(), obis, shown, fmt)]
-    if class_id in (REGISTER, EXT_REGISTER):
+    if class_id in (REGISTER, EXT_REGISTER, DEMAND_REGISTER):  # attribute 3: scaler_unit
         scaler = unit = None
         su = _decode(session, session.get_raw(class_id, obis, 3), f"{obis} attribute 3")
         if isinstance(su, list) and len(su) == 2:

@@ -25,6 +25,7 @@ from gurux_dlms.enums import (
     Authentication,
     Conformance,
     InterfaceType,
+    RequestTypes,
     Security,
     Standard,
 )
@@ -443,7 +444,16 @@ class MeterSession:
         reply = self._request(frames, step, raw=True)
         if reply.error:
             raise self._access_error(class_id, obis, attr, reply.error)
-        return bytes(reply.data.array())
+        raw = bytes(reply.data.array())
+        if reply.read_blocks and self.settings.referencing == "SN":
+            # SN READ blocks carry the result list or the bare Data, depending on the meter
+            result, extra = axdr.single_result(raw)
+            if isinstance(result, int):
+                raise self._access_error(class_id, obis, attr, result)
+            if extra:
+                self.note(f"{extra} trailing bytes after the value of {obis} ignored")
+            return result
+        return raw
 
     @staticmethod
     def _access_error(class_id: int, obis: str, attr: int, code: int) -> DataAccessError:
@@ -607,6 +617,7 @@ class MeterSession:
         reply = ReplyData()
         reply.raw_only = raw
         reply.raw_list = results
+        blocks = 0
         try:
             for frame in frames:
                 reply.clear()
@@ -614,6 +625,8 @@ class MeterSession:
                 reply.raw_list = results
                 self._exchange(frame, reply, step)
                 while reply.isMoreData():
+                    if reply.moreData & RequestTypes.DATABLOCK:
+                        blocks += 1
                     self._exchange(self.client.receiverReady(reply), reply, step)
         except MeterError:
             self.broken = True
@@ -622,6 +635,7 @@ class MeterSession:
             self.broken = True
             raise self._translate(exc, step) from exc
         self.last_used = time.monotonic()
+        reply.read_blocks = blocks
         return reply
 
     def _exchange(self, frame, reply: ReplyData, step: str) -> None:

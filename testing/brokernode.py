@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""A private RabbitMQ node for the fault tests.
+"""A private RabbitMQ node for the fault tests (and bench/faults_report.py).
 
 Fault tests stop the broker application, close every connection and restart it.  Doing
 that on the shared broker (127.0.0.1:5672) would break the other engineers' tests, so
@@ -8,7 +8,7 @@ configuration directories and its own Erlang cookie, and deletes everything at t
 Optionally the node gets a TLS listener whose certificate authority, server and client
 certificates are created here (with ``cryptography``).
 
-Run ``python -m tests.brokernode`` to measure how long a node takes to start.
+Run ``python -m testing.brokernode`` to measure how long a node takes to start.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import datetime as dt
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,18 +27,13 @@ from pathlib import Path
 import pika
 import pika.exceptions
 
+from .ports import free_port
+
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 
 
 class BrokerNodeError(Exception):
     """The private node could not be started or controlled."""
-
-
-def free_port() -> int:
-    """An ephemeral TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
