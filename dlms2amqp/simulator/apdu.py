@@ -523,7 +523,9 @@ class Session:
         ok = isinstance(value, bytes) and self._client_proof_ok(assoc, value)
         if not ok:
             log.info("meter %d client %d: HLS pass 3 failed", self.meter.k, self.client_sap)
-            self._reset()
+            # released, but the answer is still ciphered with this association's keys
+            self.associated = False
+            self.stoc = b""
             return head + b"\x03\x00"  # read-write-denied (authentication failed)
         reply = self._own_proof(assoc)
         self.stoc = b""
@@ -533,10 +535,12 @@ class Session:
     def _client_proof_ok(self, assoc: Association, value: bytes) -> bool:
         """Check f(StoC) sent by the client (HLS pass 3)."""
         if assoc.mechanism == cosem.MECH_HLS_GMAC:
-            if len(value) != 17 or value[0] & 0xF0 != 0x10:
+            if len(value) != 17 or value[0] != sec.SC_AUTHENTICATION | assoc.security_suite:
                 return False
             ic = int.from_bytes(value[1:5], "big")
-            expected = sec.gmac_tag(self.peer_title, ic, assoc.block_key, assoc.auth_key, self.stoc)
+            expected = sec.gmac_tag_sc(
+                value[0], self.peer_title, ic, assoc.block_key, assoc.auth_key, self.stoc
+            )
             return hmac.compare_digest(expected, value[5:])
         expected = sec.hls_proof(
             assoc.mechanism, assoc.secret, self.stoc, self.peer_title, self.own_title, self.ctos
@@ -548,8 +552,11 @@ class Session:
         if assoc.mechanism == cosem.MECH_HLS_GMAC:
             self.meter.server_ic += 1
             ic = self.meter.server_ic
-            tag = sec.gmac_tag(self.own_title, ic, assoc.block_key, assoc.auth_key, self.ctos)
-            return bytes((0x10 | assoc.security_suite,)) + ic.to_bytes(4, "big") + tag
+            sc = sec.SC_AUTHENTICATION | assoc.security_suite
+            tag = sec.gmac_tag_sc(
+                sc, self.own_title, ic, assoc.block_key, assoc.auth_key, self.ctos
+            )
+            return bytes((sc,)) + ic.to_bytes(4, "big") + tag
         return sec.hls_proof(
             assoc.mechanism, assoc.secret, self.ctos, self.own_title, self.peer_title, self.stoc
         )
