@@ -263,3 +263,63 @@ def test_hls_gmac_session() -> None:
             assert int(info.value.diagnostic) == 13
         finally:
             wrong.sock.close()
+
+
+# --- HLS pass 3/4 proofs of mechanisms 2, 3, 4 and 6 against Gurux's GXSecure.secure ------
+def _gurux_secure(authentication, challenge: bytes, secret: bytes) -> bytes:
+    from gurux_dlms.GXSecure import GXSecure
+
+    s = GXDLMSSettings(False, None)
+    s.authentication = authentication
+    return bytes(GXSecure.secure(s, None, 0, bytearray(challenge), bytearray(secret)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    mech=st.sampled_from([2, 3, 4]),
+    secret=st.binary(min_size=1, max_size=40),
+    challenge=st.binary(min_size=8, max_size=64),
+)
+def test_hls_proof_high_md5_sha1_equal_gurux(mech: int, secret: bytes, challenge: bytes) -> None:
+    from gurux_dlms.enums import Authentication
+
+    auth = {2: Authentication.HIGH, 3: Authentication.HIGH_MD5, 4: Authentication.HIGH_SHA1}
+    assert sec.hls_proof(mech, secret, challenge) == _gurux_secure(auth[mech], challenge, secret)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    secret=st.binary(min_size=1, max_size=20),
+    stoc=st.binary(min_size=8, max_size=64),
+    ctos=st.binary(min_size=8, max_size=64),
+)
+def test_hls_proof_sha256_equals_gurux_both_ways(secret: bytes, stoc: bytes, ctos: bytes) -> None:
+    from gurux_dlms.enums import Authentication
+
+    client_st, server_st = b"GRX12345", b"SIM00001"
+    # what Gurux's client sends (pass 3) and what it expects back (pass 4)
+    to_meter = _gurux_secure(
+        Authentication.HIGH_SHA256, stoc, secret + client_st + server_st + stoc + ctos
+    )
+    to_client = _gurux_secure(
+        Authentication.HIGH_SHA256, ctos, secret + server_st + client_st + ctos + stoc
+    )
+    assert sec.hls_proof(6, secret, stoc, client_st, server_st, ctos) == to_meter
+    assert sec.hls_proof(6, secret, ctos, server_st, client_st, stoc) == to_client
+    assert to_meter != to_client
+
+
+def test_hls_proof_refuses_gmac_and_unknown() -> None:
+    with pytest.raises(ValueError):
+        sec.hls_proof(5, b"k", bytes(16))
+    with pytest.raises(ValueError):
+        sec.hls_proof(9, b"k", bytes(16))
+
+
+@pytest.mark.parametrize("suite", [1, 2])
+def test_suite_nibble_round_trip(suite: int) -> None:
+    # suites 1 and 2 keep AES-GCM (128 / 256-bit keys); only the SC low nibble changes
+    key = BLOCK_KEY * (2 if suite == 2 else 1)
+    data = sec.encrypt(0x30 | suite, CLIENT_ST, 7, key, AUTH_KEY, b"\xc0\x01\x00")
+    assert data[0] == 0x30 | suite
+    assert sec.decrypt(CLIENT_ST, key, AUTH_KEY, data) == (0x30 | suite, 7, b"\xc0\x01\x00")

@@ -603,8 +603,6 @@ class Session:
             return bytes((1, code)), pos
         except (ax.DecodeError, IndexError):
             return bytes((1, cosem.OTHER_REASON)), pos
-        if self.opts.trailing_bytes and attr == 2 and class_id in (7, 8):
-            data += bytes(self.opts.trailing_bytes)
         return b"\x00" + data, pos
 
     def _get_normal(self, apdu: bytes) -> bytes:
@@ -618,6 +616,9 @@ class Session:
             return b"\xd8\x02\x02"
         if result[0]:
             return bytes((GET_RESPONSE, 1, invoke)) + result
+        if self.opts.trailing_bytes and apdu[11] == 2 and apdu[4] in (7, 8) and not apdu[3]:
+            # like Gurux's C reference meter: bytes after the clock and the profile buffer
+            result += bytes(self.opts.trailing_bytes)
         return self._respond(invoke, 1, result, result[1:])
 
     def _get_with_list(self, apdu: bytes) -> bytes:
