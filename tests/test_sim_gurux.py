@@ -7,6 +7,7 @@ Every value is compared with ``dlms2amqp.simulator.model``.
 from __future__ import annotations
 
 import calendar
+import itertools
 import time
 from datetime import datetime, timezone
 
@@ -622,3 +623,123 @@ def test_without_deny_wrong_class_unknown_object_is_undefined(sim):
         m.close()
     assert reply.error == 4  # object-undefined
     assert len(clock.data) == 14
+
+
+# --- templates: every mechanism, with and without ciphering ------------------------------
+#: (client address, mechanism id, application context id, security setup LN or None)
+_TEMPLATE_CLIENTS = [
+    (16, 0, 1, None),
+    (17, 1, 1, None),
+    (18, 2, 1, None),
+    (19, 3, 1, None),
+    (20, 4, 1, None),
+    (21, 5, 1, "0.0.43.0.1.255"),  # HighGMAC, plain APDUs
+    (22, 6, 1, None),
+    (23, 5, 3, "0.0.43.0.1.255"),  # HighGMAC, authenticated encryption
+    (24, 6, 3, "0.0.43.0.2.255"),  # HighSHA256, authentication only
+    (25, 2, 3, "0.0.43.0.3.255"),  # High, encryption only, suite 1
+    (26, 3, 3, "0.0.43.0.4.255"),  # HighMD5, authenticated encryption, suite 2 (256-bit keys)
+]
+#: security setup LN -> (policy, suite, key length); version 0 policy enum: 1 auth, 2 enc, 3 both
+_TEMPLATE_SETUPS = {
+    "0.0.43.0.1.255": (3, 0, 16),
+    "0.0.43.0.2.255": (1, 0, 16),
+    "0.0.43.0.3.255": (2, 1, 16),
+    "0.0.43.0.4.255": (3, 2, 32),
+}
+_TPL_SERVER_TITLE = bytes.fromhex("5349 4D 0000 0000 07".replace(" ", ""))
+_TPL_BLOCK_KEY = bytes(range(0x10, 0x30))
+_TPL_AUTH_KEY = bytes(range(0xA0, 0xC0))
+#: invocation counters for the template's ciphered clients, growing from test to test
+_IC = itertools.count(1_000_000, 1000)
+
+
+def _template_xml() -> str:
+    """A template in Gurux's format (written here) with one association per client above."""
+
+    def hexs(b: bytes) -> str:
+        return " ".join(f"{x:02X}" for x in b)
+
+    parts = [
+        '<?xml version="1.0" encoding="utf-8"?>\n<Objects>',
+        '<GXDLMSData><LN>0.0.42.0.0.255</LN><Value Type="9">54 50 4C 31</Value></GXDLMSData>',
+    ]
+    for i, (client, mech, ctx, setup) in enumerate(_TEMPLATE_CLIENTS):
+        parts.append(
+            f"""<GXDLMSAssociationLogicalName>
+  <LN>0.0.40.0.{i + 1}.255</LN><Version>2</Version>
+  <ClientSAP>{client}</ClientSAP><ServerSAP>1</ServerSAP>
+  <ApplicationContextName><ContextId>{ctx}</ContextId></ApplicationContextName>
+  <AuthenticationMechanismName><MechanismId>{mech}</MechanismId></AuthenticationMechanismName>
+  <Secret>{hexs(b"Tpl-Secret")}</Secret>
+  <SecuritySetupReference>{setup or "0.0.0.0.0.0"}</SecuritySetupReference>
+</GXDLMSAssociationLogicalName>"""
+        )
+    for ln, (policy, suite, klen) in _TEMPLATE_SETUPS.items():
+        parts.append(
+            f"""<GXDLMSSecuritySetup>
+  <LN>{ln}</LN><SecurityPolicy>{policy}</SecurityPolicy><SecuritySuite>{suite}</SecuritySuite>
+  <ServerSystemTitle>{hexs(_TPL_SERVER_TITLE)}</ServerSystemTitle>
+  <Guek>{_TPL_BLOCK_KEY[:klen].hex()}</Guek><Gak>{_TPL_AUTH_KEY[:klen].hex()}</Gak>
+</GXDLMSSecuritySetup>"""
+        )
+    parts.append("</Objects>")
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="module", params=INTERFACES)
+def tpl_sim(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tpl") / "every-mechanism.xml"
+    path.write_text(_template_xml())
+    with running_simulator(1, "-x", str(path), interface=request.param) as info:
+        info.interface = request.param
+        yield info
+
+
+# a wrong secret for every mechanism that has one (None has none, HighGMAC proves the keys)
+_TEMPLATE_CASES = [(*c, True) for c in _TEMPLATE_CLIENTS] + [
+    (*c, False) for c in _TEMPLATE_CLIENTS if c[1] not in (0, 5)
+]
+
+
+@pytest.mark.parametrize("client, mech, ctx, setup, right", _TEMPLATE_CASES)
+def test_template_every_mechanism(tpl_sim, client, mech, ctx, setup, right, capsys):
+    from gurux_dlms.enums import Authentication
+
+    policy, suite, klen = _TEMPLATE_SETUPS.get(setup or "", (0, 0, 16))
+    security = {1: 0x10, 2: 0x20, 3: 0x30}[policy] if ctx == 3 else 0
+    keys = {"block_key": _TPL_BLOCK_KEY[:klen], "auth_key": _TPL_AUTH_KEY[:klen]}
+    secret = "Tpl-Secret" if right else "Tpl-Secreu"
+    c = _hls_client(
+        client,
+        tpl_sim.interface,
+        Authentication(mech),
+        secret if mech not in (0, 5) else "",
+        security=security,
+        suite=suite,
+        invocation_counter=next(_IC),  # above the meter's last accepted one
+        **keys,
+    )
+    with GuruxMeter(c, tpl_sim.host, tpl_sim.port) as m:
+        if not right:
+            with pytest.raises(Exception) as exc:  # noqa: B017 (the kind is checked below)
+                m.connect()
+            if mech == 1:
+                assert exc.value.diagnostic == SourceDiagnostic.AUTHENTICATION_FAILURE
+            else:
+                assert "Server to Client do not match" in str(exc.value)
+                assert "Server did not accept CtoS" in capsys.readouterr().out
+            return
+        m.connect()
+        value = m.read(GXDLMSData("0.0.42.0.0.255"), 2)
+        from gurux_dlms.objects import GXDLMSAssociationLogicalName
+
+        a = GXDLMSAssociationLogicalName()
+        m.read(a, 4)
+        m.read(a, 6)
+        m.release()
+    assert bytes(value) == b"TPL1"
+    assert a.applicationContextName.contextId == ctx
+    assert a.authenticationMechanismName.mechanismId == mech
+    if mech == 5 or security:
+        assert bytes(c.settings.sourceSystemTitle) == _TPL_SERVER_TITLE
