@@ -96,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--deny-wrong-class", action="store_true",
         help="answer read-write-denied for an unknown object or a wrong class",
     )  # fmt: skip
+    p.add_argument(
+        "-r",
+        "--referencing",
+        type=str.upper,
+        choices=["LN", "SN"],
+        default="LN",
+        help="logical-name or short-name referencing for every client (default LN)",
+    )
+    p.add_argument(
+        "--sn-blocks",
+        choices=["list", "data"],
+        default="list",
+        help="short-name READ blocks carry the result list (as field SN meters send it;"
+        " default) or the bare value (as Gurux's servers do; what gurux-dlms clients read)",
+    )
     p.add_argument("--procs", type=int, default=1, help="split the meters over K processes")
     p.add_argument("--seed", type=int, help="random seed for the fault rates")
     return p
@@ -123,7 +138,7 @@ def raise_nofile(needed: int) -> Optional[str]:
 
 
 def _device(args: argparse.Namespace):
-    from dlms2amqp.simulator import cosem
+    from dlms2amqp.simulator import cosem, sn
 
     if args.template:
         from dlms2amqp.simulator import template
@@ -132,9 +147,13 @@ def _device(args: argparse.Namespace):
         for warning in tpl.warnings:  # what the template has but the simulator does not serve
             print(f"dlms2amqp-sim: template: {warning}", file=sys.stderr, flush=True)
         password = args.password.encode() if args.password is not None else None
-        return template.build_device(tpl, password)
-    password = (args.password if args.password is not None else "00000000").encode()
-    return cosem.builtin_device(password)
+        device = template.build_device(tpl, password)
+    else:
+        password = (args.password if args.password is not None else "00000000").encode()
+        device = cosem.builtin_device(password)
+    if args.referencing == "SN":
+        sn.use_short_names(device)
+    return device
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -167,6 +186,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         trailing_bytes=args.trailing_bytes,
         deny_wrong_class=args.deny_wrong_class,
     )
+    opts.sn_blocks = args.sn_blocks
     try:
         device = _device(args)
     except Exception as e:  # template errors are reported, not traced

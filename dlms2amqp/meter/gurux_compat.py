@@ -59,4 +59,3 @@ for _name in ("GXDLMSChippering", "GXSecure", "GXDLMSSettings", "_GXAPDU", "GXDL
               "GXDLMSLNCommandHandler", "GXDLMSSNCommandHandler", "GXDLMSTranslator"):  # fmt: skip
     _module = importlib.import_module(f"gurux_dlms.{_name}")
     _module.print = _no_print
-

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from dlms2amqp.simulator import axdr_enc as ax
-from dlms2amqp.simulator import cosem
+from dlms2amqp.simulator import cosem, sn
 from dlms2amqp.simulator import security as sec
 from dlms2amqp.simulator.cosem import Association, DataAccessError, Device, MeterState, ReadContext
 
@@ -80,10 +80,11 @@ CONF_ACTION = 0x000001
 SUPPORTED_CONFORMANCE = (
     CONF_GBT | CONF_BLOCK_GET | CONF_MULTIPLE_REFS | CONF_GET | CONF_SELECTIVE | CONF_ACTION
 )
-#: conformance offered per referencing (1 LN, 2 SN); sn.py may widen the SN entry
+#: conformance offered per referencing (1 LN, 2 SN: read, write, block-read,
+#: multiple references, parameterized access, see sn.py)
 CONFORMANCE_BY_REFERENCING = {
     1: SUPPORTED_CONFORMANCE,
-    2: CONF_READ | CONF_BLOCK_GET | CONF_MULTIPLE_REFS | CONF_PARAMETERIZED,
+    2: sn.SUPPORTED_CONFORMANCE,
 }
 SERVER_MAX_PDU = 0xFFFF
 #: the GBT window the meter streams at most (Green Book: 1..63)
@@ -155,6 +156,9 @@ class SimOptions:
     #: answer read-write-denied (3) for an unknown object or a wrong class
     deny_wrong_class: bool = False
 
+    #: SN READ blocks: "list" (the encoded result list) or "data" (the bare Data), see sn.py
+    sn_blocks: str = "list"
+
 
 def _aare(
     ctx_id: int,
@@ -184,12 +188,13 @@ def _aare(
     return bytes((AARE,)) + ber_len(len(body)) + body
 
 
-def _initiate_response(conformance: int, max_pdu: int) -> bytes:
+def _initiate_response(conformance: int, max_pdu: int, vaa_name: int = 0x0007) -> bytes:
+    """InitiateResponse; vaa-name is 0x0007 for LN, the association's base name for SN."""
     return (
         b"\x08\x00\x06\x5f\x1f\x04\x00"
         + conformance.to_bytes(3, "big")
         + max_pdu.to_bytes(2, "big")
-        + b"\x00\x07"
+        + vaa_name.to_bytes(2, "big")
     )
 
 
@@ -315,15 +320,17 @@ class Session:
 
     def _plain(self, apdu: bytes) -> Optional[bytes]:
         tag = apdu[0]
+        if self.assoc is not None and self.assoc.referencing == 2:
+            # short names: only READ/WRITE (sn.py), which check authentication per item
+            # themselves, HLS pass 3 arriving through them
+            service = self.SERVICES.get(tag)
+            return service(self, apdu) if service is not None else b"\xd8\x02\x02"
         if tag == ACTION_REQUEST:
             return self._action(apdu)
         if not self.authenticated:
             return b"\xd8\x01\x01"
         if tag == GET_REQUEST and self.assoc is not None and self.assoc.referencing == 1:
             return self._get(apdu)
-        service = self.SERVICES.get(tag)
-        if service is not None:
-            return service(self, apdu)
         return b"\xd8\x02\x02"  # service-unknown, service-not-supported
 
     def _ciphered(self, apdu: bytes) -> Optional[bytes]:
@@ -478,7 +485,8 @@ class Session:
         self.context_id = ctx_id
         self.assoc = assoc
         self.associated = True
-        init = _initiate_response(self.conformance, self.server_max_pdu)
+        vaa = sn.sn_map(self.device).assoc_base if assoc.referencing == 2 else 0x0007
+        init = _initiate_response(self.conformance, self.server_max_pdu, vaa)
         if assoc.security:
             init = self._encrypt(GLO_INITIATE_RESPONSE, init)
             self.ciphered = True
@@ -520,17 +528,29 @@ class Session:
             value, _ = ax.decode(apdu, 13) if apdu[12] else (None, 0)
         except ax.DecodeError:
             return head + b"\x0c\x00"  # type-unmatched
-        ok = isinstance(value, bytes) and self._client_proof_ok(assoc, value)
-        if not ok:
+        reply = self.hls_reply(value)
+        if reply is None:
+            return head + b"\x03\x00"  # read-write-denied (authentication failed)
+        return head + b"\x00\x01\x00" + ax.octet_string(reply)
+
+    def hls_reply(self, value: object) -> Optional[bytes]:
+        """HLS pass 3: f(StoC) from the client -> f(CtoS), or None (association reset).
+
+        Shared by ACTION on class 15 (LN) and READ/WRITE on class 12 (SN, ``sn.py``).
+        """
+        assoc = self.assoc
+        if assoc is None or assoc.mechanism not in cosem.HLS_MECHANISMS or not self.stoc:
+            return None
+        if not (isinstance(value, bytes) and self._client_proof_ok(assoc, value)):
             log.info("meter %d client %d: HLS pass 3 failed", self.meter.k, self.client_sap)
-            # released, but the answer is still ciphered with this association's keys
+            # released, but an answer is still ciphered with this association's keys
             self.associated = False
             self.stoc = b""
-            return head + b"\x03\x00"  # read-write-denied (authentication failed)
+            return None
         reply = self._own_proof(assoc)
         self.stoc = b""
         self.authenticated = True
-        return head + b"\x00\x01\x00" + ax.octet_string(reply)
+        return reply
 
     def _client_proof_ok(self, assoc: Association, value: bytes) -> bool:
         """Check f(StoC) sent by the client (HLS pass 3)."""
@@ -730,3 +750,6 @@ class Session:
         if self.opts.interface != "WRAPPER":
             window = 1  # HDLC carries one APDU per turn: no streaming
         return self._gbt_window(min(window, MAX_GBT_WINDOW))
+
+
+Session.SERVICES.update(sn.SERVICES)

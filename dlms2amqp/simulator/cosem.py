@@ -114,6 +114,8 @@ class CosemObject:
     readers: Optional[frozenset[int]] = None
     #: attribute ids that accept selective access (listed in the object list)
     selective: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    #: base name for short-name referencing (None: allocated, see ``simulator.sn``)
+    short_name: Optional[int] = None
 
 
 @dataclass

@@ -39,7 +39,7 @@ from xml.parsers import expat
 from ..errors import ConfigError
 from ..secret import Secret
 from . import axdr_enc as ax
-from . import cosem
+from . import cosem, sn
 from .axdr_enc import (  # DLMS data type numbers (Blue Book / Gurux DataType)
     ARRAY,
     BCD,
@@ -166,6 +166,7 @@ SERVED_CLASSES = {
     4: "ExtendedRegister",
     7: "ProfileGeneric",
     8: "Clock",
+    12: "AssociationShortName",
     15: "AssociationLogicalName",
 }
 
@@ -223,6 +224,8 @@ class TemplateObject:
     # Profile generic only
     capture_objects: list[CaptureColumn] = field(default_factory=list)
     buffer: list[list[DlmsValue]] = field(default_factory=list)
+    #: base name for short-name referencing (``<SN>``); None: allocated (see sn.py)
+    short_name: Optional[int] = None
 
 
 @dataclass
@@ -288,6 +291,8 @@ class Template:
     warnings: list[str] = field(default_factory=list)
     #: security setup objects by logical name (keys for ciphered associations)
     security_setups: dict[str, TemplateSecuritySetup] = field(default_factory=dict)
+    #: the secret of its association SN object (class 12), when it has one
+    sn_secret: Optional[Secret] = None
 
     def find(self, ln: str, class_id: Optional[int] = None) -> Optional[TemplateObject]:
         for obj in self.objects:
@@ -386,8 +391,13 @@ def _read_object(ctx: _Ctx, el: ET.Element, template: Template) -> None:
     obj = TemplateObject(class_id=class_id, ln=ln, line=_line(el))
     obj.version = _int_child(ctx, el, "Version", 0)
     obj.access = _read_access(ctx, el)
-    if el.find("SN") is not None:
-        template.warnings.append(f"{ln} class {class_id}: short name ignored (LN referencing only)")
+    sn_el = el.find("SN")
+    if sn_el is not None and (sn_el.text or "").strip():
+        obj.short_name = _parse_int(ctx, sn_el, sn_el.text or "")
+        if not 0 < obj.short_name <= 0xFFF8 or obj.short_name % 8:
+            raise ctx.error(
+                sn_el, f"short name {obj.short_name} is not a multiple of 8 in 8..65528"
+            )
     reader = _READERS[class_id]
     reader(ctx, el, obj, template)
     if template.find(ln, class_id) is not None:
@@ -692,12 +702,29 @@ def _read_association(ctx: _Ctx, el: ET.Element, obj: TemplateObject, template: 
     template.associations.append(assoc)
 
 
+def _read_association_sn(
+    ctx: _Ctx, el: ET.Element, obj: TemplateObject, template: Template
+) -> None:
+    """Association SN (class 12): the template is read with short names (see build_device)."""
+    sec_el = el.find("Secret")
+    if sec_el is not None and (sec_el.text or "").strip():
+        try:  # never echo the text in an error: it is the meter's secret
+            template.sn_secret = Secret(bytes.fromhex((sec_el.text or "").strip()))
+        except ValueError:
+            raise ctx.error(sec_el, "<Secret> is not hex bytes (value not shown)") from None
+    if el.find("ObjectList") is not None:
+        template.warnings.append(
+            f"{obj.ln} class 12: object list served from the template's objects, not stored"
+        )
+
+
 _READERS = {
     1: _read_data,
     3: _read_register,
     4: _read_register,
     7: _read_profile,
     8: _read_clock,
+    12: _read_association_sn,
     15: _read_association,
 }
 
@@ -949,9 +976,17 @@ def build_device(template: Template, password: Optional[bytes] = None) -> cosem.
                 ax.structure([ax.uint16(0), ax.octet_string(bytes(6)), ax.int8(0), ax.uint16(0)]),
             )
             selective[2] = (1, 2)
+        if obj.class_id == 12:
+            attrs = {}  # object list and access rights come from the served objects (sn.py)
         objects.append(
             cosem.CosemObject(
-                obj.class_id, cosem.ln_bytes(obj.ln), obj.version, attrs, None, selective
+                obj.class_id,
+                cosem.ln_bytes(obj.ln),
+                obj.version,
+                attrs,
+                None,
+                selective,
+                short_name=obj.short_name,
             )
         )
     associations = []
@@ -976,13 +1011,23 @@ def build_device(template: Template, password: Optional[bytes] = None) -> cosem.
                 security_setup=cosem.ln_bytes(a.security_setup) if a.security_setup else bytes(6),
             )
         )
+    short_names = not associations and any(o.class_id == 12 for o in template.objects)
+    if short_names:
+        associations = _sn_associations(template, password)
     if not associations:
         raise TemplateError(
             f"template {template.path}: no association that the simulator can serve"
             " (it needs a GXDLMSAssociationLogicalName with a <ClientSAP> and an"
-            " authentication other than HighECDSA)"
+            " authentication other than HighECDSA, or a GXDLMSAssociationShortName)"
         )
     device = cosem.Device(objects, associations, name=Path(template.path).name)
+    try:
+        if short_names:
+            sn.use_short_names(device)
+        elif any(o.short_name is not None for o in objects):
+            sn.sn_map(device)  # the template's <SN> must hold for -r SN
+    except sn.SnError as e:
+        raise TemplateError(f"template {template.path}: {e}") from None
     # Every association object lists the same objects (the current association's view).
     for o in device.objects:
         if o.class_id == 15:
@@ -995,6 +1040,29 @@ def _raw(secret: Optional[Secret]) -> bytes:
         return b""
     raw = secret.reveal()
     return raw.encode() if isinstance(raw, str) else bytes(raw)
+
+
+#: clients of a short-name template, as Gurux's example meters number them
+SN_CLIENTS = ((16, cosem.MECH_NONE), (17, cosem.MECH_LOW), (18, cosem.MECH_HIGH))
+
+
+def _sn_associations(template: Template, password: Optional[bytes]) -> list[cosem.Association]:
+    """A template with an association SN object (class 12) and no LN association.
+
+    Gurux's class 12 has one secret and no client address: serve client 16 without
+    authentication and, with the secret (or ``-P``), 17 Low and 18 High.
+    """
+    secret = b""
+    if password is not None:
+        secret = password
+    elif template.sn_secret:
+        raw = template.sn_secret.reveal()
+        secret = raw.encode() if isinstance(raw, str) else bytes(raw)
+    out = []
+    for client, mech in SN_CLIENTS:
+        if mech == cosem.MECH_NONE or secret:
+            out.append(cosem.Association(client, mech, secret=secret, referencing=2))
+    return out
 
 
 def _live_clock(ctx: cosem.ReadContext) -> bytes:
