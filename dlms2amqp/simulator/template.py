@@ -22,6 +22,10 @@ Element names follow the per-class ``load()``/``save()`` methods of Gurux
 optionally ``UIType``; octet strings are hex bytes; date-times are
 ``MM/dd/yyyy HH:mm:ss`` with ``*`` for "not specified"; a register's
 ``<Scaler>`` is the multiplier (``0.01``), not the exponent.
+
+The module is over 500 lines because it is one file format read end to end
+(objects, values, associations with their security setups, profiles); splitting
+it would scatter the line-number bookkeeping every error message relies on.
 """
 
 from __future__ import annotations
