@@ -399,11 +399,12 @@ def test_session_gbt_blocks_and_acks() -> None:
     nxt = s.handle(32, b"\xe0\x83\x00\x01\x00\x01\x00")
     assert nxt[:6] == b"\xe0\x41\x00\x02\x00\x01"
     assert [b[:4] for b in s.more] == [b"\xe0\x41\x00\x03", b"\xe0\x01\x00\x04"]
+    third = s.more[0]
     s.more = []
     # an ack of block 3 only (block 4 lost): the meter sends 4 again, then 5 (the last)
     again = s.handle(32, b"\xe0\x82\x00\x02\x00\x03\x00")
     assert again[:4] == b"\xe0\x41\x00\x04" and s.more[0][:4] == b"\xe0\x81\x00\x05"
-    pieces = [first, nxt, again, s.more[0]]
+    pieces = [first, nxt, third, again, s.more[0]]
     got = {int.from_bytes(p[2:4], "big"): p[7:] for p in pieces}
     assert b"".join(got[i] for i in sorted(got)) == long_reply
     # nothing left: a further ack is refused
