@@ -78,6 +78,16 @@ def _forms(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _byte_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"--trailing-bytes {text!r}: expected 0..64")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dlms2amqp-sim",
@@ -126,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{name}", type=_rate, nargs="?", const=1.0, default=0.0, metavar="RATE",
             help=f"{what} (fraction of connections; bare flag = 1)",
         )  # fmt: skip
+    # --- meter quirks of real meters (simulator application layer) -----------------
+    p.add_argument(
+        "--trailing-bytes", type=_byte_count, default=0, metavar="N",
+        help="append N bytes after the clock value and after the last profile block",
+    )  # fmt: skip
+    p.add_argument(
+        "--deny-wrong-class", action="store_true",
+        help="answer read-write-denied for an unknown object or a wrong class",
+    )  # fmt: skip
     p.add_argument(
         "-r",
         "--referencing",
@@ -203,6 +222,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         # -s N as logical N / physical 0 use)
         hdlc_physical=(1, 0) if args.physical is None else (args.physical,),
         hdlc_limits=(args.hdlc_window, args.hdlc_max_info),
+        trailing_bytes=args.trailing_bytes,
+        deny_wrong_class=args.deny_wrong_class,
     )
     opts.sn_blocks = args.sn_blocks
     try:

@@ -25,7 +25,9 @@ and the built-in meter produce the same thing:
   returns the encoded Data or raises ``DataAccessError``.
 
 ``builtin_device()`` builds the meter documented in ``docs/design.md`` from the
-functions of ``model.py``.
+functions of ``model.py``.  The module is over 500 lines because the object model,
+the current association's attributes and the built-in meter built on them are read
+together when the simulator changes.
 """
 
 from __future__ import annotations

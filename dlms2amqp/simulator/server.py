@@ -248,6 +248,9 @@ class Server:
                 reply = self._handle(conn, fr.source, fr.apdu)
                 if reply is not None:
                     self._send(conn, framing.wrapper_encode(fr.destination, fr.source, reply))
+                    more, conn.session.more = conn.session.more, []
+                    for extra in more:  # the rest of a streamed GBT window
+                        self._send(conn, framing.wrapper_encode(fr.destination, fr.source, extra))
                 continue
             if link is None:  # an HDLC frame on a wrapper port cannot be decoded; be safe
                 continue
