@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXDLMSException, GXReplyData
 from gurux_dlms.enums import (
     Authentication,
+    Conformance,
     InterfaceType,
     Security,
     Standard,
@@ -92,8 +93,6 @@ DATA_ACCESS_RESULTS = {
 }
 #: results that mean "this (class, OBIS) does not exist here" (the class guess may be wrong)
 NOT_FOUND = {4, 9, 11}
-#: HDLC max info field: Gurux mis-frames HDLC frames over 255 bytes (gurux-facts.md)
-HDLC_MAX_INFO = 247
 MAX_REPLY_BYTES = 8 * 1024 * 1024
 
 
@@ -193,42 +192,51 @@ class MeterSession:
 
     # --- setup -------------------------------------------------------------------
     def _server_address(self) -> int:
-        s = self.settings
-        if s.interface == "WRAPPER":
-            return s.logical_address if s.logical_address is not None else s.server_address
-        if s.serial_number is not None:
-            logical = s.logical_address if s.logical_address is not None else 1
-            return GXDLMSClient.getServerAddressFromSerialNumber(s.serial_number, logical)
-        logical = s.logical_address if s.logical_address is not None else s.server_address
-        return GXDLMSClient.getServerAddress(logical, 0)
+        """The address as Gurux's example client builds it (connstring did the -s/-l/-n)."""
+        return self.settings.server_address
 
     def _make_client(self, public: bool = False) -> GXDLMSClient:
+        """A Gurux client set up the way Gurux's example client sets it up from the string.
+
+        Always the secure client, as Gurux's examples use: the High family needs its
+        ciphering object even without -C (the plain client has none).
+        """
         s = self.settings
         ln = s.referencing == "LN"
         itype = _INTERFACE[s.interface]
         server = self._server_address()
         if public:
-            client = GXDLMSClient(ln, 16, server, Authentication.NONE, None, itype)
-        elif s.security != "None" or s.authentication == "HighGMAC":
+            client = GXDLMSSecureClient(ln, 16, server, Authentication.NONE, None, itype)
+        else:
             password = s.password.reveal() if s.password else None
+            if isinstance(password, bytes):
+                password = bytearray(password)
             client = GXDLMSSecureClient(
                 ln, s.client_address, server, _AUTH[s.authentication], password, itype
             )
             c = client.ciphering
             c.security = _SECURITY[s.security]
-            c.systemTitle = bytearray(s.system_title)
-            c.authenticationKey = bytearray(s.authentication_key.reveal())
-            c.blockCipherKey = bytearray(s.block_cipher_key.reveal())
+            if s.system_title is not None:
+                c.systemTitle = bytearray(s.system_title)
+            if s.authentication_key is not None:
+                c.authenticationKey = bytearray(s.authentication_key.reveal())
+            if s.block_cipher_key is not None:
+                c.blockCipherKey = bytearray(s.block_cipher_key.reveal())
             if s.dedicated_key is not None:
                 c.dedicatedKey = bytearray(s.dedicated_key.reveal())
-        else:
-            password = s.password.reveal() if s.password else None
-            client = GXDLMSClient(
-                ln, s.client_address, server, _AUTH[s.authentication], password, itype
-            )
+            # -M is not handed to Gurux as serverSystemTitle (pre-established title): in
+            # gurux-dlms that switches every GET to general-glo-ciphering even where the
+            # meter did not negotiate general-protection, which such meters refuse; it
+            # changes nothing in the SNRM or AARQ.  -M keys the invocation counter instead.
+            if s.propose_general_protection:
+                client.proposedConformance |= Conformance.GENERAL_PROTECTION
         client.standard = _STANDARD[s.standard]
-        if s.gbt_window_size != 1:
-            client.setGbtWindowSize(s.gbt_window_size)
+        client.useUtc2NormalTime = s.utc_to_normal_time
+        if s.gbt_window_size_given and ln:
+            # -W: Gurux's .NET client proposes general block transfer for LN and sets the
+            # window (the Python example's -W is a no-op through a typo in gurux-dlms)
+            client.settings.gbtWindowSize = s.gbt_window_size
+            client.proposedConformance |= Conformance.GENERAL_BLOCK_TRANSFER
         if s.gateway is not None:
             from gurux_dlms.GXDLMSGateway import GXDLMSGateway
 
@@ -240,9 +248,9 @@ class MeterSession:
         if s.manufacturer_id:
             client.manufacturerId = s.manufacturer_id
         if s.interface != "WRAPPER":
-            size = min(s.hdlc_frame_size, HDLC_MAX_INFO)
-            client.hdlcSettings.maxInfoTX = size
-            client.hdlcSettings.maxInfoRX = size
+            # frames over 255 bytes are framed correctly by gurux_compat's HDLC patch
+            client.hdlcSettings.maxInfoTX = s.hdlc_frame_size
+            client.hdlcSettings.maxInfoRX = s.hdlc_frame_size
             client.hdlcSettings.windowSizeTX = s.hdlc_window_size
             client.hdlcSettings.windowSizeRX = s.hdlc_window_size
         return client
@@ -319,9 +327,34 @@ class MeterSession:
         self._parse("association", client.parseAareResponse, reply.data)
         self.associated = True
         if client.getIsAuthenticationRequired():
-            step = "authentication"
+            self._authenticate(client)
+
+    def _authenticate(self, client: GXDLMSClient) -> None:
+        """HLS pass 3/4: answer the meter's challenge and check its answer to ours."""
+        step = "authentication"
+        try:
             reply = self._request(client.getApplicationAssociationRequest(), step, raw=False)
-            self._parse(step, client.parseApplicationAssociationResponse, reply.data)
+        except ObjectError as exc:  # a confirmed-service-error to reply_to_HLS_authentication
+            raise AuthenticationError(self._hls_refused()) from exc
+        if reply.error:  # the action answered with a result other than success
+            raise AuthenticationError(self._hls_refused())
+        try:
+            # Gurux raises a bare Exception when the meter's f(CtoS) is missing or wrong
+            client.parseApplicationAssociationResponse(reply.data)
+        except Exception as exc:
+            raise AuthenticationError(self._hls_refused()) from exc
+
+    def _hls_refused(self) -> str:
+        s = self.settings
+        if s.authentication == "HighGMAC":
+            check = "the keys (-A, -B) and the system title (-T)"
+        else:
+            check = "the password (-P)"
+        return (
+            f"Authentication failure: the meter did not accept the {s.authentication} "
+            f"login (it refused our answer to its challenge, or did not answer ours "
+            f"correctly); check {check} and the client address (-c)"
+        )
 
     def _parse(self, step: str, fn, data) -> None:
         try:

@@ -149,7 +149,11 @@ class SimOptions:
     reject_auth: float = 0.0
     interface: str = "WRAPPER"
     seed: Optional[int] = None
-    hdlc_physical: int = 0
+    # HDLC: the server address forms answered (framing.ADDRESS_FORMS) and the physical
+    # addresses of the two- and four-byte forms (0 too until every reader sends Gurux's form)
+    hdlc_address: tuple[str, ...] = ("one-byte", "two-byte", "serial")
+    hdlc_physical: tuple[int, ...] = (1, 0)
+    hdlc_limits: tuple[int, int] = (7, 2030)  # the meter's largest HDLC window, info field
     # --- meter quirks (sim --trailing-bytes / --deny-wrong-class) -------------------
     #: bytes appended after the clock value and after the last profile block
     trailing_bytes: int = 0

@@ -52,7 +52,11 @@ class Conn:
         self.link: Optional[framing.HdlcLink] = None
         if interface == "HDLC":
             self.decoder = framing.HdlcDecoder()
-            self.link = framing.HdlcLink(physical=session.opts.hdlc_physical)
+            o = session.opts
+            serial = int(model.serial_number(k))
+            addresses = framing.server_addresses(o.hdlc_address, o.hdlc_physical, serial)
+            window, max_info = o.hdlc_limits
+            self.link = framing.HdlcLink(addresses, max_info, window)
         else:
             self.decoder = framing.WrapperDecoder()
         self.session = session
@@ -250,7 +254,15 @@ class Server:
                 continue
             if link is None:  # an HDLC frame on a wrapper port cannot be decoded; be safe
                 continue
+            ignored = link.ignored
             out, delivered = link.on_frame(fr)
+            if link.ignored != ignored and not ignored:
+                log.info(
+                    "meter %d: no answer to HDLC server address %s from client address %s "
+                    "(the meter answers the forms %s)",
+                    conn.k, fr.destination.hex(), fr.source.hex(),
+                    ",".join(self.opts.hdlc_address),
+                )  # fmt: skip
             if link.disconnected:
                 link.disconnected = False
                 conn.session._reset()
