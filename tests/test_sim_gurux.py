@@ -507,6 +507,14 @@ def test_association_attributes_3_to_11(sim):
 def test_full_read_of_every_object(sim):
     # Given the object list, when Gurux's client reads every readable attribute
     m = _meter(sim, 32)
+    failed, objects = _full_read(m)
+    # Then none answers an error, and the association object itself was among them
+    assert failed == []
+    assert any(o.objectType == 15 for o in objects)
+
+
+def _full_read(m: GuruxMeter) -> tuple[list, list]:
+    """Read every attribute the object list says is readable: (errors, objects)."""
     failed = []
     try:
         reply = m.request(m.client.getObjectsRequest())
@@ -525,9 +533,7 @@ def test_full_read_of_every_object(sim):
                     m.client.updateValue(obj, attr, r.value)
     finally:
         m.close()
-    # Then none answers an error, and the association object itself was among them
-    assert failed == []
-    assert any(o.objectType == 15 for o in objects)
+    return failed, objects
 
 
 # --- general block transfer -------------------------------------------------------------
@@ -759,3 +765,13 @@ def test_template_every_mechanism(tpl_sim, client, mech, ctx, setup, right):
     assert a.authenticationMechanismName.mechanismId == mech
     if mech == 5 or security:
         assert bytes(c.settings.sourceSystemTitle) == _TPL_SERVER_TITLE
+
+
+def test_template_full_read(tpl_sim):
+    # every association object of the template (versions 2) reads without an error
+    c = _hls_client(16, tpl_sim.interface, 0, "")
+    m = GuruxMeter(c, tpl_sim.host, tpl_sim.port)
+    m.connect()
+    failed, objects = _full_read(m)
+    assert failed == []
+    assert sum(o.objectType == 15 for o in objects) == len(_TEMPLATE_CLIENTS) + 1
