@@ -409,3 +409,22 @@ def test_session_gbt_blocks_and_acks() -> None:
     assert b"".join(got[i] for i in sorted(got)) == long_reply
     # nothing left: a further ack is refused
     assert s.handle(32, b"\xe0\x81\x00\x03\x00\x05\x00") == b"\xd8\x01\x01"
+
+
+def test_session_get_with_list_needs_multiple_references() -> None:
+    from dlms2amqp.simulator import apdu
+
+    s = _session()
+    s.associated = s.authenticated = True
+    s.client_sap = 32
+    s.assoc = s.device.associations[32]
+    # serial number and an unknown object, as one GET-Request-With-List
+    req = bytes.fromhex("C003C1020001 0000600100FF 02 000001 0909090909 09 02 00".replace(" ", ""))
+    s.conformance = apdu.SUPPORTED_CONFORMANCE & ~apdu.CONF_MULTIPLE_REFS
+    assert s.handle(32, req) == b"\xd8\x01\x02"  # not negotiated: service not supported
+    s.conformance = apdu.SUPPORTED_CONFORMANCE
+    reply = s.handle(32, req)
+    assert reply[:4] == b"\xc4\x03\xc1\x02"
+    assert reply[4:6] == b"\x00\x0a" and reply.endswith(b"\x01\x04")  # data, then undefined
+    s.opts.deny_wrong_class = True
+    assert s.handle(32, req).endswith(b"\x01\x03")  # --deny-wrong-class: read-write-denied

@@ -554,3 +554,74 @@ def test_object_without_value_is_listed() -> None:
     assert t.find("1.0.1.8.0.255").attributes == {
         3: (tpl.STRUCTURE, [(tpl.INT8, 0), (tpl.ENUM, 30)])
     }
+
+
+# ------------------------------------------------------ ciphered associations
+def _ciphered_template(policy: int, version: int = 0, suite: int = 0, key: str = "") -> str:
+    key = key or "000102030405060708090A0B0C0D0E0F"
+    return f"""<Objects>
+<GXDLMSAssociationLogicalName>
+  <LN>0.0.40.0.2.255</LN><ClientSAP>1</ClientSAP>
+  <ApplicationContextName><ContextId>3</ContextId></ApplicationContextName>
+  <AuthenticationMechanismName><MechanismId>6</MechanismId></AuthenticationMechanismName>
+  <Secret>47 75 72 75 78</Secret>
+  <SecuritySetupReference>0.0.43.0.0.255</SecuritySetupReference>
+  <ObjectList>
+    <GXDLMSSecuritySetup><LN>0.0.43.0.0.255</LN><Access>13333</Access></GXDLMSSecuritySetup>
+  </ObjectList>
+</GXDLMSAssociationLogicalName>
+<GXDLMSSecuritySetup>
+  <LN>0.0.43.0.0.255</LN><Version>{version}</Version>
+  <SecurityPolicy>{policy}</SecurityPolicy><SecuritySuite>{suite}</SecuritySuite>
+  <ServerSystemTitle>47 52 58 00 00 00 00 01</ServerSystemTitle>
+  <Guek>{key}</Guek>
+  <Gak>D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF</Gak>
+</GXDLMSSecuritySetup>
+</Objects>"""
+
+
+@pytest.mark.parametrize(
+    "policy, version, security",
+    [
+        (1, 0, 0x10),  # version 0 enum: all messages authenticated
+        (2, 0, 0x20),  # encrypted
+        (3, 0, 0x30),  # both
+        (0x24, 1, 0x10),  # version 1 bits: authenticated request and response
+        (0x6C, 1, 0x30),  # authenticated and encrypted, both ways (Gurux's 108)
+        (0, 0, 0x30),  # context 3 without a policy: authenticated encryption
+    ],
+)
+def test_security_setup_gives_policy_keys_and_title(policy, version, security) -> None:
+    # Given the full security setup after the association, and a stub in its object list
+    t = parse_template(_ciphered_template(policy, version), "c.xml")
+    (a,) = t.associations
+    # Then the full copy wins: keys, server system title and the policy's security bits
+    assert (a.context_id, a.mechanism_id, a.security) == (3, 6, security)
+    assert a.block_key.reveal() == bytes(range(16))
+    assert a.server_system_title == bytes.fromhex("4752580000000001")
+    assert t.warnings == [
+        "0.0.40.0.2.255 class 15: client 1 object list and access rights not enforced"
+        " (every client reads every object)",
+        "0.0.43.0.0.255 class 64 (SecuritySetup): not served",
+    ]
+    device = tpl.build_device(t)
+    d = device.associations[1]
+    assert (d.security, d.context_id, d.secret, d.system_title) == (
+        security,
+        3,
+        b"Gurux",
+        bytes.fromhex("4752580000000001"),
+    )
+    assert "000102" not in repr(d) and "Gurux" not in repr(d)
+
+
+def test_security_setup_bad_key_names_line_not_value() -> None:
+    msg = _error(_ciphered_template(3, key="0011223344"))
+    assert msg.startswith("template meter.xml, line ")
+    assert "<Guek> must be 16 or 32 bytes, not 5" in msg
+    assert "0011223344" not in msg
+
+
+def test_security_suite_out_of_range_refused() -> None:
+    msg = _error(_ciphered_template(3, suite=3))
+    assert "security suite 3 is not 0, 1 or 2" in msg

@@ -245,7 +245,8 @@ class Device:
 _OID_PREFIX = b"\x60\x85\x74\x05\x08"
 
 
-def _secret_denied(ctx: ReadContext) -> bytes:
+def secret_denied(ctx: ReadContext) -> bytes:
+    """Attribute 7 of an association (its secret): never readable."""
     raise DataAccessError(READ_WRITE_DENIED)
 
 
@@ -298,7 +299,7 @@ def current_association_attributes(version: int) -> dict[int, AttrValue]:
         4: context_name,
         5: context_info,
         6: mechanism_name,
-        7: _secret_denied,
+        7: secret_denied,
         8: status,
     }
     if version >= 1:

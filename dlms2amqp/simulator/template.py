@@ -1036,6 +1036,14 @@ def build_device(template: Template, password: Optional[bytes] = None) -> cosem.
     for o in device.objects:
         if o.class_id == 15:
             o.attrs.setdefault(2, device.by_key[(15, device.association_ln)].attrs[2])
+            # the attributes of its version that the file leaves out: none, empty, no user
+            o.attrs.setdefault(7, cosem.secret_denied)
+            o.attrs.setdefault(8, ax.enum(0))
+            if o.version >= 1:
+                o.attrs.setdefault(9, ax.octet_string(bytes(6)))
+            if o.version >= 2:
+                o.attrs.setdefault(10, ax.array([]))
+                o.attrs.setdefault(11, ax.structure([ax.uint8(0), ax.visible_string("")]))
     return device
 
 
