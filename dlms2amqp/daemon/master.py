@@ -327,9 +327,10 @@ class Master:
 
     def run(self) -> int:
         """Serve until stopped; raises the fatal error, if any."""
+        # the metrics port first: a port in use stops the start before any worker exists
+        self.metrics.serve(self.cfg.MetricsPort, self.cfg.MetricsAddress)
         self.install_signals()
         self.workers.start()
-        self.metrics.serve(self.cfg.MetricsPort, self.cfg.MetricsAddress)
         self.ioloop.call_later(TICK_SECONDS, self.tick)
         try:
             self.ioloop.start()
