@@ -10,7 +10,7 @@ from typing import Optional
 import orjson
 
 from .. import __version__, logsetup
-from ..config import describe_keys
+from ..config import config_warnings, describe_keys
 from ..daemon.master import Master
 from ..errors import ConfigError, GatewayError
 from .common import EXIT_CONFIG, EXIT_OK, EXIT_WORKER_BOOT, add_config_option, load_or_report
@@ -36,8 +36,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = load_or_report("dlms2amqpd", args.config)
     if cfg is None:
         return EXIT_CONFIG
+    warnings = config_warnings(cfg)
     if args.check_config:
         print(orjson.dumps(cfg.as_dict(), option=orjson.OPT_INDENT_2).decode())
+        for w in warnings:
+            print(f"dlms2amqpd: warning: {w}", file=sys.stderr)
         print(f"dlms2amqpd: configuration {cfg.path} is valid", file=sys.stderr)
         return EXIT_OK
     try:
@@ -48,6 +51,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     logsetup.configure(cfg.debug_file, cfg.LogLevel, process="master", console=True)
     log = logsetup.get_logger("dlms2amqp.master")
     log.info("starting", version=__version__, config=str(cfg.path), workers=cfg.Workers)
+    for w in warnings:
+        log.warning("config_warning", warning=w)
+        if cfg.debug_file is not None:  # without a DebugFile the log line is on stderr already
+            print(f"dlms2amqpd: warning: {w}", file=sys.stderr)
     try:
         return Master(cfg).run()
     except ConfigError as e:
