@@ -230,6 +230,25 @@ KEYS: tuple[Key, ...] = (
         _float_range(1, 3600),
         "a worker process silent this long (no heartbeat) is killed and replaced",
     ),
+    # --- bounds and state at rest (issue 11: memory, secrets at rest) ---
+    Key(
+        "MaxRows",
+        50000,
+        _int_range(0, 100_000_000),
+        "profile rows one request may read (a year of quarter hours is 35040); 0 = no bound",
+    ),
+    Key(
+        "ReplyStoreMaxBytes",
+        512 * 1024 * 1024,
+        _int_range(0, 1 << 40),
+        "compressed bytes of replies kept for dedup (oldest go first); 0 = no byte bound",
+    ),
+    Key(
+        "DeadLetterTTL",
+        0,
+        _int_range(0, 4_000_000),
+        "seconds a dead letter is kept (x-message-ttl of DeadLetterQueue); 0 = for ever",
+    ),
 )
 
 KEY_BY_NAME = {k.name: k for k in KEYS}

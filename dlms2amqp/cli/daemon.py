@@ -12,6 +12,7 @@ import orjson
 from .. import __version__, logsetup
 from ..config import config_warnings, describe_keys
 from ..daemon.master import Master
+from ..daemon.replystore import secure_dir
 from ..errors import ConfigError, GatewayError
 from .common import EXIT_CONFIG, EXIT_OK, EXIT_WORKER_BOOT, add_config_option, load_or_report
 
@@ -44,9 +45,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"dlms2amqpd: configuration {cfg.path} is valid", file=sys.stderr)
         return EXIT_OK
     try:
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"dlms2amqpd: cannot create StateDir {cfg.state_dir}: {e.strerror}", file=sys.stderr)
+        secure_dir(cfg.state_dir)  # 0700: it holds the reply store and its HMAC key
+    except ConfigError as e:
+        print(f"dlms2amqpd: {e}", file=sys.stderr)
         return EXIT_CONFIG
     logsetup.configure(cfg.debug_file, cfg.LogLevel, process="master", console=True)
     log = logsetup.get_logger("dlms2amqp.master")

@@ -67,7 +67,9 @@ class Master:
         self.metrics = metrics or Metrics()
         self.log = logsetup.get_logger("dlms2amqp.master")
         self.ioloop = IOLoop()
-        self.store = ReplyStore(cfg.state_dir / "replies.sqlite3", cfg.ReplyStoreSize)
+        self.store = ReplyStore(
+            cfg.state_dir / "replies.sqlite3", cfg.ReplyStoreSize, cfg.ReplyStoreMaxBytes
+        )
         self.intake = Intake(self.store, cfg.MaxBodyBytes, cfg.DeliveryLimit)
         self.broker = Broker(
             cfg,
