@@ -210,18 +210,18 @@ def test_reply_store_is_bounded_by_bytes(tmp_path: Path) -> None:
     keys = [store.key_for(str(i), b"b") for i in range(100)]
     for i, k in enumerate(keys):
         store.put(k, f"r{i}", os.urandom(10_000))  # incompressible: 10 kB each
-        assert store.bytes <= 200_000 + 10_100
+        assert store.size_bytes <= 200_000 + 10_100
     # Then the newest replies are kept, the oldest went first, the bytes are within bound
     assert store.get(keys[-1]) is not None and store.get(keys[0]) is None
     assert 10 <= len(store) <= 20
-    assert store.bytes <= 200_000
-    held = store.bytes
+    assert store.size_bytes <= 200_000
+    held = store.size_bytes
     store.close()
     # And a restart counts the bytes already held
     again = ReplyStore(path, capacity=1000, max_bytes=200_000)
-    assert again.bytes == held
+    assert again.size_bytes == held
     again.put(again.key_for("x", b"b"), "rx", os.urandom(150_000))
-    assert again.bytes <= 200_000 and again.get(again.key_for("x", b"b")) is not None
+    assert again.size_bytes <= 200_000 and again.get(again.key_for("x", b"b")) is not None
     again.close()
 
 

@@ -165,7 +165,7 @@ class ReplyStore:
         return request_key(self._secret, msg_id, body)
 
     @property
-    def bytes(self) -> int:
+    def size_bytes(self) -> int:
         """Compressed bytes of the bodies held now."""
         return self._bytes
 
