@@ -376,9 +376,7 @@ def _check_buffer_rows(raw: bytes, obis: str, max_rows: int, ranged: bool) -> No
         )
 
 
-def _read_profile(
-    session: MeterSession, request: ReadRequest, fmt: str, max_rows: int = 0
-) -> list:
+def _read_profile(session: MeterSession, request: ReadRequest, fmt: str, max_rows: int = 0) -> list:
     obis = request.obis
     class_id, raw = _get(session, obis, 3)
     if class_id != PROFILE:
