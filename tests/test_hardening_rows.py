@@ -111,3 +111,58 @@ def test_trace_masks_a_password_the_meter_echoes() -> None:
         assert secret_hex not in line and "Ech0Secret" not in line
         assert "** ** ** ** ** ** ** ** ** **" in line
     assert lines[0].startswith("RX 00 01 00 01")  # the rest of the frame stays readable
+
+
+def test_daemon_refuses_twelve_five_year_reads_with_little_memory(
+    run_daemon: Any, broker: Any
+) -> None:
+    import json
+    import threading
+    import time
+
+    from testing.daemon import rss_kb
+
+    # Given the daemon with its default MaxRows and 12 meters
+    with running_simulator(12, interface="WRAPPER") as sim12:
+        d = run_daemon()
+        assert d.cfg.get("MaxRows") is None  # the default (50000) applies
+        inq, outq = d.cfg["InQueue"], d.cfg["OutQueue"]
+        peak = [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], rss_kb([d.pid, *d.workers()]))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        # When twelve 5-year profile reads and one 10-day read arrive at once
+        for k in range(12):
+            body = {
+                "MsgID": f"y5-{k}",
+                "Cmd": "READ",
+                "ObisCode": PROFILE,
+                "ConnectionString": f"-h {sim12.host} -p {sim12.port + k} -i WRAPPER {LOW}",
+                "dtFrom": "2021-01-01T00:00:00Z",
+                "dtTo": "2026-01-01T00:00:00Z",
+            }
+            broker.publish(inq, json.dumps(body).encode())
+        body["MsgID"], body["dtFrom"], body["dtTo"] = (
+            "d10",
+            "2025-12-20T00:00:00Z",
+            "2025-12-30T00:00:00Z",
+        )
+        broker.publish(inq, json.dumps(body).encode())
+        replies = {r["InMsgID"]: r for r in broker.replies(outq, 13, timeout=60)}
+        done.set()
+        sampler.join(5)
+    # Then each 5-year read is refused with the row count and the bound, the 10-day one read
+    for k in range(12):
+        r = replies[f"y5-{k}"]
+        assert r["Status"] == "notok" and "175297 rows" in r["Error"], r["Error"]
+        assert "MaxRows 50000" in r["Error"] and "520 days" in r["Error"], r["Error"]
+    assert replies["d10"]["Status"] == "ok" and len(replies["d10"]["DataRecords"]) == 961 * 3
+    # And the daemon (master + workers) stayed small (2.35 GB before the bound)
+    print(f"peak RSS of the daemon: {peak[0] / 1024:.0f} MiB")
+    assert 0 < peak[0] < 400 * 1024, peak[0]

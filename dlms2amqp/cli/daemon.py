@@ -45,16 +45,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"dlms2amqpd: configuration {cfg.path} is valid", file=sys.stderr)
         return EXIT_OK
     try:
-        secure_dir(cfg.state_dir)  # 0700: it holds the reply store and its HMAC key
+        state_warning = secure_dir(cfg.state_dir)  # 0700: the reply store and its HMAC key
     except ConfigError as e:
         print(f"dlms2amqpd: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if state_warning:
+        warnings.append(state_warning)
     logsetup.configure(cfg.debug_file, cfg.LogLevel, process="master", console=True)
     log = logsetup.get_logger("dlms2amqp.master")
     log.info("starting", version=__version__, config=str(cfg.path), workers=cfg.Workers)
     for w in warnings:
         log.warning("config_warning", warning=w)
-        if cfg.debug_file is not None:  # without a DebugFile the log line is on stderr already
+        # without a DebugFile (or on a terminal) the log line is on stderr already
+        if cfg.debug_file is not None and not sys.stderr.isatty():
             print(f"dlms2amqpd: warning: {w}", file=sys.stderr)
     try:
         return Master(cfg).run()

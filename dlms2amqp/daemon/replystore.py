@@ -56,15 +56,26 @@ KEY_FILE = "replystore.key"
 _KEY_BYTES = 32
 
 
-def secure_dir(path: Path) -> None:
-    """Create the state directory (0700), or take group and other rights off an existing one."""
+def secure_dir(path: Path) -> Optional[str]:
+    """Create the state directory (0700), or take group and other rights off an existing one.
+
+    Returns a warning when an existing directory cannot be changed (not ours): the files
+    inside are 0600 anyway, so that is no reason to stop.
+    """
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            path.chmod(mode & 0o700)
     except OSError as e:
         raise ConfigError(f"Cannot use StateDir {path}: {e.strerror or e}") from None
+    if mode & 0o077:
+        try:
+            path.chmod(mode & 0o700)
+        except PermissionError:
+            return (
+                f"StateDir {path} is mode {mode:04o} and belongs to another user: make it"
+                " 0700, owned by the daemon's user"
+            )
+    return None
 
 
 def _private_file(path: Path) -> None:
