@@ -111,6 +111,8 @@ def installation_key(state_dir: Path) -> bytes:
     fresh = secrets.token_bytes(_KEY_BYTES)
     tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}")
     try:
+        if tmp.exists():  # left by a start that died here
+            tmp.unlink()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(fresh)
