@@ -181,11 +181,14 @@ def test_small_template_values_and_warnings() -> None:
     assert pg.attributes[4] == (tpl.UINT32, 900)
     assert pg.attributes[7] == (tpl.UINT32, 3)
     assert pg.attributes[8] == (tpl.UINT32, 100)
-    assert [(a.client_sap, a.mechanism_id) for a in t.associations] == [(16, 0), (32, 1)]
+    assert [(a.client_sap, a.mechanism_id) for a in t.associations] == [(16, 0), (32, 1), (1, 5)]
     assert t.associations[1].secret.reveal() == SMALL_SECRET
+    # HighGMAC without a security setup object: served with Gurux's demonstration keys, said
+    assert t.associations[2].block_key.reveal() == tpl.DEMO_BLOCK_KEY
     assert t.warnings == [
         "0.0.19.10.0.255 class 112 (Credit): not served",
-        "0.0.40.0.3.255 class 15: client 1 with HighGMAC authentication: not served",
+        "0.0.40.0.3.255 class 15: client 1 has no keys in a security setup object:"
+        " Gurux's demonstration keys are used",
     ]
 
 
@@ -308,10 +311,11 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 
 
 def test_template_without_servable_association_is_refused() -> None:
-    only_hls = SMALL.replace(
-        "<MechanismId>0</MechanismId>", "<MechanismId>5</MechanismId>"
-    ).replace("<MechanismId>1</MechanismId>", "<MechanismId>2</MechanismId>")
-    t = parse_template(only_hls, "meter.xml")
+    # HighECDSA (7) is the one mechanism the simulator does not serve
+    only_ecdsa = SMALL.replace("<MechanismId>0</MechanismId>", "<MechanismId>7</MechanismId>")
+    only_ecdsa = only_ecdsa.replace("<MechanismId>1</MechanismId>", "<MechanismId>7</MechanismId>")
+    only_ecdsa = only_ecdsa.replace("<MechanismId>5</MechanismId>", "<MechanismId>7</MechanismId>")
+    t = parse_template(only_ecdsa, "meter.xml")
     assert t.associations == []
     with pytest.raises(TemplateError) as info:
         tpl.build_device(t)
@@ -334,7 +338,8 @@ def test_build_device_serves_stored_values() -> None:
 
     t = parse_template(SMALL, "small.xml")
     device = tpl.build_device(t)
-    assert sorted(device.associations) == [16, 32]
+    assert sorted(device.associations) == [1, 16, 32]
+    assert device.associations[1].mechanism == cosem.MECH_HLS_GMAC
     assert device.associations[32].secret == SMALL_SECRET
     assert device.associations[32].mechanism == cosem.MECH_LOW
     assert _read(device, 1, "0.0.96.1.0.255", 2) == b"\x0a\x08SIM-0001"

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 _OBIS_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
 CLOCK_OBIS = "0.0.1.0.0.255"
-PROFILE, REGISTER, EXT_REGISTER, DATA, CLOCK = 7, 3, 4, 1, 8
+PROFILE, REGISTER, EXT_REGISTER, DEMAND_REGISTER, DATA, CLOCK = 7, 3, 4, 5, 1, 8
 
 
 @dataclass
@@ -160,6 +160,10 @@ class FrameTracer:
                 hexes[i] = "**"
         self.out(f"{direction} {' '.join(hexes)}")
 
+    def note(self, text: str) -> None:
+        """A line about what the gateway decided (``-- 3 trailing bytes ... ignored``)."""
+        self.out(f"-- {text}")
+
 
 def make_tracer(settings: ConnSettings, sink: Optional[Callable[[str], None]]) -> FrameTracer:
     return FrameTracer(settings, sink)
@@ -233,23 +237,51 @@ def _code(obis: str, attr: int) -> str:
     return obis if attr == 2 else f"{obis}:{attr}"
 
 
+#: data-access results that may mean "the class guessed from the OBIS code is wrong":
+#: object-undefined, object-class-inconsistent, object-unavailable, and read-write-denied,
+#: which some meters answer for a wrong class (Gurux's C reference meter does)
+WRONG_CLASS = NOT_FOUND | {3}
+
+
 def _get(session: MeterSession, obis: str, attr: int, selector: int = 0, params=None):
     """GET with the class id guessed, corrected from the object list when the meter objects."""
     class_id = session.class_cache.get(obis) or guess_class(obis)
     try:
         return class_id, session.get_raw(class_id, obis, attr, selector, params)
     except DataAccessError as exc:
-        if exc.code not in NOT_FOUND or obis in session.class_cache:
+        if exc.code not in WRONG_CLASS or obis in session.class_cache:
             raise
         original = exc
+    real = _class_from_object_list(session, obis, original)
+    if real == class_id:
+        raise original  # the class was right: the meter means what it said
+    return real, session.get_raw(real, obis, attr, selector, params)
+
+
+def _class_from_object_list(session: MeterSession, obis: str, original: DataAccessError) -> int:
+    """The object's class from the association's object list, or why it cannot be read."""
     try:
         session.load_object_list()
     except ObjectError:
         raise original from None
     real = session.class_cache.get(obis)
     if real is None:
+        if original.code == 3:
+            # the meter said "denied" and its object list does not show the object
+            raise DataAccessError(
+                f"{original.message}; {obis} is not in this association's object list", 3
+            ) from original
         raise ObjectError(f"unknown object {obis}: not in the meter's object list") from original
-    return real, session.get_raw(real, obis, attr, selector, params)
+    session.note(f"{obis} is class {real} in the meter's object list")
+    return real
+
+
+def _decode(session: MeterSession, raw: bytes, what: str):
+    """A complete value; bytes after it are ignored as Gurux's clients do, and said in --trace."""
+    value, extra = axdr.decode_value(raw)
+    if extra:
+        session.note(f"{extra} trailing bytes after the value of {what} ignored")
+    return value
 
 
 def _read(session: MeterSession, request: ReadRequest, settings: ConnSettings, options) -> list:
@@ -272,19 +304,19 @@ def _now() -> datetime:
 
 
 def _records_for(session: MeterSession, class_id: int, obis: str, raw: bytes, fmt: str) -> list:
-    value = axdr.decode_all(raw)
+    value = _decode(session, raw, obis)
     if class_id == CLOCK:
         dt = axdr.to_datetime(value) if isinstance(value, bytes) else value
         shown = format_datetime(dt, fmt) if isinstance(dt, datetime) else value
         return [record(dt if isinstance(dt, datetime) else _now(), obis, shown, fmt)]
-    if class_id in (REGISTER, EXT_REGISTER):
+    if class_id in (REGISTER, EXT_REGISTER, DEMAND_REGISTER):  # attribute 3: scaler_unit
         scaler = unit = None
-        su = axdr.decode_all(session.get_raw(class_id, obis, 3))
+        su = _decode(session, session.get_raw(class_id, obis, 3), f"{obis} attribute 3")
         if isinstance(su, list) and len(su) == 2:
             scaler, unit = su
         when = _now()
         if class_id == EXT_REGISTER:
-            captured = axdr.decode_all(session.get_raw(class_id, obis, 5))
+            captured = _decode(session, session.get_raw(class_id, obis, 5), f"{obis} attribute 5")
             dt = axdr.to_datetime(captured) if isinstance(captured, bytes) else captured
             if isinstance(dt, datetime):
                 when = dt
@@ -301,25 +333,69 @@ def _list_value(value, class_id: int, fmt: str):
 
 
 def _read_list(session: MeterSession, items: list, fmt: str) -> list:
-    """-g: one GET-with-list when the meter negotiated it, else one GET per attribute."""
+    """-g: GET-with-list when the meter negotiated it, else one GET per attribute.
+
+    A refused attribute becomes a record with an ``Error`` of its own and an empty
+    ``Value``; the others are read as usual.  Only when every attribute is refused is the
+    reply ``notok`` (with the first reason).
+    """
+    results = None
     if len(items) > 1 and session.supports_list_reads():
-        classes = [session.class_cache.get(o) or guess_class(o) for o, _ in items]
         try:
-            values = session.get_list([(c, o, a) for c, (o, a) in zip(classes, items)])
+            results = _get_list(session, items)
         except (ObjectError, MeterProtocolError):
-            pass  # refused or partly unknown: read one by one, with class correction
-        else:
-            now = _now()
-            return [
-                record(now, _code(o, a), _list_value(v, c, fmt), fmt)
-                for c, (o, a), v in zip(classes, items, values)
-            ]
+            if not session.alive:
+                raise
+            session.note("the list read was refused; reading the attributes one by one")
+    if results is None:
+        results = []
+        for obis, attr in items:
+            try:
+                results.append(_get(session, obis, attr))
+            except ObjectError as exc:
+                if not session.alive:
+                    raise
+                results.append(exc)
+    if all(isinstance(r, ObjectError) for r in results):
+        raise results[0]
     records = []
-    for obis, attr in items:
-        class_id, raw = _get(session, obis, attr)
-        value = _list_value(axdr.decode_all(raw), class_id, fmt)
-        records.append(record(_now(), _code(obis, attr), value, fmt))
+    now = _now()
+    for (obis, attr), result in zip(items, results):
+        code = _code(obis, attr)
+        if isinstance(result, ObjectError):
+            rec = record(now, code, None, fmt)
+            rec["Error"] = result.message
+        else:
+            class_id, raw = result
+            value = _list_value(_decode(session, raw, code), class_id, fmt)
+            rec = record(now, code, value, fmt)
+        records.append(rec)
     return records
+
+
+def _get_list(session: MeterSession, items: list) -> list:
+    """GET-with-list -> per item (class, raw) or its ObjectError; wrong classes corrected."""
+    classes = [session.class_cache.get(o) or guess_class(o) for o, _ in items]
+    answers = session.get_list([(c, o, a) for c, (o, a) in zip(classes, items)])
+    guessed = [
+        i for i, (a, (o, _)) in enumerate(zip(answers, items))
+        if isinstance(a, DataAccessError) and a.code in WRONG_CLASS and o not in session.class_cache
+    ]  # fmt: skip
+    again = []
+    for i in guessed:
+        try:
+            real = _class_from_object_list(session, items[i][0], answers[i])
+        except ObjectError as exc:
+            answers[i] = exc
+            continue
+        if real != classes[i]:
+            classes[i] = real
+            again.append(i)
+    if again:
+        fixed = session.get_list([(classes[i], *items[i]) for i in again])
+        for i, answer in zip(again, fixed):
+            answers[i] = answer
+    return [a if isinstance(a, ObjectError) else (c, a) for c, a in zip(classes, answers)]
 
 
 def _array_count(raw: bytes) -> Optional[int]:
@@ -350,7 +426,7 @@ def _check_range_rows(
     if span < max_rows * 60:
         return
     try:
-        period = axdr.decode_all(session.get_raw(PROFILE, obis, 4))
+        period = _decode(session, session.get_raw(PROFILE, obis, 4), f"{obis} attribute 4")
     except ObjectError:
         return
     if not isinstance(period, int) or isinstance(period, bool) or period <= 0:
@@ -382,7 +458,7 @@ def _read_profile(session: MeterSession, request: ReadRequest, fmt: str, max_row
     if class_id != PROFILE:
         raise ObjectError(f"{obis} is not a profile (class {class_id})")
     session.class_cache[obis] = PROFILE
-    capture = axdr.decode_all(raw)
+    capture = _decode(session, raw, f"{obis} attribute 3")
     columns = []
     clock_col = None
     for i, col in enumerate(capture or []):
@@ -409,7 +485,9 @@ def _read_profile(session: MeterSession, request: ReadRequest, fmt: str, max_row
         raw = session.get_raw(PROFILE, obis, 2, 1, range_selector(start, end), step=step)
     if max_rows:
         _check_buffer_rows(raw, obis, max_rows, ranged)
-    rows = axdr.decode_profile(raw)
+    rows, extra = axdr.decode_profile(raw)
+    if extra:
+        session.note(f"{extra} trailing bytes after the buffer of {obis} ignored")
     return profile_records(rows, columns, clock_col, fmt)
 
 
