@@ -14,6 +14,7 @@ import time
 import pytest
 
 from dlms2amqp.simulator import framing, model
+from dlms2amqp.simulator.apdu import SimOptions
 from dlms2amqp.simulator.framing import HdlcDecoder, HdlcLink, crc16_x25, hdlc_encode
 
 CLIENT16 = b"\x21"
@@ -82,11 +83,12 @@ def test_serial_number_address_is_guruxs_formula(serial):
 
 
 def test_default_addresses_are_the_reference_meters():
-    # one-byte 1, two-byte 1/1 (and 1/0 while readers still send it), the serial address,
-    # and the all-station address of each form; nothing else
+    # one-byte 1, two-byte 1/1, the serial address, and the all-station address of each
+    # form; nothing else (not 1/0, the form older readers sent for -s 1)
     serial = framing.hdlc_address(1, 123456 % 10000 + 1000, 4)
-    got = framing.server_addresses(physical=(1, 0), serial=123456)
-    assert got == {SERVER_1, b"\xff", SERVER_1_1, SERVER_1_0, b"\x02\xff", serial}
+    got = framing.server_addresses(physical=SimOptions().hdlc_physical, serial=123456)
+    assert got == {SERVER_1, b"\xff", SERVER_1_1, b"\x02\xff", serial}
+    assert SERVER_1_0 in framing.server_addresses(physical=(0,), serial=123456)
     assert framing.server_addresses(("four-byte",), (5,)) == {
         framing.hdlc_address(1, 5, 4),
         framing.hdlc_address(1, 0x3FFF, 4),
@@ -379,7 +381,8 @@ ADDRESS_FORMS = [
 ]
 #: simulator switches -> (the forms it answers, an answered form to probe it with)
 SIM_ADDRESSING = {
-    "default": ([], {"one-byte 1", "two-byte 1/1", "two-byte 1/0", "serial"}),
+    "default": ([], {"one-byte 1", "two-byte 1/1", "serial"}),
+    "physical 0": (["-n", "0"], {"one-byte 1", "two-byte 1/0", "serial"}),
     "one-byte": (["--hdlc-address", "one-byte"], {"one-byte 1"}),
     "two-byte": (["--hdlc-address", "two-byte", "-n", "1"], {"two-byte 1/1"}),
     "four-byte": (["--hdlc-address", "four-byte", "-n", "1"], {"four-byte 1/1"}),

@@ -218,9 +218,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         interface=args.interface,
         seed=args.seed,
         hdlc_address=args.hdlc_address,
-        # without -n, physical 1 (the reference meter's) and 0 (the form readers that send
-        # -s N as logical N / physical 0 use)
-        hdlc_physical=(1, 0) if args.physical is None else (args.physical,),
+        # physical 1 by default, as Gurux's C reference meter
+        hdlc_physical=(1,) if args.physical is None else (args.physical,),
         hdlc_limits=(args.hdlc_window, args.hdlc_max_info),
         trailing_bytes=args.trailing_bytes,
         deny_wrong_class=args.deny_wrong_class,

@@ -152,7 +152,7 @@ class SimOptions:
     # HDLC: the server address forms answered (framing.ADDRESS_FORMS) and the physical
     # addresses of the two- and four-byte forms (0 too until every reader sends Gurux's form)
     hdlc_address: tuple[str, ...] = ("one-byte", "two-byte", "serial")
-    hdlc_physical: tuple[int, ...] = (1, 0)
+    hdlc_physical: tuple[int, ...] = (1,)
     hdlc_limits: tuple[int, int] = (7, 2030)  # the meter's largest HDLC window, info field
     # --- meter quirks (sim --trailing-bytes / --deny-wrong-class) -------------------
     #: bytes appended after the clock value and after the last profile block
