@@ -239,3 +239,26 @@ def test_iso_from_raw_matches_datetime_formatting(
     dt = axdr.to_datetime(raw)
     expected = format_datetime(dt, "iso") if dt is not None else None
     assert axdr.iso_from_raw(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "hexdata, expected",
+    [
+        # the result list (IEC 62056-53, real SN meters): count 1, choice data, Data
+        ("01 00 0102 1101 1102", (bytes.fromhex("0102 1101 1102"), 0)),
+        ("01 00 1105 0000", (b"\x11\x05", 2)),
+        ("01 01 0b", (11, 0)),  # count 1, data-access-error object-unavailable
+        # the bare Data (Gurux's servers)
+        ("0102 1101 1102", (bytes.fromhex("0102 1101 1102"), 0)),
+        ("0100", (b"\x01\x00", 0)),  # an empty array is not a result list
+        ("0101 00", (b"\x01\x01\x00", 0)),  # [null], not "error 0"
+        ("1105 0000", (b"\x11\x05", 2)),
+    ],
+)
+def test_single_result_takes_either_form_of_sn_block_data(hexdata, expected):
+    assert axdr.single_result(bytes.fromhex(hexdata)) == expected
+
+
+def test_single_result_refuses_a_value_cut_short():
+    with pytest.raises(MeterProtocolError, match="middle of a value"):
+        axdr.single_result(bytes.fromhex("0103 1101 1102"))

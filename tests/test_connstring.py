@@ -2,6 +2,7 @@
 """ConnectionString parsing: every seed option, quoting, serial forms, errors, secrets."""
 
 import pytest
+from gurux_dlms import GXDLMSClient
 
 from dlms2amqp.errors import ConnectionStringError
 from dlms2amqp.meter.connstring import parse_connection_string, tokenize
@@ -55,9 +56,10 @@ def test_every_option():
     assert s.block_cipher_key.reveal() == bytes.fromhex(KEY_B)
     assert s.dedicated_key.reveal() == bytes.fromhex("00112233445566778899AABBCCDDEEFF")
     assert s.initial_invocation_counter == 42 and s.standard == "IDIS"
-    assert s.gateway == (1, bytes.fromhex("1234")) and s.mac_address == 1
+    assert s.gateway == (1, b"1234") and s.mac_address == 1  # Gurux: ASCII unless 0x
     assert (s.gbt_window_size, s.hdlc_window_size, s.hdlc_frame_size) == (2, 3, 247)
-    assert s.manufacturer_id == "LGZ" and s.trace == "Verbose"
+    assert s.gbt_window_size_given and s.propose_general_protection
+    assert s.manufacturer_id == "lgz" and s.trace == "Verbose"  # as given, like Gurux
     for secret in (KEY_A, KEY_B, "pw ", "00112233445566778899"):
         assert secret.lower() not in repr(s).lower()
 
@@ -98,7 +100,7 @@ def test_quoting_and_backslashes_kept():
         ("-h x -p abc", "option -p: 'abc' is not a TCP port"),
         ("-h x -p 1 -a Medium", "option -a: 'Medium' is not allowed; use one of None, Low"),
         ("-h x -p 1 -r XX", "option -r: 'XX' is not allowed; use one of LN, SN"),
-        ("-h x -p 1 -i PLC", "option -i: PLC is not supported"),
+        ("-h x -p 1 -i PLC", "option -i: Plc is not supported"),
         ("-h x -p 1 -i Foo", "use one of HDLC, WRAPPER, HdlcWithModeE"),
         ("-h x -p 1 -N 0.0.43.0.0.255", "option -N is refused"),
         ("-h x -p 1 -E 0.0.43.0.0.255", "option -E is refused"),
@@ -113,7 +115,7 @@ def test_quoting_and_backslashes_kept():
         ("-h x -p 1 -w 9", "option -w: 9 is out of range 1..7"),
         ("-h x -p 1 -L 12", "option -L"),
         ("-h x -p 1 -G 5", "option -G"),
-        ("-h x -p 1 -G 1:xyz", "option -G: 'xyz' is not a hexadecimal"),
+        ("-h x -p 1 -G 1:0xyz", "option -G: '0xyz' is not a hexadecimal"),
         ("-h x", "option -p (TCP port) is missing"),
         ("-c 16", "needs -h host and -p port, or -S"),
         ("-h x -p 1 -S COM1", "exclude each other"),
@@ -140,3 +142,112 @@ def test_unquoted_password_words_not_echoed():
     with pytest.raises(ConnectionStringError) as info:
         parse_connection_string("-h x -p 1 -P first SECONDWORD")
     assert "SECONDWORD" not in str(info.value) and "first" not in str(info.value)
+
+
+_addr = GXDLMSClient.getServerAddress
+_serial = GXDLMSClient.getServerAddressFromSerialNumber
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        # Gurux's example clients: start at 1; -s N replaces 1 by N, a later -s is the
+        # physical part; -l L combines L with the current address as physical; -n uses
+        # the serial-number formula.  Expected values from Gurux's own functions.
+        ("", 1),
+        ("-s 1", 1),
+        ("-s 17", 17),
+        ("-l 1", _addr(1, 1)),
+        ("-s 0 -l 1", _addr(1, 0)),
+        ("-s 17 -l 1", _addr(1, 17)),
+        ("-l 1 -s 17", _addr(_addr(1, 1), 17)),
+        ("-s 5 -s 7", _addr(5, 7)),
+        ("-s 300 -l 2", _addr(2, 300)),
+        ("-n 12345678", _serial(12345678)),
+        ("-n 7", _serial(7)),
+        ("-s 17 -n 12345678", _serial(12345678)),
+    ],
+)
+def test_server_address_as_gurux_example_builds_it(options, expected):
+    s = parse_connection_string(f"-h x -p 1 {options}")
+    assert s.server_address == expected
+
+
+def test_server_address_that_does_not_fit():
+    with pytest.raises(ConnectionStringError) as info:
+        parse_connection_string("-h x -p 1 -n 12345678 -s 3")
+    assert "option -s" in str(info.value) and "physical" in str(info.value)
+    with pytest.raises(ConnectionStringError) as info:
+        parse_connection_string("-h x -p 1 -i WRAPPER -s 70000")
+    assert "16-bit WRAPPER address" in str(info.value)
+
+
+@pytest.mark.parametrize("options", ["-s 0", "-c 0"])
+def test_address_zero_is_refused_as_gurux_does(options):
+    with pytest.raises(ConnectionStringError) as info:
+        parse_connection_string(f"-h x -p 1 {options}")
+    assert "address 0" in str(info.value)
+
+
+def test_client_address_range_depends_on_framing():
+    assert parse_connection_string("-h x -p 1 -i WRAPPER -c 300").client_address == 300
+    with pytest.raises(ConnectionStringError) as info:
+        parse_connection_string("-h x -p 1 -c 300")
+    assert "one-byte HDLC client address" in str(info.value)
+
+
+def test_password_in_hex_after_0x():
+    s = parse_connection_string("-h x -p 1 -a Low -P 0x3132FF")
+    assert s.password.reveal() == b"12\xff"
+    assert parse_connection_string("-h x -p 1 -a Low -P 0X31").password.reveal() == "0X31"
+    with pytest.raises(ConnectionStringError) as info:
+        parse_connection_string("-h x -p 1 -a Low -P 0xSECRETZZ")
+    assert "SECRETZZ" not in str(info.value) and "option -P" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["highmd5", "HighMd5", "HIGHSHA1", "HighSha256", "highgmac"])
+def test_authentication_names_are_case_insensitive(name):
+    text = f"-h x -p 1 -a {name} -P pw -T 4775727578313233 -A {KEY_A} -B {KEY_B}"
+    assert parse_connection_string(text).authentication.lower() == name.lower()
+
+
+@pytest.mark.parametrize(
+    "tail, words",
+    [
+        ("-V Suite1", "option -V: Suite1 needs ECDH"),
+        ("-V suite2", "option -V: Suite2 needs ECDH"),
+        ("-K GeneralSigning", "option -K: GeneralSigning needs certificates"),
+        ("-a HighECDSA", "option -a: HighECDSA needs certificates"),
+        ("-i plc", "option -i: Plc is not supported"),
+        ("-N 0.0.43.0.0.255", "option -N is refused"),
+    ],
+)
+def test_refusals_keep_their_reason_after_a_key(tail, words):
+    # the reason of a refused value is shown even after a secret (it echoes no raw word)
+    text = f"-h x -p 1 -a Low -P secret -T 4775727578313233 -A {KEY_A} {tail}"
+    with pytest.raises(ConnectionStringError) as info:
+        parse_connection_string(text)
+    assert words in str(info.value)
+    assert "secret" not in str(info.value) and KEY_A not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "standard, utc", [("DLMS", False), ("India", True), ("Italy", True),
+                      ("SaudiArabia", True), ("IDIS", False)]
+)  # fmt: skip
+def test_standard_switches_utc_handling_like_gurux(standard, utc):
+    s = parse_connection_string(f"-h x -p 1 -d {standard}")
+    assert s.standard == standard and s.utc_to_normal_time is utc
+
+
+def test_gateway_address_hex_with_0x():
+    assert parse_connection_string("-h x -p 1 -G 2:0x0A0B").gateway == (2, b"\x0a\x0b")
+
+
+def test_gurux_defaults_of_the_window_options():
+    s = parse_connection_string("-h x -p 1")
+    assert (s.gbt_window_size, s.gbt_window_size_given) == (1, False)
+    assert not s.propose_general_protection and not s.utc_to_normal_time
+    s = parse_connection_string("-h x -p 1 -W 5 -w 7 -f 2030")
+    assert (s.gbt_window_size, s.hdlc_window_size, s.hdlc_frame_size) == (5, 7, 2030)
+    assert s.gbt_window_size_given

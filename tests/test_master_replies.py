@@ -18,7 +18,6 @@ from dlms2amqp import reply as replymod
 from dlms2amqp.config import build_config
 from dlms2amqp.daemon.broker import Delivery
 from dlms2amqp.daemon.master import Master
-from dlms2amqp.daemon.replystore import request_key
 
 
 class ScriptedBroker:
@@ -90,7 +89,7 @@ def answer(
 ) -> Delivery:
     master.broker = broker
     d = Delivery(1, 7, reply_to or None, REQUEST)
-    master.answer(request_key("r1", REQUEST), "r1", "reply-1", body, [d], split=split)
+    master.answer(master.store.key_for("r1", REQUEST), "r1", "reply-1", body, [d], split=split)
     broker.run()
     return d
 
@@ -145,7 +144,7 @@ def test_oversize_refused_is_what_the_store_keeps(master: Any) -> None:
     rep = orjson.loads(body)
     assert rep["Status"] == "notok" and "4096 bytes MaxReplyBytes" in rep["Error"]
     # the small refusal is stored, not the big reply: a redelivery gets the same bytes
-    assert master.store.get(request_key("r1", REQUEST)) == (rep["MsgID"], body)
+    assert master.store.get(master.store.key_for("r1", REQUEST)) == (rep["MsgID"], body)
 
 
 def test_the_broker_limit_once_known_wins_when_lower(master: Any) -> None:

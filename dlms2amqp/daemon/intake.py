@@ -36,11 +36,12 @@ from ..errors import GatewayError
 from ..meter.connstring import ConnSettings, parse_connection_string
 from ..request import ReadRequest, msg_id_of, request_from
 from .replysize import SPLIT_FIELD
-from .replystore import request_key
 
 
 class Replies(Protocol):
     """What the intake needs of the reply store."""
+
+    def key_for(self, msg_id: str, body: bytes) -> str: ...
 
     def get(self, key: str) -> Optional[tuple[str, bytes]]: ...
 
@@ -131,7 +132,7 @@ class Intake:
         msg_id = msg_id_of(data)
         if msg_id is None:
             return DeadLetter("body has no MsgID (string or number)", "no_msgid")
-        key = request_key(msg_id, body)
+        key = self.replies.key_for(msg_id, body)
         limit = self.delivery_limit
         stored = self.replies.get(key)
         if stored is not None:

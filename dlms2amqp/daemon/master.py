@@ -68,7 +68,9 @@ class Master:
         self.metrics = metrics or Metrics()
         self.log = logsetup.get_logger("dlms2amqp.master")
         self.ioloop = IOLoop()
-        self.store = ReplyStore(cfg.state_dir / "replies.sqlite3", cfg.ReplyStoreSize)
+        self.store = ReplyStore(
+            cfg.state_dir / "replies.sqlite3", cfg.ReplyStoreSize, cfg.ReplyStoreMaxBytes
+        )
         self.intake = Intake(self.store, cfg.MaxBodyBytes, cfg.DeliveryLimit, cfg.QueueType)
         self.broker = Broker(
             cfg,
@@ -439,9 +441,10 @@ class Master:
 
     def run(self) -> int:
         """Serve until stopped; raises the fatal error, if any."""
+        # the metrics port first: a port in use stops the start before any worker exists
+        self.metrics.serve(self.cfg.MetricsPort, self.cfg.MetricsAddress)
         self.install_signals()
         self.workers.start()
-        self.metrics.serve(self.cfg.MetricsPort, self.cfg.MetricsAddress)
         self.ioloop.call_later(TICK_SECONDS, self.tick)
         try:
             self.ioloop.start()

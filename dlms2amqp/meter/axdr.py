@@ -152,6 +152,51 @@ def decode_all(data: bytes) -> Any:
     return value
 
 
+def decode_value(data: bytes) -> tuple[Any, int]:
+    """Decode one complete value; returns (value, number of bytes after it).
+
+    Some meters append bytes after a complete value (Gurux's C reference meter does
+    after the clock and after the last profile block); Gurux's clients decode the value
+    and ignore the rest, so the gateway does too and lets the caller say so.  A value
+    that is itself cut short still raises.
+    """
+    value, pos = decode(data, 0)
+    return value, len(data) - pos
+
+
+def split_results(data: bytes) -> tuple[list, int]:
+    """A GET-with-list (or SN READ) result list -> ([bytes | int, ...], bytes after it).
+
+    ``data`` is the count and the results as the meter sent them: each result is
+    ``00`` + a value (returned as that value's own A-XDR bytes, for ``decode_value``)
+    or ``01`` + a data-access-result (returned as the int code).  Per-item results keep
+    one refused item from hiding the others.
+    """
+    if type(data) is not bytes:
+        data = bytes(data)
+    try:
+        count, pos = _length(data, 0)
+        out = []
+        for _ in range(count):
+            choice = data[pos]
+            if choice == 0:
+                _value, end = _decode(data, pos + 1)
+                out.append(data[pos + 1 : end])
+                pos = end
+            elif choice == 1:
+                out.append(data[pos + 1])
+                pos += 2
+            else:
+                raise MeterProtocolError(
+                    f"the meter's list reply holds an unknown result kind ({choice})"
+                )
+    except (IndexError, struct.error) as exc:
+        raise MeterProtocolError("the meter's list reply ended in the middle of a result") from exc
+    if pos > len(data):
+        raise MeterProtocolError("the meter's list reply ended in the middle of a result")
+    return out, len(data) - pos
+
+
 def _decode(data: bytes, pos: int) -> tuple[Any, int]:
     tag = data[pos]
     pos += 1
@@ -236,9 +281,33 @@ def _decode(data: bytes, pos: int) -> tuple[Any, int]:
     raise MeterProtocolError(f"the meter's reply holds an unsupported data type ({tag})")
 
 
-def decode_profile(data: bytes) -> list:
-    """Decode a profile buffer (array of structures); returns a list of rows (lists)."""
-    rows = decode_all(data)
+def single_result(data: bytes) -> tuple[Any, int]:
+    """The raw-data of SN READ blocks for one item -> (its Data bytes or error code, extra).
+
+    Meters put either the encoded result list there (count 1, choice, Data: what the
+    standard and real SN meters send) or the bare Data (what Gurux's servers send and
+    Gurux's clients expect).  The reading that leaves fewer bytes over wins; on a tie,
+    the bare Data.  ``extra`` counts the bytes after the value.
+    """
+    try:
+        _value, bare_extra = decode_value(data)
+    except MeterProtocolError:
+        bare_extra = None
+    if data[:1] == b"\x01" and data[1:2] in (b"\x00", b"\x01"):
+        try:
+            items, list_extra = split_results(data)
+        except MeterProtocolError:
+            items = []
+        if len(items) == 1 and items[0] != 0 and (bare_extra is None or list_extra < bare_extra):
+            return items[0], list_extra
+    if bare_extra is None:
+        raise MeterProtocolError("the meter's reply ended in the middle of a value")
+    return data[: len(data) - bare_extra], bare_extra
+
+
+def decode_profile(data: bytes) -> tuple[list, int]:
+    """Decode a profile buffer (array of structures) -> (rows as lists, bytes after it)."""
+    rows, extra = decode_value(data)
     if not isinstance(rows, list):
         raise MeterProtocolError("the profile buffer is not an array")
-    return rows
+    return rows, extra

@@ -3,10 +3,15 @@
 
 The proof of concept passed the request's ``ConnectionString`` to Gurux's
 example client; consumers keep sending those strings, so every option of the
-seed is understood here with Gurux's meaning and defaults.  Options that a
-gateway cannot honour (certificate generation, ECDSA signing, PLC media) are
-refused with a reason instead of being half-done.  Passwords and keys are kept
-in :class:`~dlms2amqp.secret.Secret`.
+seed is understood here with the meaning and defaults of Gurux's example
+clients (``GXSettings`` of Gurux.DLMS.Python and ``Settings`` of
+Gurux.DLMS.Net), options applied in the order given.  The server address is
+built the way those clients build it: ``-s N`` is the address N itself, ``-l``
+combines a logical address with the current address as physical, ``-n`` uses
+the serial-number formula (README "Connection strings").  Options that a
+gateway cannot honour (certificate generation, ECDSA, PLC media) are refused
+with a reason instead of being half-done.  Passwords and keys are kept in
+:class:`~dlms2amqp.secret.Secret`.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ INTERFACES = ("HDLC", "WRAPPER", "HdlcWithModeE")
 STANDARDS = ("DLMS", "India", "Italy", "SaudiArabia", "IDIS")
 TRACE_LEVELS = ("Off", "Error", "Warning", "Info", "Verbose")
 PARITIES = ("None", "Odd", "Even", "Mark", "Space")
+_UNSUPPORTED_INTERFACES = ("Plc", "PlcHdlc", "LPWAN", "WiSUN", "PlcPrime", "CoAP", "WirelessMBus")
 
 _FLAGS = {"I"}  # options without a value
+#: Gurux's default server address; ``-s`` replaces it, later ``-s``/``-l`` combine with it
+DEFAULT_SERVER_ADDRESS = 1
 _REFUSED = {
     "E": "exporting certificates from the meter is not supported by the gateway",
     "N": "generating certificates (Gurux web service) is not supported by the gateway",
@@ -52,9 +60,10 @@ class ConnSettings:
     authentication: str = "None"
     password: Optional[Secret] = None
     client_address: int = 16
-    server_address: int = 1
-    logical_address: Optional[int] = None
-    serial_number: Optional[int] = None
+    #: the address exactly as Gurux's example client computes it from -s/-l/-n
+    server_address: int = DEFAULT_SERVER_ADDRESS
+    logical_address: Optional[int] = None  # last -l value (informational)
+    serial_number: Optional[int] = None  # last -n value (informational)
     referencing: str = "LN"
     trace: str = "Off"
     get_list: list = field(default_factory=list)  # [(obis, attribute_index)]
@@ -71,10 +80,15 @@ class ConnSettings:
     dedicated_key: Optional[Secret] = None
     initial_invocation_counter: Optional[int] = None
     standard: str = "DLMS"
+    #: -d India/Italy/SaudiArabia: date-time deviations in the meter's "normal" sign
+    utc_to_normal_time: bool = False
+    #: -K given: Gurux's .NET client then proposes general-protection (it matters for SN)
+    propose_general_protection: bool = False
     gateway: Optional[tuple] = None  # (network_id, physical device address bytes)
     interface: str = "HDLC"
     mac_address: Optional[int] = None
     gbt_window_size: int = 1
+    gbt_window_size_given: bool = False  # -W present: propose general block transfer
     hdlc_window_size: int = 1
     hdlc_frame_size: int = 128
     manufacturer_id: Optional[str] = None
@@ -117,8 +131,20 @@ class ConnSettings:
             self.baud_rate,
             self.hdlc_window_size,
             self.hdlc_frame_size,
+            self.gbt_window_size_given,
+            self.gbt_window_size,
+            self.propose_general_protection,
+            self.meter_system_title,
             self.standard,
         )
+
+
+class _Refused(ConnectionStringError):
+    """A recognised value the gateway refuses: its reason is shown wherever it stands.
+
+    The message names only the canonical spelling of the value, never the raw word, so
+    it cannot echo the second word of an unquoted password.
+    """
 
 
 def _choice(opt: str, value: str, allowed: tuple, aliases: Optional[dict] = None) -> str:
@@ -223,7 +249,6 @@ def parse_connection_string(text: str) -> ConnSettings:
     tokens = tokenize(text)
     s = ConnSettings()
     i = 0
-    seen_s = False
     secret_seen = False
     while i < len(tokens):
         tok = tokens[i]
@@ -257,7 +282,9 @@ def parse_connection_string(text: str) -> ConnSettings:
         value = tokens[i]
         i += 1
         try:
-            _apply(s, opt, value, seen_s)
+            _apply(s, opt, value)
+        except _Refused:
+            raise
         except ConnectionStringError:
             if not secret_seen or opt in SECRET_OPTIONS:
                 raise
@@ -268,13 +295,37 @@ def parse_connection_string(text: str) -> ConnSettings:
             ) from None
         if opt in SECRET_OPTIONS:
             secret_seen = True
-        if opt == "s":
-            seen_s = True
     _check(s)
     return s
 
 
-def _apply(s: ConnSettings, opt: str, value: str, seen_s: bool) -> None:
+def _combine(opt: str, logical: int, physical: int) -> int:
+    """GXDLMSClient.getServerAddress: one-byte halves if both fit, else 14-bit halves."""
+    if logical < 0x80 and physical < 0x80:
+        return logical << 7 | physical
+    if logical < 0x4000 and physical < 0x4000:
+        return logical << 14 | physical
+    raise ConnectionStringError(
+        f"option -{opt}: logical address {logical} and physical address {physical} do not "
+        "fit in a server address (each must be below 16384); note that -s after -l or -n "
+        "is taken as the physical address"
+    )
+
+
+def _password(value: str) -> Secret:
+    """-P: ASCII, or hexadecimal bytes after a 0x prefix (as Gurux's clients read it)."""
+    if value.startswith("0x"):
+        try:
+            return Secret(bytes.fromhex(value[2:].replace(" ", "")))
+        except ValueError:
+            raise ConnectionStringError(
+                "option -P: the value starts with 0x but is not hexadecimal "
+                "(0x marks a password given in hex, e.g. -P 0x3030303030303030)"
+            ) from None
+    return Secret(value)
+
+
+def _apply(s: ConnSettings, opt: str, value: str) -> None:
     if opt == "h":
         if not value.strip():
             raise ConnectionStringError("option -h: empty host name")
@@ -285,22 +336,35 @@ def _apply(s: ConnSettings, opt: str, value: str, seen_s: bool) -> None:
         _serial(s, value)
     elif opt == "a":
         if value.strip().lower() == "highecdsa":
-            raise ConnectionStringError(
+            raise _Refused(
                 "option -a: HighECDSA needs certificates, which the gateway does not support"
             )
         s.authentication = _choice("a", value, AUTHENTICATIONS)
     elif opt == "P":
-        s.password = Secret(value)
+        s.password = _password(value)
     elif opt == "c":
-        s.client_address = _int("c", value, 0, 0x7F, "a client address")
+        s.client_address = _int("c", value, 0, 0xFFFF, "a client address")
     elif opt == "s":
-        s.server_address = _int("s", value, 0, 0x3FFF, "a server address")
+        number = _int("s", value, 0, 0x0FFFFFFF, "a server address")
+        if s.server_address != DEFAULT_SERVER_ADDRESS:
+            # Gurux: a second address option makes -s the physical part
+            s.server_address = _combine("s", s.server_address, number)
+        else:
+            s.server_address = number
     elif opt == "l":
         s.logical_address = _int("l", value, 0, 0x3FFF, "a logical server address")
+        s.server_address = _combine("l", s.logical_address, s.server_address)
     elif opt == "n":
-        s.serial_number = _int("n", value, 0, 0xFFFFFFFF, "a serial number")
+        s.serial_number = _int("n", value, 0, 0x7FFFFFFF, "a serial number")
+        # GXDLMSClient.getServerAddressFromSerialNumber with Gurux's default formula
+        s.server_address = (1 << 14) | (s.serial_number % 10000 + 1000)
     elif opt == "r":
-        s.referencing = _choice("r", value, ("LN", "SN"))
+        referencing = _choice("r", value, ("LN", "SN"))
+        if referencing != s.referencing:
+            # Gurux recomputes the proposed conformance when the referencing changes,
+            # dropping what an earlier -K added
+            s.propose_general_protection = False
+        s.referencing = referencing
     elif opt == "t":
         s.trace = _choice("t", value, TRACE_LEVELS)
     elif opt == "g":
@@ -310,7 +374,7 @@ def _apply(s: ConnSettings, opt: str, value: str, seen_s: bool) -> None:
     elif opt == "V":
         suite = _choice("V", value, ("Suite0", "Suite1", "Suite2"), {"0": "Suite0"})
         if suite != "Suite0":
-            raise ConnectionStringError(
+            raise _Refused(
                 f"option -V: {suite} needs ECDH key agreement, which the gateway does "
                 "not support; use Suite0"
             )
@@ -328,11 +392,12 @@ def _apply(s: ConnSettings, opt: str, value: str, seen_s: bool) -> None:
             ),
         )
         if signing != "None":
-            raise ConnectionStringError(
+            raise _Refused(
                 f"option -K: {signing} needs certificates, which the gateway does not "
                 "support; use None"
             )
         s.signing = signing
+        s.propose_general_protection = True
     elif opt == "v":
         s.invocation_counter_obis = _obis("v", value)
     elif opt == "o":
@@ -351,6 +416,7 @@ def _apply(s: ConnSettings, opt: str, value: str, seen_s: bool) -> None:
         s.initial_invocation_counter = _int("F", value, 0, 0xFFFFFFFF, "a counter")
     elif opt == "d":
         s.standard = _choice("d", value, STANDARDS)
+        s.utc_to_normal_time = s.standard in ("India", "Italy", "SaudiArabia")
     elif opt == "G":
         net, sep, addr = value.partition(":")
         if not sep:
@@ -358,22 +424,27 @@ def _apply(s: ConnSettings, opt: str, value: str, seen_s: bool) -> None:
                 "option -G: expected NetworkId:PhysicalDeviceAddress (example: 1:12345678)"
             )
         text = addr.strip()
-        if len(text) % 2:
-            text = "0" + text
-        try:
-            device = bytes.fromhex(text)
-        except ValueError:
-            raise ConnectionStringError(
-                f"option -G: {addr.strip()!r} is not a hexadecimal physical device address"
-            ) from None
+        if text.startswith("0x"):  # Gurux: 0x... is hex, anything else its ASCII bytes
+            digits = text[2:]
+            if len(digits) % 2:
+                digits = "0" + digits
+            try:
+                device = bytes.fromhex(digits)
+            except ValueError:
+                raise ConnectionStringError(
+                    f"option -G: {text!r} is not a hexadecimal physical device address"
+                ) from None
+        else:
+            device = text.encode("ascii", "replace")
         if not device:
             raise ConnectionStringError("option -G: the physical device address is empty")
         s.gateway = (_int("G", net, 0, 255, "a network id"), device)
     elif opt == "i":
         low = value.strip().lower()
-        if low in ("plc", "plchdlc", "lpwan", "wisun", "plcprime", "coap", "wirelessmbus"):
-            raise ConnectionStringError(
-                f"option -i: {value} is not supported by the gateway; use one of "
+        unsupported = {n.lower(): n for n in _UNSUPPORTED_INTERFACES}
+        if low in unsupported:
+            raise _Refused(
+                f"option -i: {unsupported[low]} is not supported by the gateway; use one of "
                 + ", ".join(INTERFACES)
             )
         s.interface = _choice("i", value, INTERFACES)
@@ -381,6 +452,7 @@ def _apply(s: ConnSettings, opt: str, value: str, seen_s: bool) -> None:
         s.mac_address = _int("m", value, 0, 0xFFFF, "a MAC address")
     elif opt == "W":
         s.gbt_window_size = _int("W", value, 1, 63, "a window size")
+        s.gbt_window_size_given = True
     elif opt == "w":
         s.hdlc_window_size = _int("w", value, 1, 7, "a window size")
     elif opt == "f":
@@ -391,7 +463,7 @@ def _apply(s: ConnSettings, opt: str, value: str, seen_s: bool) -> None:
             raise ConnectionStringError(
                 f"option -L: {value!r} is not a three-letter manufacturer id (example: LGZ)"
             )
-        s.manufacturer_id = text.upper()
+        s.manufacturer_id = text  # as given: Gurux compares it case-sensitively ("LGZ")
 
 
 def _check(s: ConnSettings) -> None:
@@ -418,5 +490,23 @@ def _check(s: ConnSettings) -> None:
             raise ConnectionStringError(
                 f"ciphering (-C {s.security}, -a {s.authentication}) needs " + ", ".join(missing)
             )
+    if s.server_address == 0:
+        raise ConnectionStringError(
+            "options -s/-l/-n: server address 0 is not a meter address (-s 0 alone; "
+            "with -l, -s 0 is the physical part: -s 0 -l 1)"
+        )
+    if s.client_address == 0:
+        raise ConnectionStringError("option -c: client address 0 is not allowed (1..127)")
+    if s.interface == "WRAPPER":
+        if s.server_address > 0xFFFF:
+            raise ConnectionStringError(
+                f"options -s/-l/-n: server address {s.server_address} does not fit in the "
+                "16-bit WRAPPER address (0..65535)"
+            )
+    elif s.client_address > 0x7F:
+        raise ConnectionStringError(
+            f"option -c: client address {s.client_address} does not fit in the one-byte "
+            "HDLC client address (1..127)"
+        )
     if s.interface == "HdlcWithModeE" and s.serial_port is None:
         raise ConnectionStringError("option -i HdlcWithModeE needs a serial port (-S)")

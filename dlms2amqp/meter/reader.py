@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 _OBIS_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
 CLOCK_OBIS = "0.0.1.0.0.255"
-PROFILE, REGISTER, EXT_REGISTER, DATA, CLOCK = 7, 3, 4, 1, 8
+PROFILE, REGISTER, EXT_REGISTER, DEMAND_REGISTER, DATA, CLOCK = 7, 3, 4, 5, 1, 8
 
 
 @dataclass
@@ -57,6 +57,7 @@ class ReaderOptions:
     state_dir: Optional[Path] = None  # invocation counters
     trace: bool = False
     trace_sink: Optional[Callable[[str], None]] = None  # default: stderr
+    max_rows: int = 0  # profile rows per request (MaxRows); 0 = no bound
 
 
 _stores: dict = {}
@@ -125,8 +126,8 @@ class FrameTracer:
     A Low password travels in clear inside the AARQ, and an AARQ may be split over several
     HDLC frames, so a pattern search per frame cannot be trusted to find all of it.  While
     the session sends its AARQ (``masking``), every TX byte after the first four is
-    masked; the other frames are shown with the known secrets and any
-    calling-authentication-value masked.
+    masked; the other frames, sent and received (a meter may echo the password), are
+    shown with the known secrets and any calling-authentication-value masked.
     """
 
     def __init__(self, settings: ConnSettings, sink: Optional[Callable[[str], None]]):
@@ -145,7 +146,7 @@ class FrameTracer:
         spans = []
         if direction == "TX" and self.masking:
             spans.append((4, len(data)))
-        for secret in self.secrets if direction == "TX" else ():
+        for secret in self.secrets:  # RX too: a meter may echo the password
             start = data.find(secret)
             while start >= 0:
                 spans.append((start, start + len(secret)))
@@ -158,6 +159,10 @@ class FrameTracer:
             for i in range(start, min(end, len(hexes))):
                 hexes[i] = "**"
         self.out(f"{direction} {' '.join(hexes)}")
+
+    def note(self, text: str) -> None:
+        """A line about what the gateway decided (``-- 3 trailing bytes ... ignored``)."""
+        self.out(f"-- {text}")
 
 
 def make_tracer(settings: ConnSettings, sink: Optional[Callable[[str], None]]) -> FrameTracer:
@@ -232,23 +237,51 @@ def _code(obis: str, attr: int) -> str:
     return obis if attr == 2 else f"{obis}:{attr}"
 
 
+#: data-access results that may mean "the class guessed from the OBIS code is wrong":
+#: object-undefined, object-class-inconsistent, object-unavailable, and read-write-denied,
+#: which some meters answer for a wrong class (Gurux's C reference meter does)
+WRONG_CLASS = NOT_FOUND | {3}
+
+
 def _get(session: MeterSession, obis: str, attr: int, selector: int = 0, params=None):
     """GET with the class id guessed, corrected from the object list when the meter objects."""
     class_id = session.class_cache.get(obis) or guess_class(obis)
     try:
         return class_id, session.get_raw(class_id, obis, attr, selector, params)
     except DataAccessError as exc:
-        if exc.code not in NOT_FOUND or obis in session.class_cache:
+        if exc.code not in WRONG_CLASS or obis in session.class_cache:
             raise
         original = exc
+    real = _class_from_object_list(session, obis, original)
+    if real == class_id:
+        raise original  # the class was right: the meter means what it said
+    return real, session.get_raw(real, obis, attr, selector, params)
+
+
+def _class_from_object_list(session: MeterSession, obis: str, original: DataAccessError) -> int:
+    """The object's class from the association's object list, or why it cannot be read."""
     try:
         session.load_object_list()
     except ObjectError:
         raise original from None
     real = session.class_cache.get(obis)
     if real is None:
+        if original.code == 3:
+            # the meter said "denied" and its object list does not show the object
+            raise DataAccessError(
+                f"{original.message}; {obis} is not in this association's object list", 3
+            ) from original
         raise ObjectError(f"unknown object {obis}: not in the meter's object list") from original
-    return real, session.get_raw(real, obis, attr, selector, params)
+    session.note(f"{obis} is class {real} in the meter's object list")
+    return real
+
+
+def _decode(session: MeterSession, raw: bytes, what: str):
+    """A complete value; bytes after it are ignored as Gurux's clients do, and said in --trace."""
+    value, extra = axdr.decode_value(raw)
+    if extra:
+        session.note(f"{extra} trailing bytes after the value of {what} ignored")
+    return value
 
 
 def _read(session: MeterSession, request: ReadRequest, settings: ConnSettings, options) -> list:
@@ -258,11 +291,11 @@ def _read(session: MeterSession, request: ReadRequest, settings: ConnSettings, o
     obis = request.obis
     class_id = session.class_cache.get(obis) or guess_class(obis)
     if class_id == PROFILE:
-        return _read_profile(session, request, fmt)
+        return _read_profile(session, request, fmt, options.max_rows)
     class_id, raw = _get(session, obis, 2)
     session.class_cache[obis] = class_id
     if class_id == PROFILE:
-        return _read_profile(session, request, fmt)
+        return _read_profile(session, request, fmt, options.max_rows)
     return _records_for(session, class_id, obis, raw, fmt)
 
 
@@ -271,19 +304,19 @@ def _now() -> datetime:
 
 
 def _records_for(session: MeterSession, class_id: int, obis: str, raw: bytes, fmt: str) -> list:
-    value = axdr.decode_all(raw)
+    value = _decode(session, raw, obis)
     if class_id == CLOCK:
         dt = axdr.to_datetime(value) if isinstance(value, bytes) else value
         shown = format_datetime(dt, fmt) if isinstance(dt, datetime) else value
         return [record(dt if isinstance(dt, datetime) else _now(), obis, shown, fmt)]
-    if class_id in (REGISTER, EXT_REGISTER):
+    if class_id in (REGISTER, EXT_REGISTER, DEMAND_REGISTER):  # attribute 3: scaler_unit
         scaler = unit = None
-        su = axdr.decode_all(session.get_raw(class_id, obis, 3))
+        su = _decode(session, session.get_raw(class_id, obis, 3), f"{obis} attribute 3")
         if isinstance(su, list) and len(su) == 2:
             scaler, unit = su
         when = _now()
         if class_id == EXT_REGISTER:
-            captured = axdr.decode_all(session.get_raw(class_id, obis, 5))
+            captured = _decode(session, session.get_raw(class_id, obis, 5), f"{obis} attribute 5")
             dt = axdr.to_datetime(captured) if isinstance(captured, bytes) else captured
             if isinstance(dt, datetime):
                 when = dt
@@ -300,34 +333,132 @@ def _list_value(value, class_id: int, fmt: str):
 
 
 def _read_list(session: MeterSession, items: list, fmt: str) -> list:
-    """-g: one GET-with-list when the meter negotiated it, else one GET per attribute."""
+    """-g: GET-with-list when the meter negotiated it, else one GET per attribute.
+
+    A refused attribute becomes a record with an ``Error`` of its own and an empty
+    ``Value``; the others are read as usual.  Only when every attribute is refused is the
+    reply ``notok`` (with the first reason).
+    """
+    results = None
     if len(items) > 1 and session.supports_list_reads():
-        classes = [session.class_cache.get(o) or guess_class(o) for o, _ in items]
         try:
-            values = session.get_list([(c, o, a) for c, (o, a) in zip(classes, items)])
+            results = _get_list(session, items)
         except (ObjectError, MeterProtocolError):
-            pass  # refused or partly unknown: read one by one, with class correction
-        else:
-            now = _now()
-            return [
-                record(now, _code(o, a), _list_value(v, c, fmt), fmt)
-                for c, (o, a), v in zip(classes, items, values)
-            ]
+            if not session.alive:
+                raise
+            session.note("the list read was refused; reading the attributes one by one")
+    if results is None:
+        results = []
+        for obis, attr in items:
+            try:
+                results.append(_get(session, obis, attr))
+            except ObjectError as exc:
+                if not session.alive:
+                    raise
+                results.append(exc)
+    if all(isinstance(r, ObjectError) for r in results):
+        raise results[0]
     records = []
-    for obis, attr in items:
-        class_id, raw = _get(session, obis, attr)
-        value = _list_value(axdr.decode_all(raw), class_id, fmt)
-        records.append(record(_now(), _code(obis, attr), value, fmt))
+    now = _now()
+    for (obis, attr), result in zip(items, results):
+        code = _code(obis, attr)
+        if isinstance(result, ObjectError):
+            rec = record(now, code, None, fmt)
+            rec["Error"] = result.message
+        else:
+            class_id, raw = result
+            value = _list_value(_decode(session, raw, code), class_id, fmt)
+            rec = record(now, code, value, fmt)
+        records.append(rec)
     return records
 
 
-def _read_profile(session: MeterSession, request: ReadRequest, fmt: str) -> list:
+def _get_list(session: MeterSession, items: list) -> list:
+    """GET-with-list -> per item (class, raw) or its ObjectError; wrong classes corrected."""
+    classes = [session.class_cache.get(o) or guess_class(o) for o, _ in items]
+    answers = session.get_list([(c, o, a) for c, (o, a) in zip(classes, items)])
+    guessed = [
+        i for i, (a, (o, _)) in enumerate(zip(answers, items))
+        if isinstance(a, DataAccessError) and a.code in WRONG_CLASS and o not in session.class_cache
+    ]  # fmt: skip
+    again = []
+    for i in guessed:
+        try:
+            real = _class_from_object_list(session, items[i][0], answers[i])
+        except ObjectError as exc:
+            answers[i] = exc
+            continue
+        if real != classes[i]:
+            classes[i] = real
+            again.append(i)
+    if again:
+        fixed = session.get_list([(classes[i], *items[i]) for i in again])
+        for i, answer in zip(again, fixed):
+            answers[i] = answer
+    return [a if isinstance(a, ObjectError) else (c, a) for c, a in zip(classes, answers)]
+
+
+def _array_count(raw: bytes) -> Optional[int]:
+    """Elements announced by an A-XDR array header (tag 1, length), without decoding."""
+    if len(raw) < 2 or raw[0] != 0x01:
+        return None
+    first = raw[1]
+    if first < 0x80:
+        return first
+    n = first & 0x7F
+    if n == 0 or len(raw) < 2 + n:
+        return None
+    return int.from_bytes(raw[2 : 2 + n], "big")
+
+
+def _check_range_rows(
+    session: MeterSession, obis: str, start: datetime, end: datetime, max_rows: int
+) -> None:
+    """Refuse, before the meter is asked, a range holding more than ``max_rows`` rows.
+
+    Needs the capture period (attribute 4, one more GET), so it is read only for a range
+    longer than ``max_rows`` minutes, which could hold too many rows at a period of a
+    minute or more (with the default that is 34 days: a one-day read pays nothing).  A
+    shorter range, a period of 0 (captured on events) or an unreadable one leaves the
+    bound to ``_check_buffer_rows``, on the rows the meter announces.
+    """
+    span = (end - start).total_seconds()
+    if span < max_rows * 60:
+        return
+    try:
+        period = _decode(session, session.get_raw(PROFILE, obis, 4), f"{obis} attribute 4")
+    except ObjectError:
+        return
+    if not isinstance(period, int) or isinstance(period, bool) or period <= 0:
+        return
+    rows = int(span // period) + 1
+    if rows > max_rows:
+        most = (max_rows - 1) * period
+        shorter = f"{most // 86400} days" if most >= 86400 else f"{max(1, most // 3600)} hours"
+        raise RequestError(
+            f"dtFrom..dtTo spans {span / 86400:.0f} days: at the capture period of {obis}"
+            f" ({period} s) that is up to {rows} rows, more than MaxRows {max_rows}; ask for"
+            f" at most {shorter} per request"
+        )
+
+
+def _check_buffer_rows(raw: bytes, obis: str, max_rows: int, ranged: bool) -> None:
+    """Refuse a buffer of more than ``max_rows`` rows before it is decoded into records."""
+    count = _array_count(raw)
+    if count is not None and count > max_rows:
+        hint = "ask for a shorter range" if ranged else "read it by range (dtFrom, dtTo)"
+        raise RequestError(
+            f"the meter returned {count} rows of {obis}, more than MaxRows {max_rows}: {hint}"
+        )
+
+
+def _read_profile(session: MeterSession, request: ReadRequest, fmt: str, max_rows: int = 0) -> list:
     obis = request.obis
     class_id, raw = _get(session, obis, 3)
     if class_id != PROFILE:
         raise ObjectError(f"{obis} is not a profile (class {class_id})")
     session.class_cache[obis] = PROFILE
-    capture = axdr.decode_all(raw)
+    capture = _decode(session, raw, f"{obis} attribute 3")
     columns = []
     clock_col = None
     for i, col in enumerate(capture or []):
@@ -342,14 +473,21 @@ def _read_profile(session: MeterSession, request: ReadRequest, fmt: str) -> list
             clock_col = i
         columns.append(_code(col_obis, attr))
     start, end = request.dt_from, request.dt_to
-    if start is None and end is None:
+    ranged = start is not None or end is not None
+    if not ranged:
         raw = session.get_raw(PROFILE, obis, 2)
     else:
         end = end or _now()
         start = start or end - timedelta(days=1)
+        if max_rows:
+            _check_range_rows(session, obis, start, end, max_rows)
         step = f"reading {obis} from {start.isoformat()} to {end.isoformat()}"
         raw = session.get_raw(PROFILE, obis, 2, 1, range_selector(start, end), step=step)
-    rows = axdr.decode_profile(raw)
+    if max_rows:
+        _check_buffer_rows(raw, obis, max_rows, ranged)
+    rows, extra = axdr.decode_profile(raw)
+    if extra:
+        session.note(f"{extra} trailing bytes after the buffer of {obis} ignored")
     return profile_records(rows, columns, clock_col, fmt)
 
 

@@ -20,10 +20,12 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
-from gurux_dlms import GXByteBuffer, GXDLMSClient, GXDLMSException, GXReplyData
+from gurux_dlms import GXByteBuffer, GXDLMSClient, GXDLMSException
 from gurux_dlms.enums import (
     Authentication,
+    Conformance,
     InterfaceType,
+    RequestTypes,
     Security,
     Standard,
 )
@@ -41,12 +43,10 @@ from ..errors import (
     MeterTimeoutError,
     ObjectError,
 )
-from . import (
-    axdr,
-    gurux_compat,  # noqa: F401  (patches Gurux on import)
-)
+from . import axdr
 from .connstring import ConnSettings
 from .counters import BLOCK, CounterStore, counter_key
+from .gurux_compat import ReplyData  # (patches Gurux on import)
 from .media import Media, SerialMedia, TcpMedia
 
 _AUTH = {
@@ -92,9 +92,11 @@ DATA_ACCESS_RESULTS = {
 }
 #: results that mean "this (class, OBIS) does not exist here" (the class guess may be wrong)
 NOT_FOUND = {4, 9, 11}
-#: HDLC max info field: Gurux mis-frames HDLC frames over 255 bytes (gurux-facts.md)
-HDLC_MAX_INFO = 247
 MAX_REPLY_BYTES = 8 * 1024 * 1024
+#: Gurux exceptions that mean "the meter answered no" (the association is fine)
+_REFUSALS = (GXDLMSExceptionResponse, GXDLMSConfirmedServiceError)
+#: bytes a glo-ciphered APDU adds (tag, length, security control, invocation counter, tag)
+CIPHER_OVERHEAD = 20
 
 
 def gurux_to_native(v: Any) -> Any:
@@ -193,42 +195,51 @@ class MeterSession:
 
     # --- setup -------------------------------------------------------------------
     def _server_address(self) -> int:
-        s = self.settings
-        if s.interface == "WRAPPER":
-            return s.logical_address if s.logical_address is not None else s.server_address
-        if s.serial_number is not None:
-            logical = s.logical_address if s.logical_address is not None else 1
-            return GXDLMSClient.getServerAddressFromSerialNumber(s.serial_number, logical)
-        logical = s.logical_address if s.logical_address is not None else s.server_address
-        return GXDLMSClient.getServerAddress(logical, 0)
+        """The address as Gurux's example client builds it (connstring did the -s/-l/-n)."""
+        return self.settings.server_address
 
     def _make_client(self, public: bool = False) -> GXDLMSClient:
+        """A Gurux client set up the way Gurux's example client sets it up from the string.
+
+        Always the secure client, as Gurux's examples use: the High family needs its
+        ciphering object even without -C (the plain client has none).
+        """
         s = self.settings
         ln = s.referencing == "LN"
         itype = _INTERFACE[s.interface]
         server = self._server_address()
         if public:
-            client = GXDLMSClient(ln, 16, server, Authentication.NONE, None, itype)
-        elif s.security != "None" or s.authentication == "HighGMAC":
+            client = GXDLMSSecureClient(ln, 16, server, Authentication.NONE, None, itype)
+        else:
             password = s.password.reveal() if s.password else None
+            if isinstance(password, bytes):
+                password = bytearray(password)
             client = GXDLMSSecureClient(
                 ln, s.client_address, server, _AUTH[s.authentication], password, itype
             )
             c = client.ciphering
             c.security = _SECURITY[s.security]
-            c.systemTitle = bytearray(s.system_title)
-            c.authenticationKey = bytearray(s.authentication_key.reveal())
-            c.blockCipherKey = bytearray(s.block_cipher_key.reveal())
+            if s.system_title is not None:
+                c.systemTitle = bytearray(s.system_title)
+            if s.authentication_key is not None:
+                c.authenticationKey = bytearray(s.authentication_key.reveal())
+            if s.block_cipher_key is not None:
+                c.blockCipherKey = bytearray(s.block_cipher_key.reveal())
             if s.dedicated_key is not None:
                 c.dedicatedKey = bytearray(s.dedicated_key.reveal())
-        else:
-            password = s.password.reveal() if s.password else None
-            client = GXDLMSClient(
-                ln, s.client_address, server, _AUTH[s.authentication], password, itype
-            )
+            # -M is not handed to Gurux as serverSystemTitle (pre-established title): in
+            # gurux-dlms that switches every GET to general-glo-ciphering even where the
+            # meter did not negotiate general-protection, which such meters refuse; it
+            # changes nothing in the SNRM or AARQ.  -M keys the invocation counter instead.
+            if s.propose_general_protection:
+                client.proposedConformance |= Conformance.GENERAL_PROTECTION
         client.standard = _STANDARD[s.standard]
-        if s.gbt_window_size != 1:
-            client.setGbtWindowSize(s.gbt_window_size)
+        client.useUtc2NormalTime = s.utc_to_normal_time
+        if s.gbt_window_size_given and ln:
+            # -W: Gurux's .NET client proposes general block transfer for LN and sets the
+            # window (the Python example's -W is a no-op through a typo in gurux-dlms)
+            client.settings.gbtWindowSize = s.gbt_window_size
+            client.proposedConformance |= Conformance.GENERAL_BLOCK_TRANSFER
         if s.gateway is not None:
             from gurux_dlms.GXDLMSGateway import GXDLMSGateway
 
@@ -240,9 +251,9 @@ class MeterSession:
         if s.manufacturer_id:
             client.manufacturerId = s.manufacturer_id
         if s.interface != "WRAPPER":
-            size = min(s.hdlc_frame_size, HDLC_MAX_INFO)
-            client.hdlcSettings.maxInfoTX = size
-            client.hdlcSettings.maxInfoRX = size
+            # frames over 255 bytes are framed correctly by gurux_compat's HDLC patch
+            client.hdlcSettings.maxInfoTX = s.hdlc_frame_size
+            client.hdlcSettings.maxInfoRX = s.hdlc_frame_size
             client.hdlcSettings.windowSizeTX = s.hdlc_window_size
             client.hdlcSettings.windowSizeRX = s.hdlc_window_size
         return client
@@ -319,9 +330,34 @@ class MeterSession:
         self._parse("association", client.parseAareResponse, reply.data)
         self.associated = True
         if client.getIsAuthenticationRequired():
-            step = "authentication"
+            self._authenticate(client)
+
+    def _authenticate(self, client: GXDLMSClient) -> None:
+        """HLS pass 3/4: answer the meter's challenge and check its answer to ours."""
+        step = "authentication"
+        try:
             reply = self._request(client.getApplicationAssociationRequest(), step, raw=False)
-            self._parse(step, client.parseApplicationAssociationResponse, reply.data)
+        except ObjectError as exc:  # a confirmed-service-error to reply_to_HLS_authentication
+            raise AuthenticationError(self._hls_refused()) from exc
+        if reply.error:  # the action answered with a result other than success
+            raise AuthenticationError(self._hls_refused())
+        try:
+            # Gurux raises a bare Exception when the meter's f(CtoS) is missing or wrong
+            client.parseApplicationAssociationResponse(reply.data)
+        except Exception as exc:
+            raise AuthenticationError(self._hls_refused()) from exc
+
+    def _hls_refused(self) -> str:
+        s = self.settings
+        if s.authentication == "HighGMAC":
+            check = "the keys (-A, -B) and the system title (-T)"
+        else:
+            check = "the password (-P)"
+        return (
+            f"Authentication failure: the meter did not accept the {s.authentication} "
+            f"login (it refused our answer to its challenge, or did not answer ours "
+            f"correctly); check {check} and the client address (-c)"
+        )
 
     def _parse(self, step: str, fn, data) -> None:
         try:
@@ -407,43 +443,108 @@ class MeterSession:
         frames = self.client._read(name, class_id, attr, data)
         reply = self._request(frames, step, raw=True)
         if reply.error:
-            text = DATA_ACCESS_RESULTS.get(reply.error, f"error {reply.error}")
-            if reply.error in NOT_FOUND:
-                msg = f"unknown object {obis} (class {class_id}): the meter answered {text}"
-            elif reply.error == 3:
-                msg = f"access denied to {obis} attribute {attr} ({text})"
-            else:
-                msg = f"the meter refused {obis} attribute {attr}: {text}"
-            raise DataAccessError(msg, reply.error)
-        return bytes(reply.data.array())
+            raise self._access_error(class_id, obis, attr, reply.error)
+        raw = bytes(reply.data.array())
+        if reply.read_blocks and self.settings.referencing == "SN":
+            # SN READ blocks carry the result list or the bare Data, depending on the meter
+            result, extra = axdr.single_result(raw)
+            if isinstance(result, int):
+                raise self._access_error(class_id, obis, attr, result)
+            if extra:
+                self.note(f"{extra} trailing bytes after the value of {obis} ignored")
+            return result
+        return raw
 
-    def get_list(self, items: list) -> list:
-        """GET-with-list: [(class_id, obis, attr)] -> values decoded by Gurux (small)."""
+    @staticmethod
+    def _access_error(class_id: int, obis: str, attr: int, code: int) -> DataAccessError:
+        text = DATA_ACCESS_RESULTS.get(code, f"error {code}")
+        if code in NOT_FOUND:
+            msg = f"unknown object {obis} (class {class_id}): the meter answered {text}"
+        elif code == 3:
+            msg = f"access denied to {obis} attribute {attr} ({text})"
+        else:
+            msg = f"the meter refused {obis} attribute {attr}: {text}"
+        return DataAccessError(msg, code)
+
+    def list_chunk(self) -> int:
+        """How many attributes one GET-with-list may carry on this association.
+
+        As Gurux's clients do: the request must fit in one APDU of the size the meter
+        negotiated (10 bytes per attribute, 12 for the header, room for a ciphering
+        header), and never more than 10 attributes ("all meters can handle 10").
+        """
+        budget = int(self.client.settings.maxPduSize) - 12
+        if self._ciphered():
+            budget -= CIPHER_OVERHEAD
+        return max(1, min(10, budget // 10))
+
+    def get_list(self, items: list, step: Optional[str] = None) -> list:
+        """GET-with-list: [(class_id, obis, attr)] -> per item its A-XDR bytes or a DataAccessError.
+
+        A long list goes out in chunks of :meth:`list_chunk`; a refused item is a
+        DataAccessError in its own place, the other items still carry their values.
+        """
         from gurux_dlms.objects import GXDLMSObject
 
-        objs = []
-        for class_id, obis, attr in items:
-            obj = GXDLMSObject()
-            obj.objectType = class_id
-            obj.logicalName = obis
-            objs.append((obj, attr))
-        try:
-            frames = self.client.readList(objs)
-        except ValueError as exc:
-            raise ObjectError("the meter does not support reading a list in one request") from exc
-        try:
-            reply = self._request(frames, "reading a list of attributes", raw=False)
-        except (MeterProtocolError, ObjectError):
-            # an exception-response to GET-with-list leaves the association usable
-            self.broken = False
-            raise
-        if reply.error:
-            text = DATA_ACCESS_RESULTS.get(reply.error, f"error {reply.error}")
-            raise DataAccessError(f"the meter refused the list read: {text}", reply.error)
-        values = [gurux_to_native(v) for v in (reply.value or [])]
-        if len(values) != len(items):
-            raise MeterProtocolError("the meter answered the list read with a different count")
-        return values
+        out: list = [None] * len(items)
+        names: dict = {}
+        wanted = []
+        for i, (_class_id, obis, _attr) in enumerate(items):
+            if self.settings.referencing == "SN":
+                try:
+                    names[i] = self._short_name(obis)
+                except ObjectError as exc:
+                    out[i] = exc  # not in the object list: nothing to ask the meter
+                    continue
+            wanted.append(i)
+        size = self.list_chunk()
+        what = step or f"reading a list of {len(items)} attributes"
+        for first in range(0, len(wanted), size):
+            chunk = wanted[first : first + size]
+            objs = []
+            for i in chunk:
+                class_id, obis, attr = items[i]
+                objs.append((GXDLMSObject(class_id, obis, names.get(i, 0)), attr))
+            try:
+                messages = self.client.readList(objs)
+            except ValueError as exc:
+                raise ObjectError(
+                    "the meter does not support reading a list in one request"
+                ) from exc
+            results: list = []
+            for message in messages:
+                try:
+                    reply = self._request(message, what, raw=True, results=True)
+                except (MeterProtocolError, ObjectError) as exc:
+                    # an exception-response or a confirmed-service-error to the list
+                    # request is an answer: the association stays usable
+                    if isinstance(exc.__cause__, _REFUSALS):
+                        self.broken = False
+                    raise
+                if reply.error:
+                    # the whole request refused (not per item)
+                    text = DATA_ACCESS_RESULTS.get(reply.error, f"error {reply.error}")
+                    raise DataAccessError(f"the meter refused the list read: {text}", reply.error)
+                part, extra = axdr.split_results(bytes(reply.data.array()))
+                if extra:
+                    self.note(f"{extra} trailing bytes after the list reply ignored")
+                results += part
+            if len(results) != len(chunk):
+                raise MeterProtocolError(
+                    f"the meter answered a list read of {len(chunk)} attributes "
+                    f"with {len(results)} results"
+                )
+            for i, result in zip(chunk, results):
+                out[i] = (
+                    result if isinstance(result, bytes) else self._access_error(*items[i], result)
+                )
+        return out
+
+    def note(self, text: str) -> None:
+        """A line in the --trace output (no-op without tracing): what the gateway decided."""
+        note = getattr(self.trace, "note", None)
+        if note is not None:
+            note(text)
 
     def supports_list_reads(self) -> bool:
         from gurux_dlms.enums import Conformance
@@ -464,6 +565,8 @@ class MeterSession:
 
     def load_object_list(self) -> None:
         """Read the association's object list (class and short name of every object)."""
+        if self.class_cache.get("object list read"):
+            return  # one association's object list does not change while it lasts
         step = "reading the object list"
         reply = self._request(self.client.getObjectsRequest(), step, raw=False)
         try:
@@ -475,6 +578,7 @@ class MeterSession:
             self.class_cache[ln] = int(obj.objectType)
             if obj.shortName:
                 self.class_cache[("sn", ln)] = obj.shortName
+        self.class_cache["object list read"] = True
 
     def close(self) -> None:
         """Release the association (unless broken) and the media; never raises."""
@@ -504,19 +608,25 @@ class MeterSession:
         return self.associated and not self.broken and self.media is not None
 
     # --- exchange -----------------------------------------------------------------
-    def _request(self, frames, step: str, raw: bool) -> GXReplyData:
+    def _request(self, frames, step: str, raw: bool, results: bool = False) -> ReplyData:
+        """Send the frames, collect every block; ``results``: keep a list reply's raw results."""
         if frames is None:
             frames = []
         elif isinstance(frames, (bytes, bytearray)):
             frames = [frames]
-        reply = GXReplyData()
+        reply = ReplyData()
         reply.raw_only = raw
+        reply.raw_list = results
+        blocks = 0
         try:
             for frame in frames:
                 reply.clear()
                 reply.raw_only = raw
+                reply.raw_list = results
                 self._exchange(frame, reply, step)
                 while reply.isMoreData():
+                    if reply.moreData & RequestTypes.DATABLOCK:
+                        blocks += 1
                     self._exchange(self.client.receiverReady(reply), reply, step)
         except MeterError:
             self.broken = True
@@ -525,14 +635,16 @@ class MeterSession:
             self.broken = True
             raise self._translate(exc, step) from exc
         self.last_used = time.monotonic()
+        reply.read_blocks = blocks
         return reply
 
-    def _exchange(self, frame, reply: GXReplyData, step: str) -> None:
+    def _exchange(self, frame, reply: ReplyData, step: str) -> None:
         if self.media is None:
             raise MeterConnectionError(f"no connection to the meter during {step}")
         if self._counter_key is not None:
             self._reserve()
-        self.media.send(bytes(frame))
+        if frame:  # empty: nothing to send, the meter streams more (GBT window)
+            self.media.send(bytes(frame))
         buf = GXByteBuffer()
         received = 0
         while True:

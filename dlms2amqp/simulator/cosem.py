@@ -13,16 +13,21 @@ and the built-in meter produce the same thing:
   attributes >= 2 (``None`` = every associated client).  A function may raise
   ``DataAccessError(code)``.
 - ``Association(client_sap, mechanism, secret, security, ...)``: one per client
-  address; ``mechanism`` is 0 none, 1 Low (``secret`` = password), 5 HLS-GMAC
-  (keys in ``block_key``/``auth_key``); ``security`` is the security policy byte
-  (0 none, 0x30 authenticated encryption).
+  address; ``mechanism`` is 0 none, 1 Low (``secret`` = password), 2 High, 3
+  HighMD5, 4 HighSHA1, 6 HighSHA256 (``secret`` = HLS secret), 5 HighGMAC (keys in
+  ``block_key``/``auth_key``); ``security`` is the security control the client
+  must use (0 none, 0x10 authentication, 0x20 encryption, 0x30 both), ciphering
+  needs the keys whatever the mechanism; ``referencing`` is 1 for logical names,
+  2 for short names (the application context is that plus 2 when ciphered).
 - ``Device(objects, associations, name)``: one device is shared by all N meters
   of a process (only the meter index and the invocation counter differ), which
   is what keeps 10,000 meters cheap.  ``Device.read(ctx, class_id, ln, attr)``
   returns the encoded Data or raises ``DataAccessError``.
 
 ``builtin_device()`` builds the meter documented in ``docs/design.md`` from the
-functions of ``model.py``.
+functions of ``model.py``.  The module is over 500 lines because the object model,
+the current association's attributes and the built-in meter built on them are read
+together when the simulator changes.
 """
 
 from __future__ import annotations
@@ -48,7 +53,15 @@ OTHER_REASON = 250
 
 MECH_NONE = 0
 MECH_LOW = 1
+MECH_HIGH = 2
+MECH_HIGH_MD5 = 3
+MECH_HIGH_SHA1 = 4
 MECH_HLS_GMAC = 5
+MECH_HIGH_SHA256 = 6
+#: mechanisms with HLS pass 3/4 (a challenge each way, checked with an ACTION)
+HLS_MECHANISMS = frozenset(
+    {MECH_HIGH, MECH_HIGH_MD5, MECH_HIGH_SHA1, MECH_HLS_GMAC, MECH_HIGH_SHA256}
+)
 
 MAX_ROWS_PER_READ = 200_000
 
@@ -83,6 +96,8 @@ class ReadContext:
     client_sap: int = 0
     selector: int = 0
     params: Any = None
+    #: the association serving the read (``apdu.Session``), for the association object
+    session: Any = None
 
     @property
     def k(self) -> int:
@@ -101,6 +116,8 @@ class CosemObject:
     readers: Optional[frozenset[int]] = None
     #: attribute ids that accept selective access (listed in the object list)
     selective: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    #: base name for short-name referencing (None: allocated, see ``simulator.sn``)
+    short_name: Optional[int] = None
 
 
 @dataclass
@@ -111,7 +128,23 @@ class Association:
     security: int = 0
     block_key: bytes = b""
     auth_key: bytes = b""
+    #: the client's system title; empty: any (learnt from the AARQ)
     client_system_title: bytes = b""
+    #: 1 logical-name, 2 short-name referencing
+    referencing: int = 1
+    #: security suite (low nibble of the security control byte)
+    security_suite: int = 0
+    #: the meter's system title for this association; empty: the meter's own
+    system_title: bytes = b""
+    #: server SAP of the association (attribute 3)
+    server_sap: int = 1
+    #: logical name of its security setup object (attribute 9); zeros: none
+    security_setup: bytes = bytes(6)
+
+    @property
+    def context_id(self) -> int:
+        """Application context id the client must propose (1..4)."""
+        return self.referencing + (2 if self.security else 0)
 
     def __repr__(self) -> str:  # never show secrets or keys
         return f"Association(client_sap={self.client_sap}, mechanism={self.mechanism})"
@@ -153,6 +186,8 @@ class Device:
             self.by_key[(15, association_ln)] = assoc
         assoc = self.by_key[(15, association_ln)]
         assoc.attrs.setdefault(2, self._object_list)
+        for attr, fn in current_association_attributes(assoc.version).items():
+            assoc.attrs.setdefault(attr, fn)
 
     def _object_list(self, ctx: ReadContext) -> bytes:
         cached = self._object_list_cache.get(ctx.client_sap)
@@ -170,6 +205,8 @@ class Device:
             attr_access = []
             for a in range(1, n_attrs + 1):
                 mode = 1 if (a == 1 or (can_read and a in o.attrs)) else 0
+                if o.class_id == 15 and a == 7:
+                    mode = 0  # the secret is never readable
                 sel = o.selective.get(a)
                 sel_enc = ax.array([ax.int8(s) for s in sel]) if sel else ax.null()
                 attr_access.append(ax.structure([ax.int8(a), ax.enum(mode), sel_enc]))
@@ -195,12 +232,82 @@ class Device:
             raise DataAccessError(READ_WRITE_DENIED)
         v = o.attrs.get(attr)
         if v is None:
+            if class_id == 15 and attr == 7:
+                raise DataAccessError(READ_WRITE_DENIED)
             raise DataAccessError(OBJECT_UNAVAILABLE)
         if ctx.selector and attr not in o.selective:
             raise DataAccessError(OTHER_REASON)
         if isinstance(v, bytes):
             return v
         return v(ctx)
+
+
+_OID_PREFIX = b"\x60\x85\x74\x05\x08"
+
+
+def secret_denied(ctx: ReadContext) -> bytes:
+    """Attribute 7 of an association (its secret): never readable."""
+    raise DataAccessError(READ_WRITE_DENIED)
+
+
+def current_association_attributes(version: int) -> dict[int, AttrValue]:
+    """Attributes 3..11 of the current association (class 15), from the live session.
+
+    Values follow the association the client is connected through; the secret
+    (attribute 7) is always denied.  Attributes 10 and 11 exist from version 2 on.
+    """
+
+    def assoc(ctx: ReadContext) -> Association:
+        s = ctx.session
+        if s is None or s.assoc is None:
+            raise DataAccessError(OBJECT_UNAVAILABLE)
+        return s.assoc
+
+    def partners(ctx: ReadContext) -> bytes:
+        a = assoc(ctx)
+        return ax.structure([ax.int8(ctx.client_sap), ax.uint16(a.server_sap)])
+
+    def context_name(ctx: ReadContext) -> bytes:
+        return ax.octet_string(_OID_PREFIX + bytes((1, assoc(ctx).context_id)))
+
+    def context_info(ctx: ReadContext) -> bytes:
+        assoc(ctx)
+        s = ctx.session
+        return ax.structure(
+            [
+                ax.encode(ax.BIT_STRING, (24, s.conformance.to_bytes(3, "big"))),
+                ax.uint16(s.server_max_pdu),
+                ax.uint16(s.client_max_pdu),
+                ax.uint8(6),
+                ax.int8(0),
+                ax.octet_string(b""),
+            ]
+        )
+
+    def mechanism_name(ctx: ReadContext) -> bytes:
+        return ax.octet_string(_OID_PREFIX + bytes((2, assoc(ctx).mechanism)))
+
+    def status(ctx: ReadContext) -> bytes:
+        s = ctx.session
+        return ax.enum(2 if s is not None and s.authenticated else 1)
+
+    def security_setup(ctx: ReadContext) -> bytes:
+        return ax.octet_string(assoc(ctx).security_setup)
+
+    attrs: dict[int, AttrValue] = {
+        3: partners,
+        4: context_name,
+        5: context_info,
+        6: mechanism_name,
+        7: secret_denied,
+        8: status,
+    }
+    if version >= 1:
+        attrs[9] = security_setup
+    if version >= 2:
+        attrs[10] = ax.array([])
+        attrs[11] = ax.structure([ax.uint8(0), ax.visible_string("")])
+    return attrs
 
 
 # --- the built-in meter ------------------------------------------------------
@@ -410,10 +517,15 @@ def _ic(ctx: ReadContext) -> bytes:
     return ax.uint32(ctx.meter.last_ic)
 
 
+#: built-in HLS clients (address -> mechanism), secret HLS_SECRET, as Gurux's Java meter
+HLS_CLIENTS = {18: MECH_HIGH, 19: MECH_HIGH_MD5, 20: MECH_HIGH_SHA1, 22: MECH_HIGH_SHA256}
+HLS_SECRET = b"Gurux"
+
+
 def builtin_device(password: bytes = b"00000000") -> Device:
-    """The meter of docs/design.md (clients 16, 32, 48)."""
-    public = frozenset({16, 32, 48})
-    priv = frozenset({32, 48})
+    """The meter of docs/design.md (clients 16, 32, 48 and the HLS clients 18-22)."""
+    public = frozenset({16, 32, 48, *HLS_CLIENTS})
+    priv = frozenset({32, 48, *HLS_CLIENTS})
 
     def clock_time(ctx: ReadContext) -> bytes:
         return ax.datetime_data(ctx.now, ctx.utc_offset)
@@ -442,7 +554,7 @@ def builtin_device(password: bytes = b"00000000") -> Device:
         }
 
     objects = [
-        CosemObject(15, LN_ASSOC, 1, {}, public),
+        CosemObject(15, LN_ASSOC, 2, {}, public),
         CosemObject(
             8,
             LN_CLOCK,
@@ -481,5 +593,6 @@ def builtin_device(password: bytes = b"00000000") -> Device:
             auth_key=AUTH_KEY,
             client_system_title=CLIENT_SYSTEM_TITLE,
         ),
+        *(Association(c, mech, secret=HLS_SECRET) for c, mech in HLS_CLIENTS.items()),
     ]
     return Device(objects, associations, name="built-in")

@@ -22,6 +22,7 @@ The functions handle what follows the length byte(s) of a glo-ciphered APDU:
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import struct
 
@@ -41,6 +42,7 @@ __all__ = [
     "decrypt",
     "gmac_tag",
     "nonce",
+    "hls_proof",
 ]
 
 #: security control byte values (security suite 0)
@@ -62,6 +64,10 @@ ACTION_REQUEST = 0xC3
 GET_RESPONSE = 0xC4
 SET_RESPONSE = 0xC5
 ACTION_RESPONSE = 0xC7
+READ_REQUEST = 0x05
+WRITE_REQUEST = 0x06
+READ_RESPONSE = 0x0C
+WRITE_RESPONSE = 0x0D
 
 GLO_INITIATE_REQUEST = 0x21
 GLO_INITIATE_RESPONSE = 0x28
@@ -73,6 +79,10 @@ GLO_ACTION_REQUEST = 0xCB
 GLO_GET_RESPONSE = 0xCC
 GLO_SET_RESPONSE = 0xCD
 GLO_ACTION_RESPONSE = 0xCF
+GLO_READ_REQUEST = 0x25
+GLO_WRITE_REQUEST = 0x26
+GLO_READ_RESPONSE = 0x2C
+GLO_WRITE_RESPONSE = 0x2D
 
 #: plain APDU tag -> glo-ciphered APDU tag
 GLO_TAGS: dict[int, int] = {
@@ -86,6 +96,10 @@ GLO_TAGS: dict[int, int] = {
     GET_RESPONSE: GLO_GET_RESPONSE,
     SET_RESPONSE: GLO_SET_RESPONSE,
     ACTION_RESPONSE: GLO_ACTION_RESPONSE,
+    READ_REQUEST: GLO_READ_REQUEST,
+    READ_RESPONSE: GLO_READ_RESPONSE,
+    WRITE_REQUEST: GLO_WRITE_REQUEST,
+    WRITE_RESPONSE: GLO_WRITE_RESPONSE,
 }
 #: glo-ciphered APDU tag -> plain APDU tag
 PLAIN_TAGS: dict[int, int] = {v: k for k, v in GLO_TAGS.items()}
@@ -129,7 +143,7 @@ def encrypt(
     Returns ``SC || IC || payload``: ciphertext and 12-byte tag for 0x30,
     plaintext and tag for 0x10, ciphertext without tag for 0x20.
     """
-    if sc & 0x30 not in _VALID_SC or sc & 0x0F:
+    if sc & 0x30 not in _VALID_SC or sc & 0x0F > 2:
         raise ValueError(f"unsupported security control byte 0x{sc:02X}")
     _check_keys(block_key, auth_key)
     iv = nonce(system_title, ic)
@@ -161,7 +175,7 @@ def decrypt(
         raise DecryptError("ciphered APDU too short")
     sc, ic = struct.unpack_from(">BI", data, 0)
     security = sc & 0x30
-    if security not in _VALID_SC or sc & 0x0F:
+    if security not in _VALID_SC or sc & 0x0F > 2:
         raise DecryptError(f"unsupported security control byte 0x{sc:02X}")
     iv = nonce(system_title, ic)
     body = data[5:]
@@ -223,3 +237,56 @@ def _ctr(block_key: bytes, iv: bytes, data: bytes) -> bytes:
     # GCM's keystream starts at counter 2 for a 96-bit IV (counter 1 masks the tag).
     enc = Cipher(algorithms.AES(bytes(block_key)), modes.CTR(iv + b"\x00\x00\x00\x02")).encryptor()
     return enc.update(bytes(data)) + enc.finalize()
+
+
+# --- HLS pass 3/4 for mechanisms 2, 3, 4 and 6 ----------------------------------------
+MECH_HIGH = 2
+MECH_HIGH_MD5 = 3
+MECH_HIGH_SHA1 = 4
+MECH_HIGH_GMAC = 5
+MECH_HIGH_SHA256 = 6
+
+
+def _aes_ecb(key: bytes, data: bytes) -> bytes:
+    enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    return enc.update(data) + enc.finalize()
+
+
+def hls_proof(
+    mechanism: int,
+    secret: bytes,
+    challenge: bytes,
+    own_title: bytes = b"",
+    peer_title: bytes = b"",
+    own_challenge: bytes = b"",
+) -> bytes:
+    """f(challenge): what one party returns for the challenge the other party sent it.
+
+    ``own_*`` belong to the party that computes the proof, ``peer_title`` to the
+    other one.  The client proves itself with f(StoC), the meter with f(CtoS):
+
+    - High (2) is manufacturer specific; like Gurux's meters, AES-128 in ECB mode of
+      the challenge zero-padded to whole blocks, the key being the secret zero-padded
+      (or cut) to 16 bytes;
+    - HighMD5 (3) / HighSHA1 (4): the digest of challenge || secret;
+    - HighSHA256 (6): SHA-256 of secret || own system title || peer system title ||
+      challenge || own challenge.
+
+    HighGMAC (5) needs the keys and an invocation counter: see :func:`gmac_tag`.
+    """
+    secret = bytes(secret)
+    challenge = bytes(challenge)
+    if mechanism == MECH_HIGH:
+        n = max(len(challenge), len(secret), 1)
+        n += -n % 16
+        key = secret.ljust(16, b"\0")[:16]
+        return _aes_ecb(key, challenge.ljust(n, b"\0"))
+    if mechanism == MECH_HIGH_MD5:
+        return hashlib.md5(challenge + secret).digest()
+    if mechanism == MECH_HIGH_SHA1:
+        return hashlib.sha1(challenge + secret).digest()
+    if mechanism == MECH_HIGH_SHA256:
+        return hashlib.sha256(
+            secret + bytes(own_title) + bytes(peer_title) + challenge + bytes(own_challenge)
+        ).digest()
+    raise ValueError(f"no HLS proof function for mechanism {mechanism}")

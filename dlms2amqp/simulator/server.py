@@ -27,6 +27,7 @@ from dlms2amqp.simulator.cosem import Device, MeterState
 
 log = logging.getLogger("dlms2amqp.sim")
 
+
 # --- the event loop ----------------------------------------------------------------
 class Conn:
     """One accepted connection."""
@@ -51,7 +52,11 @@ class Conn:
         self.link: Optional[framing.HdlcLink] = None
         if interface == "HDLC":
             self.decoder = framing.HdlcDecoder()
-            self.link = framing.HdlcLink(physical=session.opts.hdlc_physical)
+            o = session.opts
+            serial = int(model.serial_number(k))
+            addresses = framing.server_addresses(o.hdlc_address, o.hdlc_physical, serial)
+            window, max_info = o.hdlc_limits
+            self.link = framing.HdlcLink(addresses, max_info, window)
         else:
             self.decoder = framing.WrapperDecoder()
         self.session = session
@@ -243,10 +248,21 @@ class Server:
                 reply = self._handle(conn, fr.source, fr.apdu)
                 if reply is not None:
                     self._send(conn, framing.wrapper_encode(fr.destination, fr.source, reply))
+                    more, conn.session.more = conn.session.more, []
+                    for extra in more:  # the rest of a streamed GBT window
+                        self._send(conn, framing.wrapper_encode(fr.destination, fr.source, extra))
                 continue
             if link is None:  # an HDLC frame on a wrapper port cannot be decoded; be safe
                 continue
+            ignored = link.ignored
             out, delivered = link.on_frame(fr)
+            if link.ignored != ignored and not ignored:
+                log.info(
+                    "meter %d: no answer to HDLC server address %s from client address %s "
+                    "(the meter answers the forms %s)",
+                    conn.k, fr.destination.hex(), fr.source.hex(),
+                    ",".join(self.opts.hdlc_address),
+                )  # fmt: skip
             if link.disconnected:
                 link.disconnected = False
                 conn.session._reset()

@@ -14,6 +14,7 @@ from typing import Any
 
 from testing.faults.lab import (
     Ctx,
+    Daemon,
     read_request,
     reply_dict,
     stored_reply_ids,
@@ -21,6 +22,7 @@ from testing.faults.lab import (
     worker_pids,
 )
 from testing.oracle import reply_in_id
+from testing.ports import free_port
 
 # --- the faults -----------------------------------------------------------------------------
 LOST_EVENT = "broker_connection_lost"
@@ -166,6 +168,38 @@ def fault_memory_alarm(ctx: Ctx) -> dict[str, Any]:
     return {"alarm": alarms[:120], "replies_during_alarm": during1 - during0}
 
 
+def fault_second_daemon(ctx: Ctx) -> dict[str, Any]:
+    """A second dlms2amqpd with the same configuration (same MetricsPort) starts under load.
+
+    It must stop at once (exit 78, one line, no traceback, no worker spawned) and the
+    first daemon must not notice: same PID, same workers, every request answered.
+    """
+    ctx.wait_some_progress()
+    first = ctx.daemon
+    pid, workers = first.pid, sorted(worker_pids(first))
+    second = Daemon(first.workdir.with_name(first.workdir.name + "-second"), dict(first.config))
+    t0 = time.monotonic()
+    second.start()
+    rc = second.wait_exit(60)
+    took = time.monotonic() - t0
+    text = second.output()
+    if rc is None:
+        second.stop()
+    plain = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("dlms2amqpd: ") and not ln.startswith("dlms2amqpd: warning: ")
+    ]
+    ctx.notes = f"second daemon exit {rc} after {took:.1f} s"
+    assert rc == 78, f"second daemon exit code {rc}: {text[-2000:]}"
+    assert "Traceback" not in text, text[-2000:]
+    assert len(plain) == 1 and "in use" in plain[0], text[-2000:]
+    assert "worker_started" not in second.log_text(), "the second daemon spawned workers"
+    assert first.alive() and first.pid == pid, "the first daemon died"
+    assert sorted(worker_pids(first)) == workers, "the first daemon's workers changed"
+    return {"second_exit_code": rc, "second_seconds": round(took, 1), "first_pid_unchanged": pid}
+
+
 def fault_consumer_cancelled(ctx: Ctx) -> dict[str, Any]:
     """Delete InQueue under load and create it again, as an operator would.
 
@@ -301,6 +335,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "fault": fault_kill_master,
         "allow_repeats": True,
         "config": {"QueueType": "quorum"},
+    },
+    "second daemon on the same port": {
+        "fault": fault_second_daemon,
+        # the lab's daemons have no metrics endpoint unless asked: this one has
+        "config": {"MetricsPort": free_port()},
     },
     "consumer cancelled (queue deleted and re-created)": {"fault": fault_consumer_cancelled},
     "oversize reply": {

@@ -125,13 +125,18 @@ class Result:
 def stored_reply_ids(state_dir: Path) -> set[str]:
     """MsgIDs whose reply is in the daemon's reply store (read-only peek at its SQLite)."""
     import sqlite3
+    import zlib
 
     path = state_dir / "replies.sqlite3"
     if not path.exists():
         return set()
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
-        return {k.split("|", 1)[0] for (k,) in db.execute("SELECT key FROM replies")}
+        # the key is an HMAC (no MsgID in it): the stored reply's InMsgID says whose it is
+        return {
+            str(json.loads(zlib.decompress(b)).get("InMsgID"))
+            for (b,) in db.execute("SELECT body FROM replies")
+        }
     finally:
         db.close()
 
