@@ -87,8 +87,7 @@ class Metrics:
         )
         self.queue_redeclared = Counter(
             p + "queue_redeclared",
-            "OutQueue or the dead-letter queue declared again after a message came back "
-            "unroutable",
+            "OutQueue or the dead-letter queue declared again after a message came back unroutable",
             registry=r,
         )
         self.build_info = Gauge(p + "build_info", "Version of dlms2amqp", ["version"], registry=r)
