@@ -10,7 +10,9 @@ reads these messages on a console far from the code.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -253,6 +255,25 @@ KEYS: tuple[Key, ...] = (
         _float_range(1, 3600),
         "a worker process silent this long (no heartbeat) is killed and replaced",
     ),
+    # --- bounds and state at rest (issue 11: memory, secrets at rest) ---
+    Key(
+        "MaxRows",
+        50000,
+        _int_range(0, 100_000_000),
+        "profile rows one request may read (a year of quarter hours is 35040); 0 = no bound",
+    ),
+    Key(
+        "ReplyStoreMaxBytes",
+        512 * 1024 * 1024,
+        _int_range(0, 1 << 40),
+        "compressed bytes of replies kept for dedup (oldest go first); 0 = no byte bound",
+    ),
+    Key(
+        "DeadLetterTTL",
+        0,
+        _int_range(0, 4_000_000),
+        "seconds a dead letter is kept (x-message-ttl of DeadLetterQueue); 0 = for ever",
+    ),
     # --- scale-out (docs/design.md "Scale-out") ---
     Key(
         "Partitions",
@@ -287,10 +308,17 @@ KEY_BY_NAME = {k.name: k for k in KEYS}
 class Config:
     """Validated configuration; attribute names are the JSON keys."""
 
-    def __init__(self, values: dict[str, Any], path: Optional[Path], password: Secret):
+    def __init__(
+        self,
+        values: dict[str, Any],
+        path: Optional[Path],
+        password: Secret,
+        given: frozenset[str] = frozenset(),
+    ):
         self._values = values
         self.path = path
         self.password = password
+        self.given = given  # the keys the file sets (the others have their defaults)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -362,7 +390,7 @@ def build_config(raw: dict[str, Any], path: Optional[Path] = None) -> Config:
     for name in ("DeadLetterExchange", "DeadLetterQueue"):
         if values[name] and len(values[name].encode()) > 255:
             raise ConfigError(f"Configuration key {name}{_where(path)} must be at most 255 bytes")
-    cfg = Config(values, path, Secret(values["Password"]))
+    cfg = Config(values, path, Secret(values["Password"]), frozenset(raw))
     cfg.password = _broker_password(cfg, raw)
     for name in ("TlsCaFile", "TlsCertFile", "TlsKeyFile"):
         if values[name] and not cfg.resolve(values[name]).is_file():
@@ -419,6 +447,62 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"Configuration file {p} must hold one JSON object {{...}}")
     return build_config(raw, p.resolve())
+
+
+# --- warnings (issue 11, finding 12): legal settings that expose something ---------------
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost (no name resolution: a warning must not block)."""
+    h = host.strip().strip("[]").lower()
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def _readable_by_others(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & stat.S_IROTH)
+    except OSError:
+        return False
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """What a field engineer should fix although the daemon can run with it.
+
+    Shown at start (log and standard error) and by ``--check-config``.
+    """
+    out: list[str] = []
+    where = f" in {cfg.path}" if cfg.path else ""
+    if (
+        "Password" in cfg.given
+        and not cfg.PasswordFile
+        and not cfg.PasswordEnv
+        and cfg.path is not None
+        and _readable_by_others(cfg.path)
+    ):
+        out.append(
+            f"the broker Password is written{where}, which every user of this host can read:"
+            " move it to a PasswordFile (mode 0600) or PasswordEnv, or chmod o-r the file"
+        )
+    if cfg.PasswordFile and _readable_by_others(cfg.resolve(cfg.PasswordFile)):
+        out.append(
+            f"PasswordFile {cfg.resolve(cfg.PasswordFile)} can be read by every user of this"
+            " host: chmod 0600 it (owner: the daemon's user)"
+        )
+    if not cfg.Tls and not is_loopback(cfg.HostName):
+        out.append(
+            f"the broker connection to {cfg.HostName} is plain AMQP: the broker password and"
+            " every request's meter passwords and keys cross the network in clear; set Tls"
+        )
+    if cfg.MetricsPort and not is_loopback(cfg.MetricsAddress):
+        out.append(
+            f"the metrics endpoint listens on {cfg.MetricsAddress}:{cfg.MetricsPort}, not on"
+            " loopback: anyone who reaches it sees the daemon's counters; set MetricsAddress"
+            " 127.0.0.1 unless a firewall limits who can connect"
+        )
+    return out
 
 
 def describe_keys() -> str:

@@ -7,11 +7,13 @@ No label carries a meter, request or address: those would make the series unboun
 
 from __future__ import annotations
 
+import errno
 from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from . import __version__
+from .errors import ConfigError
 
 _BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 
@@ -85,7 +87,7 @@ class Metrics:
         )
         self.queue_redeclared = Counter(
             p + "queue_redeclared",
-            "OutQueue declared again after a reply to it came back unroutable",
+            "OutQueue or the dead-letter queue declared again after a message came back unroutable",
             registry=r,
         )
         # scale-out (daemon/partitions.py, meter/counters.py)
@@ -117,6 +119,26 @@ class Metrics:
         self.build_info.labels(version=__version__).set(1)
 
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
-        """Start the HTTP endpoint (a daemon thread of prometheus_client)."""
-        if port:
+        """Start the HTTP endpoint (a daemon thread of prometheus_client).
+
+        The master calls this before it spawns anything, so a port taken by another
+        daemon ends the start at once with one line (ConfigError, exit 78) instead of a
+        traceback after the workers were started (a restart loop under systemd).
+        """
+        if not port:
+            return
+        try:
             start_http_server(port, addr=address, registry=self.registry)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                why = "is in use (another dlms2amqpd with the same MetricsPort?)"
+            elif e.errno == errno.EACCES:
+                why = "needs privileges (a port below 1024)"
+            elif e.errno == errno.EADDRNOTAVAIL:
+                why = "cannot be used: MetricsAddress is not an address of this host"
+            else:
+                why = f"cannot be opened ({e.strerror or e})"
+            raise ConfigError(
+                f"MetricsPort {port} on MetricsAddress {address} {why}; stop the other "
+                "process or choose another MetricsPort (0 = no metrics endpoint)"
+            ) from None

@@ -134,7 +134,8 @@ def gurux_client(client_sap: int = 16, interface: str = "WRAPPER", password: str
     from gurux_dlms.enums import Authentication, InterfaceType
 
     itype = InterfaceType.HDLC if interface == "HDLC" else InterfaceType.WRAPPER
-    server = GXDLMSClient.getServerAddress(1, 0) if itype == InterfaceType.HDLC else 1
+    # server address 1 as Gurux's example client sends -s 1 (HDLC: the one byte 03)
+    server = 1
     if client_sap == 48:
         from gurux_dlms.enums import Security
         from gurux_dlms.secure import GXDLMSSecureClient

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dlms2amqp import logsetup
-from dlms2amqp.daemon.replystore import ReplyStore, request_key
+from dlms2amqp.daemon.replystore import ReplyStore
 from dlms2amqp.secret import Secret
 
 
@@ -76,20 +76,20 @@ def test_reopen_follows_rotation(tmp_path: Path) -> None:
 def test_reply_store_dedup_bound_and_restart(tmp_path: Path) -> None:
     path = tmp_path / "replies.sqlite3"
     store = ReplyStore(path, capacity=1000)
-    k1 = request_key("1", b'{"MsgID": "1"}')
+    k1 = store.key_for("1", b'{"MsgID": "1"}')
     assert store.get(k1) is None
     assert store.put(k1, "r-1", b"body-1") == ("r-1", b"body-1")
     # a second reply for the same request keeps the first one
     assert store.put(k1, "r-1b", b"body-1b") == ("r-1", b"body-1")
     # same MsgID, other body: another request
-    k1b = request_key("1", b'{"MsgID": "1", "x": 2}')
+    k1b = store.key_for("1", b'{"MsgID": "1", "x": 2}')
     assert k1b != k1 and store.get(k1b) is None
     for i in range(2500):
-        store.put(request_key(str(i + 10), b"b"), f"r{i}", b"x")
+        store.put(store.key_for(str(i + 10), b"b"), f"r{i}", b"x")
     store.prune()
     assert len(store) <= 1000
     assert store.get(k1) is None  # the oldest went first
-    last = request_key("2509", b"b")
+    last = store.key_for("2509", b"b")
     store.close()
     again = ReplyStore(path, capacity=1000)
     assert again.get(last) == ("r2499", b"x")
@@ -99,7 +99,7 @@ def test_reply_store_dedup_bound_and_restart(tmp_path: Path) -> None:
 def test_attempt_counter_survives_restart(tmp_path: Path) -> None:
     path = tmp_path / "replies.sqlite3"
     s = ReplyStore(path)
-    k = request_key("p", b"{}")
+    k = s.key_for("p", b"{}")
     assert [s.count_attempt(k) for _ in range(3)] == [1, 2, 3]
     s.close()
     s = ReplyStore(path)

@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -128,9 +132,26 @@ def test_broker_unreachable_is_reported_without_password(tmp_path: Path, broker:
         assert "Traceback" not in err
 
 
-def test_dump_follow_prints_new_replies_until_interrupted(tmp_path: Path, broker: Broker) -> None:
-    import signal
+def _readline(stream: Any, timeout: float) -> bytes:
+    """One line from a child's pipe, or b"" after ``timeout`` s (never blocks forever)."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    fd = stream.fileno()
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return b""
+        chunk = os.read(fd, 1)
+        if not chunk:
+            return buf
+        buf += chunk
+    return buf
 
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_dump_follow_prints_new_replies_until_interrupted(
+    tmp_path: Path, broker: Broker, signame: str
+) -> None:
     cfg = daemon_config(tmp_path, broker)
     conf = write_config(tmp_path, cfg)
     broker.declare(cfg["OutQueue"])
@@ -141,18 +162,27 @@ def test_dump_follow_prints_new_replies_until_interrupted(tmp_path: Path, broker
         cwd=ROOT,
     )
     try:
+        # Given dump --follow consuming OutQueue
         deadline = time.monotonic() + 30
         while not broker.consumers(cfg["OutQueue"]) and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.05)
+        assert broker.consumers(cfg["OutQueue"]) == 1, "dump never consumed"
         time.sleep(2.5)  # longer than the default --timeout: --follow keeps waiting
         broker.publish(cfg["OutQueue"], b'{"InMsgID": "late", "Status": "ok"}')
-        assert p.stdout is not None
-        line = p.stdout.readline()
+        assert p.stdout is not None and p.stderr is not None
+        line = _readline(p.stdout, 30)
         assert json.loads(line)["InMsgID"] == "late"
-        p.send_signal(signal.SIGINT)
-        assert p.wait(30) == 0
+        # When it gets the signal (while waiting in the consume loop)
+        p.send_signal(getattr(signal, signame))
+        # Then it stops within a second or two, exit 0, with its summary and no traceback
+        assert p.wait(15) == 0
+        err = p.stderr.read().decode()
+        assert "1 replies from " + cfg["OutQueue"] in err, err
+        assert f"stopped by {signame}" in err and "Traceback" not in err, err
     finally:
         if p.poll() is None:
             p.kill()
             p.wait(10)
+    # And it closed its connection: no consumer left, the printed reply was acked
+    assert broker.consumers(cfg["OutQueue"]) == 0
     assert broker.count(cfg["OutQueue"]) == 0

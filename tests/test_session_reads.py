@@ -235,10 +235,10 @@ def test_timezone_of_rows_follows_meter():
     assert first == datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
-@pytest.mark.parametrize("extra", ["-f 2030 -w 1", "-f 128 -w 1", "-f 1024", "-s 0 -l 1"])
+@pytest.mark.parametrize("extra", ["-f 2030 -w 1", "-f 128 -w 1", "-f 1024", "-l 1"])
 def test_hdlc_frame_sizes_and_addresses(sim, extra):
     # -f up to 2030 is proposed as given (frames over 255 bytes framed by gurux_compat);
-    # "-s 0 -l 1" is logical 1 / physical 0 (two address bytes 02 01), Gurux's meaning;
+    # "-l 1" is logical 1 / physical 1 (two address bytes 02 03), Gurux's meaning;
     # WRAPPER ignores -f and -w
     start, end = "2026-03-01T00:00:00Z", "2026-03-08T00:00:00Z"
     reply = read(sim, "1.0.99.1.0.255", conn=f"{LOW} {extra}", dt_from=start, dt_to=end)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import calendar
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import time
 import pytest
 
 from dlms2amqp.simulator import framing, model
+from dlms2amqp.simulator.apdu import SimOptions
 from dlms2amqp.simulator.framing import HdlcDecoder, HdlcLink, crc16_x25, hdlc_encode
 
 CLIENT16 = b"\x21"
@@ -81,11 +83,12 @@ def test_serial_number_address_is_guruxs_formula(serial):
 
 
 def test_default_addresses_are_the_reference_meters():
-    # one-byte 1, two-byte 1/1 (and 1/0 while readers still send it), the serial address,
-    # and the all-station address of each form; nothing else
+    # one-byte 1, two-byte 1/1, the serial address, and the all-station address of each
+    # form; nothing else (not 1/0, the form older readers sent for -s 1)
     serial = framing.hdlc_address(1, 123456 % 10000 + 1000, 4)
-    got = framing.server_addresses(physical=(1, 0), serial=123456)
-    assert got == {SERVER_1, b"\xff", SERVER_1_1, SERVER_1_0, b"\x02\xff", serial}
+    got = framing.server_addresses(physical=SimOptions().hdlc_physical, serial=123456)
+    assert got == {SERVER_1, b"\xff", SERVER_1_1, b"\x02\xff", serial}
+    assert SERVER_1_0 in framing.server_addresses(physical=(0,), serial=123456)
     assert framing.server_addresses(("four-byte",), (5,)) == {
         framing.hdlc_address(1, 5, 4),
         framing.hdlc_address(1, 0x3FFF, 4),
@@ -378,7 +381,8 @@ ADDRESS_FORMS = [
 ]
 #: simulator switches -> (the forms it answers, an answered form to probe it with)
 SIM_ADDRESSING = {
-    "default": ([], {"one-byte 1", "two-byte 1/1", "two-byte 1/0", "serial"}),
+    "default": ([], {"one-byte 1", "two-byte 1/1", "serial"}),
+    "physical 0": (["-n", "0"], {"one-byte 1", "two-byte 1/0", "serial"}),
     "one-byte": (["--hdlc-address", "one-byte"], {"one-byte 1"}),
     "two-byte": (["--hdlc-address", "two-byte", "-n", "1"], {"two-byte 1/1"}),
     "four-byte": (["--hdlc-address", "four-byte", "-n", "1"], {"four-byte 1/1"}),
@@ -480,6 +484,179 @@ def test_gurux_client_window_and_information_field(window, max_info):
                 rows = model.load_profile_rows(0, _ts(start), _ts(end))
                 assert _rows(reply.value) == rows and len(rows) in (5, 97)
             m.release()
+
+
+def _frame_by_hand(dest: bytes, control: int, info: bytes, source: bytes = CLIENT16) -> bytes:
+    """One flag-delimited frame laid out after IEC 62056-46, without framing.hdlc_encode."""
+    n = 2 + len(dest) + 1 + 1 + 2 + len(info) + 2
+    head = bytes((0xA0 | n >> 8, n & 0xFF)) + dest + source + bytes((control,))
+    head += crc16_x25(head).to_bytes(2, "little")
+    body = head + info
+    return b"\x7e" + body + crc16_x25(body).to_bytes(2, "little") + b"\x7e"
+
+
+def _ber_len(n: int) -> bytes:
+    return bytes((n,)) if n < 0x80 else b"\x82" + n.to_bytes(2, "big")
+
+
+@pytest.mark.integration
+def test_a_client_frame_over_255_bytes_over_tcp():
+    import socket
+
+    from tests.helpers_sim import running_simulator
+
+    # Given an AARQ of 362 bytes (Low, with a 300-byte implementation-information field,
+    # BER lengths as X.690 has them) in one I-frame of 374 bytes, after an SNRM agreeing 2030
+    impl = b"dlms2amqp test " * 20
+    body = bytes.fromhex("a109060760857405080101 8a020780 8b0760857405080201".replace(" ", ""))
+    body += b"\xac\x0a\x80\x0800000000" + b"\x9d" + _ber_len(len(impl)) + impl
+    body += bytes.fromhex("be10040e01000000065f1f040000181dffff")
+    aarq = b"\x60" + _ber_len(len(body)) + body
+    client32 = b"\x41"
+    frame = _frame_by_hand(SERVER_1, 0x10, b"\xe6\xe6\x00" + aarq, client32)
+    assert len(aarq) == 362 and len(frame) == 2 + 374 and frame[1:3] == b"\xa1\x76"
+    with running_simulator(1, interface="HDLC") as sim:
+        with socket.create_connection((sim.host, sim.port), timeout=10) as sock:
+            sock.sendall(_frame_by_hand(SERVER_1, 0x93, _snrm_info(2030, 2030, 1, 1), client32))
+            dec, got = HdlcDecoder(), []
+            while len(got) < 1:
+                got += dec.feed(sock.recv(4096))
+            assert got[0].control == 0x73 and got[0].info == _snrm_info(2030, 2030, 1, 1)
+            sock.sendall(frame)
+            got = []
+            while len(got) < 1:
+                got += dec.feed(sock.recv(4096))
+    # Then the meter accepted the association in an I-frame N(R)=1, N(S)=0
+    (aare,) = got
+    assert aare.control == 0x30 and aare.info[:4] == b"\xe6\xe7\x00\x61"
+    assert b"\xa2\x03\x02\x01\x00" in aare.info  # result: accepted
+
+
+def _reader(sim, conn: str, obis: str = "1.0.1.8.0.255", k: int = 1, **dates) -> dict:
+    import orjson
+
+    from dlms2amqp.meter.reader import ReaderOptions, execute
+    from dlms2amqp.request import parse_request
+
+    body = {
+        "MsgID": "t1",
+        "Cmd": "READ",
+        "ObisCode": obis,
+        "ConnectionString": f"-h {sim.host} -p {sim.port + k} -i HDLC -c 32 -a Low "
+        f"-P 00000000 {conn}",
+        **dates,
+    }
+    options = ReaderOptions(frame_timeout=2, request_timeout=20)
+    return execute(parse_request(orjson.dumps(body)), options, None)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "sim_args, answered",
+    [
+        ([], {"-s 1", "-l 1", "-n 10000001"}),
+        (["--hdlc-address", "one-byte"], {"-s 1"}),
+        (["--hdlc-address", "two-byte,serial", "-n", "1"], {"-l 1", "-n 10000001"}),
+    ],
+)
+def test_reader_address_options_against_each_configuration(sim_args, answered):
+    from tests.helpers_sim import running_simulator
+
+    with running_simulator(2, *sim_args, interface="HDLC") as sim:
+        for conn in ("-s 1", "-l 1", "-n 10000001", "-n 10000000", "-s 2"):
+            reply = _reader(sim, conn)
+            if conn in answered:
+                assert reply["Status"] == "ok", (conn, reply["Error"])
+            else:
+                assert reply["Status"] == "notok", conn
+                assert reply["Error"].startswith("timeout during HDLC connection (SNRM)"), conn
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "conn",
+    ["-f 1024", "-f 2030", "-f 2030 -w 7", "-f 128 -w 2", "-f 128 -w 3", "-f 247 -w 7"],
+)
+def test_reader_reads_big_frames_and_whole_windows(conn):
+    from tests.helpers_sim import running_simulator
+
+    # a week of load profile: 19 kB in frames of up to 2 kB, or in windows of 2, 3, 7
+    # frames the meter sends before it waits for the reader's RR
+    start, end = "2026-03-01T00:00:00Z", "2026-03-08T00:00:00Z"
+    with running_simulator(2, interface="HDLC") as sim:
+        reply = _reader(sim, conn, "1.0.99.1.0.255", dtFrom=start, dtTo=end)
+    assert reply["Status"] == "ok", reply["Error"]
+    t0 = calendar.timegm(time.strptime(start, "%Y-%m-%dT%H:%M:%SZ"))
+    t1 = calendar.timegm(time.strptime(end, "%Y-%m-%dT%H:%M:%SZ"))
+    rows = model.load_profile_rows(1, t0, t1)
+    assert len(reply["DataRecords"]) == 3 * len(rows) == 3 * (7 * 96 + 1)
+    values = [int(r["Value"]) for r in reply["DataRecords"]]
+    assert values == [v for row in rows for v in row[1:]]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--hdlc-address", "three-byte"], "use one-byte, two-byte, four-byte, serial or any"),
+        (["--hdlc-address", ""], "use one-byte, two-byte, four-byte, serial or any"),
+        (["-n", "x"], "is not an HDLC physical address (0..16381)"),
+        (["-n", "16382"], "is not an HDLC physical address (0..16381)"),
+        (["-n", "200"], "-n 200 does not fit a two-byte HDLC address (0..127)"),
+        (["--hdlc-window", "8"], "'8' is not a number from 1 to 7"),
+        (["--hdlc-max-info", "2031"], "'2031' is not a number from 32 to 2030"),
+    ],
+)
+def test_bad_address_switches_are_refused_with_the_reason(args, message):
+    from tests.helpers_sim import SIM_CMD
+
+    r = subprocess.run([*SIM_CMD, "-i", "HDLC", *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.integration
+def test_four_byte_physical_address_over_127():
+    from gurux_dlms import GXDLMSClient
+    from gurux_dlms.objects import GXDLMSData
+
+    from tests.helpers_sim import GuruxMeter, running_simulator
+
+    args = ("--hdlc-address", "four-byte", "-n", "0x1234")
+    with running_simulator(1, *args, interface="HDLC") as sim:
+        c = _gurux(GXDLMSClient.getServerAddress(1, 0x1234))
+        with GuruxMeter(c, sim.host, sim.port, timeout=10) as m:
+            m.connect()
+            assert str(m.read(GXDLMSData("0.0.96.1.0.255"), 2)) == model.serial_number(0)
+            m.release()
+
+
+@pytest.mark.integration
+def test_meter_limits_cap_what_the_client_proposes():
+    from gurux_dlms.objects import GXDLMSProfileGeneric
+
+    from tests.helpers_sim import GuruxMeter, running_simulator
+    from tests.test_sim_gurux import _rows, _ts, _utc
+
+    # Given a meter that agrees to at most window 1 and 128-byte fields
+    args = ("--hdlc-window", "1", "--hdlc-max-info", "128")
+    with running_simulator(2, *args, interface="HDLC") as sim:
+        # When Gurux's client proposes window 7 and 2030 bytes
+        c = _gurux(1, 32, 7, 2030)
+        with GuruxMeter(c, sim.host, sim.port, timeout=10) as m:
+            m.connect()
+            # Then the UA says 128 and 1, and a day of profile reads back in small frames
+            h = c.hdlcSettings
+            assert (h.maxInfoTX, h.maxInfoRX, h.windowSizeTX, h.windowSizeRX) == (128, 128, 1, 1)
+            start, end = _utc(2026, 2, 28, 12), _utc(2026, 3, 1, 12)
+            pg = GXDLMSProfileGeneric("1.0.99.1.0.255")
+            m.read(pg, 3)
+            reply = m.request(c.readRowsByRange(pg, start, end))
+            assert _rows(reply.value) == model.load_profile_rows(0, _ts(start), _ts(end))
+            m.release()
+        # and our reader with -f 2030 -w 7 reads the same meter
+        start, end = "2026-03-01T00:00:00Z", "2026-03-02T00:00:00Z"
+        reply = _reader(sim, "-f 2030 -w 7", "1.0.99.1.0.255", dtFrom=start, dtTo=end)
+        assert reply["Status"] == "ok", reply["Error"]
+        assert len(reply["DataRecords"]) == 3 * 97
 
 
 @pytest.mark.integration

@@ -263,3 +263,168 @@ def test_hls_gmac_session() -> None:
             assert int(info.value.diagnostic) == 13
         finally:
             wrong.sock.close()
+
+
+# --- HLS pass 3/4 proofs of mechanisms 2, 3, 4 and 6 against Gurux's GXSecure.secure ------
+def _gurux_secure(authentication, challenge: bytes, secret: bytes) -> bytes:
+    from gurux_dlms.GXSecure import GXSecure
+
+    s = GXDLMSSettings(False, None)
+    s.authentication = authentication
+    return bytes(GXSecure.secure(s, None, 0, bytearray(challenge), bytearray(secret)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    mech=st.sampled_from([2, 3, 4]),
+    secret=st.binary(min_size=1, max_size=40),
+    challenge=st.binary(min_size=8, max_size=64),
+)
+def test_hls_proof_high_md5_sha1_equal_gurux(mech: int, secret: bytes, challenge: bytes) -> None:
+    from gurux_dlms.enums import Authentication
+
+    auth = {2: Authentication.HIGH, 3: Authentication.HIGH_MD5, 4: Authentication.HIGH_SHA1}
+    assert sec.hls_proof(mech, secret, challenge) == _gurux_secure(auth[mech], challenge, secret)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    secret=st.binary(min_size=1, max_size=20),
+    stoc=st.binary(min_size=8, max_size=64),
+    ctos=st.binary(min_size=8, max_size=64),
+)
+def test_hls_proof_sha256_equals_gurux_both_ways(secret: bytes, stoc: bytes, ctos: bytes) -> None:
+    from gurux_dlms.enums import Authentication
+
+    client_st, server_st = b"GRX12345", b"SIM00001"
+    # what Gurux's client sends (pass 3) and what it expects back (pass 4)
+    to_meter = _gurux_secure(
+        Authentication.HIGH_SHA256, stoc, secret + client_st + server_st + stoc + ctos
+    )
+    to_client = _gurux_secure(
+        Authentication.HIGH_SHA256, ctos, secret + server_st + client_st + ctos + stoc
+    )
+    assert sec.hls_proof(6, secret, stoc, client_st, server_st, ctos) == to_meter
+    assert sec.hls_proof(6, secret, ctos, server_st, client_st, stoc) == to_client
+    assert to_meter != to_client
+
+
+def test_hls_proof_refuses_gmac_and_unknown() -> None:
+    with pytest.raises(ValueError):
+        sec.hls_proof(5, b"k", bytes(16))
+    with pytest.raises(ValueError):
+        sec.hls_proof(9, b"k", bytes(16))
+
+
+@pytest.mark.parametrize("suite", [1, 2])
+def test_suite_nibble_round_trip(suite: int) -> None:
+    # suites 1 and 2 keep AES-GCM (128 / 256-bit keys); only the SC low nibble changes
+    key = BLOCK_KEY * (2 if suite == 2 else 1)
+    data = sec.encrypt(0x30 | suite, CLIENT_ST, 7, key, AUTH_KEY, b"\xc0\x01\x00")
+    assert data[0] == 0x30 | suite
+    assert sec.decrypt(CLIENT_ST, key, AUTH_KEY, data) == (0x30 | suite, 7, b"\xc0\x01\x00")
+
+
+# --- the simulator Session's HLS pass 3/4 and GBT, bytes in and out (no sockets) ---------
+def _session(interface: str = "WRAPPER"):
+    from dlms2amqp.simulator import apdu, cosem, model
+
+    dev = cosem.builtin_device()
+    meter = cosem.MeterState(0, model.system_title(0))
+    return apdu.Session(dev, meter, apdu.SimOptions(interface=interface))
+
+
+def _gurux_aarq(client_sap: int, mechanism, secret: str, **kw) -> tuple[object, bytes]:
+    """Gurux's own AARQ for the client (the APDU, without the WRAPPER header)."""
+    from gurux_dlms.enums import InterfaceType
+    from gurux_dlms.secure import GXDLMSSecureClient
+
+    c = GXDLMSSecureClient(True, client_sap, 1, mechanism, secret, InterfaceType.WRAPPER)
+    c.ciphering.systemTitle = bytearray(b"GRX12345")
+    for name, value in kw.items():
+        setattr(c, name, value)
+    (frame,) = c.aarqRequest()
+    return c, bytes(frame)[8:]
+
+
+def _feed(c, apdu_bytes: bytes, source: int = 1, dest: int = 16):
+    from gurux_dlms import GXByteBuffer, GXReplyData
+
+    from dlms2amqp.simulator.framing import wrapper_encode
+
+    reply = GXReplyData()
+    c.getData(GXByteBuffer(wrapper_encode(source, dest, apdu_bytes)), reply, None)
+    return reply
+
+
+@pytest.mark.parametrize("client_sap", [18, 19, 20, 22])
+def test_session_pass3_proof_and_refusal(client_sap: int) -> None:
+    from gurux_dlms.enums import Authentication
+
+    mech = {18: 2, 19: 3, 20: 4, 22: 6}[client_sap]
+    for secret, accepted in (("Gurux", True), ("gurux", False)):
+        s = _session()
+        c, aarq = _gurux_aarq(client_sap, Authentication(mech), secret)
+        aare = s.handle(client_sap, aarq)
+        c.parseAareResponse(_feed(c, aare, dest=client_sap).data)
+        assert c.getIsAuthenticationRequired() and not s.authenticated
+        # Before pass 3 the meter answers nothing but the ACTION
+        assert s.handle(client_sap, bytes.fromhex("C001C1000100002A0000FF0200")) == b"\xd8\x01\x01"
+        (action,) = c.getApplicationAssociationRequest()
+        reply = s.handle(client_sap, bytes(action)[8:])
+        assert reply[:3] == b"\xc7\x01\xc1"
+        if accepted:
+            assert reply[3:6] == b"\x00\x01\x00" and s.authenticated
+            c.parseApplicationAssociationResponse(_feed(c, reply, dest=client_sap).data)
+        else:
+            assert reply[3:] == b"\x03\x00"  # read-write-denied, and the association is closed
+            assert not s.associated
+            assert s.handle(client_sap, bytes(action)[8:]) == b"\xd8\x01\x01"
+
+
+def test_session_gbt_blocks_and_acks() -> None:
+    from dlms2amqp.simulator import apdu
+
+    s = _session()
+    s.associated = s.authenticated = True
+    s.client_sap = 32
+    s.assoc = s.device.associations[32]
+    s.conformance = apdu.SUPPORTED_CONFORMANCE
+    s.client_max_pdu = 128
+    long_reply = bytes((apdu.GET_RESPONSE, 1, 0xC1, 0)) + bytes(range(256)) * 2
+    first = s._gbt_start(long_reply)
+    # E0, block control (not last, window 1), block 1, ack 0, length, data
+    assert first[:6] == b"\xe0\x01\x00\x01\x00\x00" and first[6] == 118
+    # the client acks block 1 with window 3: blocks 2, 3 (streaming) and 4 (not)
+    nxt = s.handle(32, b"\xe0\x83\x00\x01\x00\x01\x00")
+    assert nxt[:6] == b"\xe0\x41\x00\x02\x00\x01"
+    assert [b[:4] for b in s.more] == [b"\xe0\x41\x00\x03", b"\xe0\x01\x00\x04"]
+    third = s.more[0]
+    s.more = []
+    # an ack of block 3 only (block 4 lost): the meter sends 4 again, then 5 (the last)
+    again = s.handle(32, b"\xe0\x82\x00\x02\x00\x03\x00")
+    assert again[:4] == b"\xe0\x41\x00\x04" and s.more[0][:4] == b"\xe0\x81\x00\x05"
+    pieces = [first, nxt, third, again, s.more[0]]
+    got = {int.from_bytes(p[2:4], "big"): p[7:] for p in pieces}
+    assert b"".join(got[i] for i in sorted(got)) == long_reply
+    # nothing left: a further ack is refused
+    assert s.handle(32, b"\xe0\x81\x00\x03\x00\x05\x00") == b"\xd8\x01\x01"
+
+
+def test_session_get_with_list_needs_multiple_references() -> None:
+    from dlms2amqp.simulator import apdu
+
+    s = _session()
+    s.associated = s.authenticated = True
+    s.client_sap = 32
+    s.assoc = s.device.associations[32]
+    # serial number and an unknown object, as one GET-Request-With-List
+    req = bytes.fromhex("C003C1020001 0000600100FF 02 000001 0909090909 09 02 00".replace(" ", ""))
+    s.conformance = apdu.SUPPORTED_CONFORMANCE & ~apdu.CONF_MULTIPLE_REFS
+    assert s.handle(32, req) == b"\xd8\x01\x02"  # not negotiated: service not supported
+    s.conformance = apdu.SUPPORTED_CONFORMANCE
+    reply = s.handle(32, req)
+    assert reply[:4] == b"\xc4\x03\xc1\x02"
+    assert reply[4:6] == b"\x00\x0a" and reply.endswith(b"\x01\x04")  # data, then undefined
+    s.opts.deny_wrong_class = True
+    assert s.handle(32, req).endswith(b"\x01\x03")  # --deny-wrong-class: read-write-denied

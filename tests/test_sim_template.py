@@ -181,11 +181,14 @@ def test_small_template_values_and_warnings() -> None:
     assert pg.attributes[4] == (tpl.UINT32, 900)
     assert pg.attributes[7] == (tpl.UINT32, 3)
     assert pg.attributes[8] == (tpl.UINT32, 100)
-    assert [(a.client_sap, a.mechanism_id) for a in t.associations] == [(16, 0), (32, 1)]
+    assert [(a.client_sap, a.mechanism_id) for a in t.associations] == [(16, 0), (32, 1), (1, 5)]
     assert t.associations[1].secret.reveal() == SMALL_SECRET
+    # HighGMAC without a security setup object: served with Gurux's demonstration keys, said
+    assert t.associations[2].block_key.reveal() == tpl.DEMO_BLOCK_KEY
     assert t.warnings == [
         "0.0.19.10.0.255 class 112 (Credit): not served",
-        "0.0.40.0.3.255 class 15: client 1 with HighGMAC authentication: not served",
+        "0.0.40.0.3.255 class 15: client 1 has no keys in a security setup object:"
+        " Gurux's demonstration keys are used",
     ]
 
 
@@ -308,10 +311,11 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 
 
 def test_template_without_servable_association_is_refused() -> None:
-    only_hls = SMALL.replace(
-        "<MechanismId>0</MechanismId>", "<MechanismId>5</MechanismId>"
-    ).replace("<MechanismId>1</MechanismId>", "<MechanismId>2</MechanismId>")
-    t = parse_template(only_hls, "meter.xml")
+    # HighECDSA (7) is the one mechanism the simulator does not serve
+    only_ecdsa = SMALL.replace("<MechanismId>0</MechanismId>", "<MechanismId>7</MechanismId>")
+    only_ecdsa = only_ecdsa.replace("<MechanismId>1</MechanismId>", "<MechanismId>7</MechanismId>")
+    only_ecdsa = only_ecdsa.replace("<MechanismId>5</MechanismId>", "<MechanismId>7</MechanismId>")
+    t = parse_template(only_ecdsa, "meter.xml")
     assert t.associations == []
     with pytest.raises(TemplateError) as info:
         tpl.build_device(t)
@@ -334,7 +338,8 @@ def test_build_device_serves_stored_values() -> None:
 
     t = parse_template(SMALL, "small.xml")
     device = tpl.build_device(t)
-    assert sorted(device.associations) == [16, 32]
+    assert sorted(device.associations) == [1, 16, 32]
+    assert device.associations[1].mechanism == cosem.MECH_HLS_GMAC
     assert device.associations[32].secret == SMALL_SECRET
     assert device.associations[32].mechanism == cosem.MECH_LOW
     assert _read(device, 1, "0.0.96.1.0.255", 2) == b"\x0a\x08SIM-0001"
@@ -549,3 +554,74 @@ def test_object_without_value_is_listed() -> None:
     assert t.find("1.0.1.8.0.255").attributes == {
         3: (tpl.STRUCTURE, [(tpl.INT8, 0), (tpl.ENUM, 30)])
     }
+
+
+# ------------------------------------------------------ ciphered associations
+def _ciphered_template(policy: int, version: int = 0, suite: int = 0, key: str = "") -> str:
+    key = key or "000102030405060708090A0B0C0D0E0F"
+    return f"""<Objects>
+<GXDLMSAssociationLogicalName>
+  <LN>0.0.40.0.2.255</LN><ClientSAP>1</ClientSAP>
+  <ApplicationContextName><ContextId>3</ContextId></ApplicationContextName>
+  <AuthenticationMechanismName><MechanismId>6</MechanismId></AuthenticationMechanismName>
+  <Secret>47 75 72 75 78</Secret>
+  <SecuritySetupReference>0.0.43.0.0.255</SecuritySetupReference>
+  <ObjectList>
+    <GXDLMSSecuritySetup><LN>0.0.43.0.0.255</LN><Access>13333</Access></GXDLMSSecuritySetup>
+  </ObjectList>
+</GXDLMSAssociationLogicalName>
+<GXDLMSSecuritySetup>
+  <LN>0.0.43.0.0.255</LN><Version>{version}</Version>
+  <SecurityPolicy>{policy}</SecurityPolicy><SecuritySuite>{suite}</SecuritySuite>
+  <ServerSystemTitle>47 52 58 00 00 00 00 01</ServerSystemTitle>
+  <Guek>{key}</Guek>
+  <Gak>D0D1D2D3D4D5D6D7D8D9DADBDCDDDEDF</Gak>
+</GXDLMSSecuritySetup>
+</Objects>"""
+
+
+@pytest.mark.parametrize(
+    "policy, version, security",
+    [
+        (1, 0, 0x10),  # version 0 enum: all messages authenticated
+        (2, 0, 0x20),  # encrypted
+        (3, 0, 0x30),  # both
+        (0x24, 1, 0x10),  # version 1 bits: authenticated request and response
+        (0x6C, 1, 0x30),  # authenticated and encrypted, both ways (Gurux's 108)
+        (0, 0, 0x30),  # context 3 without a policy: authenticated encryption
+    ],
+)
+def test_security_setup_gives_policy_keys_and_title(policy, version, security) -> None:
+    # Given the full security setup after the association, and a stub in its object list
+    t = parse_template(_ciphered_template(policy, version), "c.xml")
+    (a,) = t.associations
+    # Then the full copy wins: keys, server system title and the policy's security bits
+    assert (a.context_id, a.mechanism_id, a.security) == (3, 6, security)
+    assert a.block_key.reveal() == bytes(range(16))
+    assert a.server_system_title == bytes.fromhex("4752580000000001")
+    assert t.warnings == [
+        "0.0.40.0.2.255 class 15: client 1 object list and access rights not enforced"
+        " (every client reads every object)",
+        "0.0.43.0.0.255 class 64 (SecuritySetup): not served",
+    ]
+    device = tpl.build_device(t)
+    d = device.associations[1]
+    assert (d.security, d.context_id, d.secret, d.system_title) == (
+        security,
+        3,
+        b"Gurux",
+        bytes.fromhex("4752580000000001"),
+    )
+    assert "000102" not in repr(d) and "Gurux" not in repr(d)
+
+
+def test_security_setup_bad_key_names_line_not_value() -> None:
+    msg = _error(_ciphered_template(3, key="0011223344"))
+    assert msg.startswith("template meter.xml, line ")
+    assert "<Guek> must be 16 or 32 bytes, not 5" in msg
+    assert "0011223344" not in msg
+
+
+def test_security_suite_out_of_range_refused() -> None:
+    msg = _error(_ciphered_template(3, suite=3))
+    assert "security suite 3 is not 0, 1 or 2" in msg

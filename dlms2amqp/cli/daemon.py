@@ -10,9 +10,10 @@ from typing import Optional
 import orjson
 
 from .. import __version__, logsetup
-from ..config import describe_keys
+from ..config import config_warnings, describe_keys
 from ..daemon import partitions
 from ..daemon.master import Master
+from ..daemon.replystore import secure_dir
 from ..errors import ConfigError, GatewayError
 from .common import EXIT_CONFIG, EXIT_OK, EXIT_WORKER_BOOT, add_config_option, load_or_report
 
@@ -37,8 +38,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = load_or_report("dlms2amqpd", args.config)
     if cfg is None:
         return EXIT_CONFIG
+    warnings = config_warnings(cfg)
     if args.check_config:
         print(orjson.dumps(cfg.as_dict(), option=orjson.OPT_INDENT_2).decode())
+        for w in warnings:
+            print(f"dlms2amqpd: warning: {w}", file=sys.stderr)
         try:
             partitions.check(cfg)
         except ConfigError as e:
@@ -49,13 +53,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"dlms2amqpd: configuration {cfg.path} is valid", file=sys.stderr)
         return EXIT_OK
     try:
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"dlms2amqpd: cannot create StateDir {cfg.state_dir}: {e.strerror}", file=sys.stderr)
+        state_warning = secure_dir(cfg.state_dir)  # 0700: the reply store and its HMAC key
+    except ConfigError as e:
+        print(f"dlms2amqpd: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if state_warning:
+        warnings.append(state_warning)
     logsetup.configure(cfg.debug_file, cfg.LogLevel, process="master", console=True)
     log = logsetup.get_logger("dlms2amqp.master")
     log.info("starting", version=__version__, config=str(cfg.path), workers=cfg.Workers)
+    for w in warnings:
+        log.warning("config_warning", warning=w)
+        # without a DebugFile (or on a terminal) the log line is on stderr already
+        if cfg.debug_file is not None and not sys.stderr.isatty():
+            print(f"dlms2amqpd: warning: {w}", file=sys.stderr)
     try:
         return Master(cfg).run()
     except ConfigError as e:

@@ -3,11 +3,18 @@
 
 A reply is acknowledged only after its line was written and flushed, so a crash or a
 closed pipe (``| head``) never loses one: what was not printed goes back to the queue.
+
+SIGINT and SIGTERM only set a flag that the consume loop checks at least every 0.5 s
+(its inactivity timeout): a KeyboardInterrupt raised inside pika could land in the middle
+of its frame handling and leave the process waiting, which a test once saw.  On the flag
+the loop cancels the consumer (what was prefetched goes back), closes the connection and
+prints the summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from typing import Optional
@@ -25,6 +32,23 @@ def one_line(body: bytes) -> bytes:
         return orjson.dumps(orjson.loads(body))
     except orjson.JSONDecodeError:
         return orjson.dumps({"NotJson": body.decode("utf-8", "replace")})
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the consume loop reads it (no exception inside pika)."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._set)
+
+    def _set(self, sig: int, _frame: object) -> None:
+        self.signal = sig
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -50,6 +74,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     queue = args.queue or cfg.OutQueue
     printed = 0
     out = sys.stdout.buffer
+    stop = StopFlag()
+    stop.install()
     try:
         conn = amqp.connect(cfg)
     except BrokerError as e:
@@ -62,6 +88,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         ch.basic_qos(prefetch_count=min(args.max or 200, 200))
         last = time.monotonic()
         for method, _props, body in ch.consume(queue, inactivity_timeout=0.5):
+            if stop:
+                break  # a delivery that came with the signal is not printed: requeued
             if method is None:
                 if timeout is not None and time.monotonic() - last >= timeout:
                     break
@@ -84,8 +112,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except amqp.CONNECTION_ERRORS as e:
         print(f"dlms2amqp-dump: {amqp.broker_error(cfg, e)}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except KeyboardInterrupt:
-        pass
+    if stop.signal is not None:
+        print(f"dlms2amqp-dump: stopped by {signal.Signals(stop.signal).name}", file=sys.stderr)
     print(f"dlms2amqp-dump: {printed} replies from {queue}", file=sys.stderr)
     return EXIT_OK
 

@@ -53,6 +53,19 @@ def _physical(text: str) -> int:
     return v
 
 
+def _bounded(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = low - 1
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number from {low} to {high}")
+        return v
+
+    return parse
+
+
 def _forms(text: str) -> tuple[str, ...]:
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     if "any" in names:
@@ -63,6 +76,16 @@ def _forms(text: str) -> tuple[str, ...]:
             f"{text!r}: use one-byte, two-byte, four-byte, serial or any (comma-separated)"
         )
     return tuple(dict.fromkeys(names))
+
+
+def _byte_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"--trailing-bytes {text!r}: expected 0..64")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="HDLC server address forms answered, comma-separated: one-byte, two-byte, "
         "four-byte, serial, or any (default one-byte,two-byte,serial)",
     )  # fmt: skip
+    p.add_argument(
+        "--hdlc-window", type=_bounded(1, 7), default=7, metavar="N",
+        help="largest HDLC window the meters agree to (1..7, default 7)",
+    )  # fmt: skip
+    p.add_argument(
+        "--hdlc-max-info", type=_bounded(32, 2030), default=2030, metavar="BYTES",
+        help="largest HDLC information field the meters agree to (32..2030, default 2030)",
+    )  # fmt: skip
     p.add_argument("--serial", help="serve one meter (HDLC) on this serial device or pty")
     p.add_argument("--utc-offset", type=int, default=0, help="meter local time offset, minutes")
     p.add_argument("--latency", type=float, default=0.0, metavar="MS", help="delay per reply frame")
@@ -105,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{name}", type=_rate, nargs="?", const=1.0, default=0.0, metavar="RATE",
             help=f"{what} (fraction of connections; bare flag = 1)",
         )  # fmt: skip
+    # --- meter quirks of real meters (simulator application layer) -----------------
+    p.add_argument(
+        "--trailing-bytes", type=_byte_count, default=0, metavar="N",
+        help="append N bytes after the clock value and after the last profile block",
+    )  # fmt: skip
+    p.add_argument(
+        "--deny-wrong-class", action="store_true",
+        help="answer read-write-denied for an unknown object or a wrong class",
+    )  # fmt: skip
     p.add_argument(
         "-r",
         "--referencing",
@@ -178,9 +218,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         interface=args.interface,
         seed=args.seed,
         hdlc_address=args.hdlc_address,
-        # without -n, physical 1 (the reference meter's) and 0 (the form readers that send
-        # -s N as logical N / physical 0 use)
-        hdlc_physical=(1, 0) if args.physical is None else (args.physical,),
+        # physical 1 by default, as Gurux's C reference meter
+        hdlc_physical=(1,) if args.physical is None else (args.physical,),
+        hdlc_limits=(args.hdlc_window, args.hdlc_max_info),
+        trailing_bytes=args.trailing_bytes,
+        deny_wrong_class=args.deny_wrong_class,
     )
     opts.sn_blocks = args.sn_blocks
     try:

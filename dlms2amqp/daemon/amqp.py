@@ -121,11 +121,24 @@ def queue_arguments(cfg: Config) -> dict[str, Any]:
     }
 
 
+def dead_letter_arguments(cfg: Config) -> Optional[dict[str, Any]]:
+    """The dead-letter queue's arguments: a message TTL when DeadLetterTTL is set."""
+    return {"x-message-ttl": cfg.DeadLetterTTL * 1000} if cfg.DeadLetterTTL else None
+
+
 def queue_mismatch(
     cfg: Config, name: str, arguments: Optional[dict], reply_text: str
 ) -> ConfigError:
     """PRECONDITION_FAILED on a queue declare, in the field engineer's words."""
     kind = (arguments or {}).get("x-queue-type", "classic")
+    if name == cfg.dead_letter_queue:
+        ttl = cfg.DeadLetterTTL
+        return ConfigError(
+            f"Queue {name} already exists on {describe(cfg)} with another message TTL than "
+            f"DeadLetterTTL {ttl} ({reply_text}). Set DeadLetterTTL in {cfg.path} to the "
+            "existing queue's, or move its messages away (shovel) and delete it "
+            "(rabbitmqctl delete_queue) so that it is declared again; see the README."
+        )
     return ConfigError(
         f"Queue {name} already exists on {describe(cfg)} with other arguments than a "
         f"durable {kind} queue ({reply_text}). Set QueueType in {cfg.path} to match "
@@ -151,7 +164,7 @@ def topology(cfg: Config) -> list[tuple[str, str, Optional[dict]]]:
     """
     return [
         ("exchange", cfg.dead_letter_exchange, None),
-        ("queue", cfg.dead_letter_queue, None),
+        ("queue", cfg.dead_letter_queue, dead_letter_arguments(cfg)),
         ("bind", cfg.dead_letter_queue, None),
         ("queue", cfg.InQueue, queue_arguments(cfg)),
         ("queue", cfg.OutQueue, None),

@@ -438,26 +438,47 @@ class Broker:
         self.confirms.published(props.message_id, (on_ok, on_fail))
         return True
 
-    def declare_again(self, queue: str, then: Callable[[], None]) -> bool:
-        """Declare ``queue`` (durable, no arguments) again, then call ``then``.
+    def declare_again(self, queue: str, then: Callable[[], None], bind: bool = False) -> bool:
+        """Declare ``queue`` again (durable, its arguments of the topology), then call ``then``.
 
-        For OutQueue after a reply to it came back unroutable (somebody deleted it).
+        For OutQueue after a reply to it came back unroutable (somebody deleted it), and
+        for the dead-letter queue (``bind``: bound to the dead-letter exchange again).
         Declares of one queue at once are merged.  False when not connected (``then``
         is not called: the deliveries waiting for it are void).
         """
-        if not self.ready or self.ch is None:
+        ch = self.ch
+        if not self.ready or ch is None:
             return False
         waiting = self.redeclaring.setdefault(queue, [])
         waiting.append(then)
         if len(waiting) == 1:
             self.metrics.queue_redeclared.inc()
-            self.log.warning("queue_declared_again", queue=queue, why="reply came back unroutable")
+            self.log.warning(
+                "queue_declared_again", queue=queue, why="message came back unroutable"
+            )
 
             def declared(_frame: Any) -> None:
                 for fn in self.redeclaring.pop(queue, []):
                     fn()
 
-            self.ch.queue_declare(queue, durable=True, callback=self.guard(declared))
+            def bound(_frame: Any) -> None:
+                ch.queue_bind(
+                    queue,
+                    self.cfg.dead_letter_exchange,
+                    routing_key="",
+                    callback=self.guard(declared),
+                )
+
+            arguments = next(
+                (a for w, n, a in partitions.topology(self.cfg) if w == "queue" and n == queue),
+                None,
+            )
+            ch.queue_declare(
+                queue,
+                durable=True,
+                arguments=arguments or None,
+                callback=self.guard(bound if bind else declared),
+            )
         return True
 
     def _on_confirm(self, frame: Any) -> None:
@@ -482,12 +503,24 @@ class Broker:
             self.ack(d)
             self.metrics.dead_lettered.labels(reason=kind).inc()
 
-        def failed(why: str) -> None:
+        def failed(why: str, again: bool) -> None:
+            if why == "returned" and not again:
+                # the dead-letter queue was deleted: declare and bind it again, retry once
+                if self.declare_again(self.cfg.dead_letter_queue, resend, bind=True):
+                    return
             self.log.error("dead_letter_failed", kind=why)
             self.requeue(d)
 
-        self.publish(self.cfg.dead_letter_exchange, "", body, props, ok, failed)
-        self.log.warning("dead_lettered", reason=reason, bytes=len(body))
+        def send(again: bool = False) -> bool:
+            return self.current(d) and self.publish(
+                self.cfg.dead_letter_exchange, "", body, props, ok, lambda w: failed(w, again)
+            )
+
+        def resend() -> None:
+            send(True)
+
+        if send():
+            self.log.warning("dead_lettered", reason=reason, bytes=len(body))
 
     # --- stop ----------------------------------------------------------------------------
     def stop_consuming(self) -> None:

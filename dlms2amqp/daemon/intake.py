@@ -12,11 +12,11 @@ For each request taken from InQueue the master asks ``Intake.decide`` what to do
                   bad connection string): a ``notok`` reply in the field engineer's words;
 - ``Dispatch``    a valid READ: the request and its connection settings, parsed once.
 
-Redeliveries are counted only from what the broker vouches for: a quorum queue's
-``x-delivery-count`` (the broker sets it on every delivery), and on a classic queue the
-``redelivered`` flag with the daemon's own record.  A publisher can put any header on a
-message, so a classic queue's ``x-delivery-count`` means nothing, and a first delivery
-(``redelivered`` false) is never poison.
+Redeliveries are counted only from what the broker vouches for: the ``redelivered`` flag,
+the daemon's own record, and a quorum queue's ``x-delivery-count`` on a redelivery (the
+broker writes it then).  A publisher can put any header on a message: a classic queue
+passes it through untouched, and a quorum queue too on the first delivery (RabbitMQ
+3.10, seen in tests/test_daemon_broker.py).  So a first delivery is never poison.
 
 The body is decoded once and the connection string parsed once here; the worker gets
 both.  The reply store is reached through the small ``Replies`` interface (the real
@@ -36,11 +36,12 @@ from ..errors import GatewayError
 from ..meter.connstring import ConnSettings, parse_connection_string
 from ..request import ReadRequest, msg_id_of, request_from
 from .replysize import SPLIT_FIELD
-from .replystore import request_key
 
 
 class Replies(Protocol):
     """What the intake needs of the reply store."""
+
+    def key_for(self, msg_id: str, body: bytes) -> str: ...
 
     def get(self, key: str) -> Optional[tuple[str, bytes]]: ...
 
@@ -131,7 +132,7 @@ class Intake:
         msg_id = msg_id_of(data)
         if msg_id is None:
             return DeadLetter("body has no MsgID (string or number)", "no_msgid")
-        key = request_key(msg_id, body)
+        key = self.replies.key_for(msg_id, body)
         limit = self.delivery_limit
         stored = self.replies.get(key)
         if stored is not None:
@@ -153,7 +154,7 @@ class Intake:
             # a new message with a body seen before: earlier attempts were not this one's
             self.replies.forget_attempts(key)
             attempts = self.replies.count_attempt(key)
-        count = (headers or {}).get("x-delivery-count") if self.quorum else None
+        count = (headers or {}).get("x-delivery-count") if self.quorum and redelivered else None
         if isinstance(count, bool) or not isinstance(count, int):
             count = None
         if (count is not None and count >= limit) or attempts > limit:

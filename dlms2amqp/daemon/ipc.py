@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the master must not import the meter layer (Gurux) at run t
 class WorkerSettings:
     """What one worker process needs, built once from the configuration by the master.
 
-    No broker password in here.  The reader's five fields become the worker's one
+    No broker password in here.  The reader's six fields become the worker's one
     ``ReaderOptions`` in ``reader_options`` (the only place they are copied): that class
     lives in ``meter.reader``, which imports Gurux, and the master must not load Gurux.
     """
@@ -46,6 +46,7 @@ class WorkerSettings:
     trace: bool
     debug_file: Optional[Path]
     log_level: str
+    max_rows: int = 0
 
     @classmethod
     def from_config(cls, cfg: Config, index: int) -> WorkerSettings:
@@ -60,6 +61,7 @@ class WorkerSettings:
             trace=cfg.Trace,
             debug_file=cfg.debug_file,
             log_level=cfg.LogLevel,
+            max_rows=cfg.MaxRows,
         )
 
     def reader_options(self, trace_sink: Optional[Callable[[str], None]] = None) -> ReaderOptions:
@@ -73,6 +75,7 @@ class WorkerSettings:
             state_dir=self.state_dir,
             trace=self.trace,
             trace_sink=trace_sink,
+            max_rows=self.max_rows,
         )
 
 

@@ -37,7 +37,7 @@ from ..request import ReadRequest, extract_msg_id
 from . import amqp, ipc, partitions, replysize
 from .broker import Broker, Delivery, IOLoop
 from .intake import Answer, Attach, DeadLetter, Dispatch, Intake, Stored
-from .replystore import ReplyStore, request_key
+from .replystore import ReplyStore
 from .workers import Arbiter
 
 TICK_SECONDS = 0.1
@@ -69,7 +69,9 @@ class Master:
         self.metrics = metrics or Metrics()
         self.log = logsetup.get_logger("dlms2amqp.master")
         self.ioloop = IOLoop()
-        self.store = ReplyStore(cfg.state_dir / "replies.sqlite3", cfg.ReplyStoreSize)
+        self.store = ReplyStore(
+            cfg.state_dir / "replies.sqlite3", cfg.ReplyStoreSize, cfg.ReplyStoreMaxBytes
+        )
         # partition queues are quorum queues whatever InQueue is
         queue_type = "quorum" if cfg.Partitions > 0 else cfg.QueueType
         self.intake = Intake(self.store, cfg.MaxBodyBytes, cfg.DeliveryLimit, queue_type)
@@ -368,7 +370,8 @@ class Master:
             self.broker.dead_letter(d, body, text, "serial_port")
             return
         rep = replymod.error_reply(msg_id, text)
-        self.answer(request_key(msg_id, body), msg_id, rep["MsgID"], replymod.dumps(rep), [d])
+        key = self.store.key_for(msg_id, body)
+        self.answer(key, msg_id, rep["MsgID"], replymod.dumps(rep), [d])
         self._count("READ", "notok", time.monotonic())
         self.log.info("request", msg_id=msg_id, status="notok", error=text, rows=0)
 
@@ -515,9 +518,10 @@ class Master:
 
     def run(self) -> int:
         """Serve until stopped; raises the fatal error, if any."""
+        # the metrics port first: a port in use stops the start before any worker exists
+        self.metrics.serve(self.cfg.MetricsPort, self.cfg.MetricsAddress)
         self.install_signals()
         self.workers.start()
-        self.metrics.serve(self.cfg.MetricsPort, self.cfg.MetricsAddress)
         self.ioloop.call_later(TICK_SECONDS, self.tick)
         try:
             self.ioloop.start()

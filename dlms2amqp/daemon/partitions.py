@@ -173,7 +173,11 @@ def topology(cfg: Config) -> list[Step]:
         # and no request dead-lettered, whatever the partitions do
         replicated = {cfg.OutQueue, cfg.dead_letter_queue}
         steps = [
-            (w, n, {"x-queue-type": "quorum"} if w == "queue" and n in replicated else a)
+            (
+                w,
+                n,
+                {**(a or {}), "x-queue-type": "quorum"} if w == "queue" and n in replicated else a,
+            )
             for w, n, a in steps
         ]
     steps += serial_topology(cfg)

@@ -57,6 +57,7 @@ class ReaderOptions:
     state_dir: Optional[Path] = None  # invocation counters
     trace: bool = False
     trace_sink: Optional[Callable[[str], None]] = None  # default: stderr
+    max_rows: int = 0  # profile rows per request (MaxRows); 0 = no bound
 
 
 _stores: dict = {}
@@ -125,8 +126,8 @@ class FrameTracer:
     A Low password travels in clear inside the AARQ, and an AARQ may be split over several
     HDLC frames, so a pattern search per frame cannot be trusted to find all of it.  While
     the session sends its AARQ (``masking``), every TX byte after the first four is
-    masked; the other frames are shown with the known secrets and any
-    calling-authentication-value masked.
+    masked; the other frames, sent and received (a meter may echo the password), are
+    shown with the known secrets and any calling-authentication-value masked.
     """
 
     def __init__(self, settings: ConnSettings, sink: Optional[Callable[[str], None]]):
@@ -145,7 +146,7 @@ class FrameTracer:
         spans = []
         if direction == "TX" and self.masking:
             spans.append((4, len(data)))
-        for secret in self.secrets if direction == "TX" else ():
+        for secret in self.secrets:  # RX too: a meter may echo the password
             start = data.find(secret)
             while start >= 0:
                 spans.append((start, start + len(secret)))
@@ -290,11 +291,11 @@ def _read(session: MeterSession, request: ReadRequest, settings: ConnSettings, o
     obis = request.obis
     class_id = session.class_cache.get(obis) or guess_class(obis)
     if class_id == PROFILE:
-        return _read_profile(session, request, fmt)
+        return _read_profile(session, request, fmt, options.max_rows)
     class_id, raw = _get(session, obis, 2)
     session.class_cache[obis] = class_id
     if class_id == PROFILE:
-        return _read_profile(session, request, fmt)
+        return _read_profile(session, request, fmt, options.max_rows)
     return _records_for(session, class_id, obis, raw, fmt)
 
 
@@ -397,7 +398,61 @@ def _get_list(session: MeterSession, items: list) -> list:
     return [a if isinstance(a, ObjectError) else (c, a) for c, a in zip(classes, answers)]
 
 
-def _read_profile(session: MeterSession, request: ReadRequest, fmt: str) -> list:
+def _array_count(raw: bytes) -> Optional[int]:
+    """Elements announced by an A-XDR array header (tag 1, length), without decoding."""
+    if len(raw) < 2 or raw[0] != 0x01:
+        return None
+    first = raw[1]
+    if first < 0x80:
+        return first
+    n = first & 0x7F
+    if n == 0 or len(raw) < 2 + n:
+        return None
+    return int.from_bytes(raw[2 : 2 + n], "big")
+
+
+def _check_range_rows(
+    session: MeterSession, obis: str, start: datetime, end: datetime, max_rows: int
+) -> None:
+    """Refuse, before the meter is asked, a range holding more than ``max_rows`` rows.
+
+    Needs the capture period (attribute 4, one more GET), so it is read only for a range
+    longer than ``max_rows`` minutes, which could hold too many rows at a period of a
+    minute or more (with the default that is 34 days: a one-day read pays nothing).  A
+    shorter range, a period of 0 (captured on events) or an unreadable one leaves the
+    bound to ``_check_buffer_rows``, on the rows the meter announces.
+    """
+    span = (end - start).total_seconds()
+    if span < max_rows * 60:
+        return
+    try:
+        period = _decode(session, session.get_raw(PROFILE, obis, 4), f"{obis} attribute 4")
+    except ObjectError:
+        return
+    if not isinstance(period, int) or isinstance(period, bool) or period <= 0:
+        return
+    rows = int(span // period) + 1
+    if rows > max_rows:
+        most = (max_rows - 1) * period
+        shorter = f"{most // 86400} days" if most >= 86400 else f"{max(1, most // 3600)} hours"
+        raise RequestError(
+            f"dtFrom..dtTo spans {span / 86400:.0f} days: at the capture period of {obis}"
+            f" ({period} s) that is up to {rows} rows, more than MaxRows {max_rows}; ask for"
+            f" at most {shorter} per request"
+        )
+
+
+def _check_buffer_rows(raw: bytes, obis: str, max_rows: int, ranged: bool) -> None:
+    """Refuse a buffer of more than ``max_rows`` rows before it is decoded into records."""
+    count = _array_count(raw)
+    if count is not None and count > max_rows:
+        hint = "ask for a shorter range" if ranged else "read it by range (dtFrom, dtTo)"
+        raise RequestError(
+            f"the meter returned {count} rows of {obis}, more than MaxRows {max_rows}: {hint}"
+        )
+
+
+def _read_profile(session: MeterSession, request: ReadRequest, fmt: str, max_rows: int = 0) -> list:
     obis = request.obis
     class_id, raw = _get(session, obis, 3)
     if class_id != PROFILE:
@@ -418,13 +473,18 @@ def _read_profile(session: MeterSession, request: ReadRequest, fmt: str) -> list
             clock_col = i
         columns.append(_code(col_obis, attr))
     start, end = request.dt_from, request.dt_to
-    if start is None and end is None:
+    ranged = start is not None or end is not None
+    if not ranged:
         raw = session.get_raw(PROFILE, obis, 2)
     else:
         end = end or _now()
         start = start or end - timedelta(days=1)
+        if max_rows:
+            _check_range_rows(session, obis, start, end, max_rows)
         step = f"reading {obis} from {start.isoformat()} to {end.isoformat()}"
         raw = session.get_raw(PROFILE, obis, 2, 1, range_selector(start, end), step=step)
+    if max_rows:
+        _check_buffer_rows(raw, obis, max_rows, ranged)
     rows, extra = axdr.decode_profile(raw)
     if extra:
         session.note(f"{extra} trailing bytes after the buffer of {obis} ignored")

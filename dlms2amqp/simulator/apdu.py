@@ -152,7 +152,8 @@ class SimOptions:
     # HDLC: the server address forms answered (framing.ADDRESS_FORMS) and the physical
     # addresses of the two- and four-byte forms (0 too until every reader sends Gurux's form)
     hdlc_address: tuple[str, ...] = ("one-byte", "two-byte", "serial")
-    hdlc_physical: tuple[int, ...] = (1, 0)
+    hdlc_physical: tuple[int, ...] = (1,)
+    hdlc_limits: tuple[int, int] = (7, 2030)  # the meter's largest HDLC window, info field
     # --- meter quirks (sim --trailing-bytes / --deny-wrong-class) -------------------
     #: bytes appended after the clock value and after the last profile block
     trailing_bytes: int = 0
@@ -546,7 +547,9 @@ class Session:
             return None
         if not (isinstance(value, bytes) and self._client_proof_ok(assoc, value)):
             log.info("meter %d client %d: HLS pass 3 failed", self.meter.k, self.client_sap)
-            self._reset()
+            # released, but an answer is still ciphered with this association's keys
+            self.associated = False
+            self.stoc = b""
             return None
         reply = self._own_proof(assoc)
         self.stoc = b""
@@ -556,10 +559,12 @@ class Session:
     def _client_proof_ok(self, assoc: Association, value: bytes) -> bool:
         """Check f(StoC) sent by the client (HLS pass 3)."""
         if assoc.mechanism == cosem.MECH_HLS_GMAC:
-            if len(value) != 17 or value[0] & 0xF0 != 0x10:
+            if len(value) != 17 or value[0] != sec.SC_AUTHENTICATION | assoc.security_suite:
                 return False
             ic = int.from_bytes(value[1:5], "big")
-            expected = sec.gmac_tag(self.peer_title, ic, assoc.block_key, assoc.auth_key, self.stoc)
+            expected = sec.gmac_tag_sc(
+                value[0], self.peer_title, ic, assoc.block_key, assoc.auth_key, self.stoc
+            )
             return hmac.compare_digest(expected, value[5:])
         expected = sec.hls_proof(
             assoc.mechanism, assoc.secret, self.stoc, self.peer_title, self.own_title, self.ctos
@@ -571,8 +576,11 @@ class Session:
         if assoc.mechanism == cosem.MECH_HLS_GMAC:
             self.meter.server_ic += 1
             ic = self.meter.server_ic
-            tag = sec.gmac_tag(self.own_title, ic, assoc.block_key, assoc.auth_key, self.ctos)
-            return bytes((0x10 | assoc.security_suite,)) + ic.to_bytes(4, "big") + tag
+            sc = sec.SC_AUTHENTICATION | assoc.security_suite
+            tag = sec.gmac_tag_sc(
+                sc, self.own_title, ic, assoc.block_key, assoc.auth_key, self.ctos
+            )
+            return bytes((sc,)) + ic.to_bytes(4, "big") + tag
         return sec.hls_proof(
             assoc.mechanism, assoc.secret, self.ctos, self.own_title, self.peer_title, self.stoc
         )
@@ -619,8 +627,6 @@ class Session:
             return bytes((1, code)), pos
         except (ax.DecodeError, IndexError):
             return bytes((1, cosem.OTHER_REASON)), pos
-        if self.opts.trailing_bytes and attr == 2 and class_id in (7, 8):
-            data += bytes(self.opts.trailing_bytes)
         return b"\x00" + data, pos
 
     def _get_normal(self, apdu: bytes) -> bytes:
@@ -634,6 +640,9 @@ class Session:
             return b"\xd8\x02\x02"
         if result[0]:
             return bytes((GET_RESPONSE, 1, invoke)) + result
+        if self.opts.trailing_bytes and apdu[11] == 2 and apdu[4] in (7, 8) and not apdu[3]:
+            # like Gurux's C reference meter: bytes after the clock and the profile buffer
+            result += bytes(self.opts.trailing_bytes)
         return self._respond(invoke, 1, result, result[1:])
 
     def _get_with_list(self, apdu: bytes) -> bytes:

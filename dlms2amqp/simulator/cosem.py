@@ -25,7 +25,9 @@ and the built-in meter produce the same thing:
   returns the encoded Data or raises ``DataAccessError``.
 
 ``builtin_device()`` builds the meter documented in ``docs/design.md`` from the
-functions of ``model.py``.
+functions of ``model.py``.  The module is over 500 lines because the object model,
+the current association's attributes and the built-in meter built on them are read
+together when the simulator changes.
 """
 
 from __future__ import annotations
@@ -243,7 +245,8 @@ class Device:
 _OID_PREFIX = b"\x60\x85\x74\x05\x08"
 
 
-def _secret_denied(ctx: ReadContext) -> bytes:
+def secret_denied(ctx: ReadContext) -> bytes:
+    """Attribute 7 of an association (its secret): never readable."""
     raise DataAccessError(READ_WRITE_DENIED)
 
 
@@ -296,7 +299,7 @@ def current_association_attributes(version: int) -> dict[int, AttrValue]:
         4: context_name,
         5: context_info,
         6: mechanism_name,
-        7: _secret_denied,
+        7: secret_denied,
         8: status,
     }
     if version >= 1:

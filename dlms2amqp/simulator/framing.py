@@ -4,8 +4,11 @@
 WRAPPER (IEC 62056-47): 8-byte header ``version(=1) source-wPort
 destination-wPort length`` followed by the APDU.
 
-HDLC (IEC 62056-46) is in ``HdlcCodec`` below: frame format type 3, CRC-16/X.25
-for HCS and FCS, one-byte client address, one/two/four-byte server address.
+HDLC (IEC 62056-46) below: ``hdlc_encode``/``HdlcDecoder`` for frame format type 3
+(11-bit length, segmentation bit), CRC-16/X.25 for HCS and FCS, one-byte client
+address, one/two/four-byte server address; ``server_addresses`` for the address forms
+a meter answers; ``HdlcLink`` for the link a meter runs (SNRM/UA negotiation, windows,
+segmentation, go-back-N).
 """
 
 from __future__ import annotations
@@ -268,8 +271,7 @@ def server_addresses(
 
 # --- HDLC link ----------------------------------------------------------------------
 RR = 0x01
-RNR = 0x05
-REJ = 0x09
+RNR = 0x05  # REJ (0x09) is handled as RR: both ask for the frames from N(R) on
 SERVER_MAX_WINDOW = 7
 MAX_APDU = 0xFFFF + 16  # reassembly limit of a segmented request
 

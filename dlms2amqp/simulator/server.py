@@ -55,7 +55,8 @@ class Conn:
             o = session.opts
             serial = int(model.serial_number(k))
             addresses = framing.server_addresses(o.hdlc_address, o.hdlc_physical, serial)
-            self.link = framing.HdlcLink(addresses)
+            window, max_info = o.hdlc_limits
+            self.link = framing.HdlcLink(addresses, max_info, window)
         else:
             self.decoder = framing.WrapperDecoder()
         self.session = session
@@ -247,6 +248,9 @@ class Server:
                 reply = self._handle(conn, fr.source, fr.apdu)
                 if reply is not None:
                     self._send(conn, framing.wrapper_encode(fr.destination, fr.source, reply))
+                    more, conn.session.more = conn.session.more, []
+                    for extra in more:  # the rest of a streamed GBT window
+                        self._send(conn, framing.wrapper_encode(fr.destination, fr.source, extra))
                 continue
             if link is None:  # an HDLC frame on a wrapper port cannot be decoded; be safe
                 continue

@@ -22,6 +22,10 @@ Element names follow the per-class ``load()``/``save()`` methods of Gurux
 optionally ``UIType``; octet strings are hex bytes; date-times are
 ``MM/dd/yyyy HH:mm:ss`` with ``*`` for "not specified"; a register's
 ``<Scaler>`` is the multiplier (``0.01``), not the exponent.
+
+The module is over 500 lines because it is one file format read end to end
+(objects, values, associations with their security setups, profiles); splitting
+it would scatter the line-number bookkeeping every error message relies on.
 """
 
 from __future__ import annotations
@@ -181,7 +185,11 @@ MECHANISM_NAMES = {
     6: "HighSHA256",
     7: "HighECDSA",
 }
-SERVED_MECHANISMS = {0, 1}
+SERVED_MECHANISMS = {0, 1, 2, 3, 4, 5, 6}
+
+#: Gurux's demonstration keys (GXDLMSSecureClient defaults), when a template names none
+DEMO_BLOCK_KEY = cosem.BLOCK_KEY
+DEMO_AUTH_KEY = cosem.AUTH_KEY
 
 _LINE = "{urn:dlms2amqp}line"
 
@@ -225,6 +233,28 @@ class TemplateObject:
 
 
 @dataclass
+class TemplateSecuritySetup:
+    """A security setup object (class 64): the keys and policy of ciphered associations."""
+
+    ln: str
+    version: int = 0
+    policy: int = 0
+    suite: int = 0
+    server_system_title: bytes = b""
+    block_key: Optional[Secret] = None
+    auth_key: Optional[Secret] = None
+    line: int = 0
+
+    def security_control(self) -> int:
+        """The security control bits (0x10 authentication, 0x20 encryption) of the policy."""
+        p = self.policy
+        if self.version == 0 and p <= 3:  # enum: 1 authenticated, 2 encrypted, 3 both
+            return (0x10 if p & 1 else 0) | (0x20 if p & 2 else 0)
+        # version 1 bit map: authenticated request/response 0x04/0x20, encrypted 0x08/0x40
+        return (0x10 if p & 0x24 else 0) | (0x20 if p & 0x48 else 0)
+
+
+@dataclass
 class TemplateAssociation:
     """An association LN object: who may connect and how they authenticate."""
 
@@ -237,6 +267,17 @@ class TemplateAssociation:
     #: (class id, LN) of the objects listed in its ObjectList (empty: not given)
     object_list: list[tuple[int, str]] = field(default_factory=list)
     line: int = 0
+    #: application context id: 1 LN, 2 SN, 3 LN ciphered, 4 SN ciphered
+    context_id: int = 1
+    #: logical name of its security setup object, when given
+    security_setup: Optional[str] = None
+    # resolved after parsing (see _resolve_security)
+    #: security control bits the client must use (0: plain)
+    security: int = 0
+    security_suite: int = 0
+    block_key: Optional[Secret] = None
+    auth_key: Optional[Secret] = None
+    server_system_title: bytes = b""
 
     @property
     def mechanism_name(self) -> str:
@@ -252,6 +293,8 @@ class Template:
     associations: list[TemplateAssociation] = field(default_factory=list)
     #: objects or attributes that are not served, one human-readable line each
     warnings: list[str] = field(default_factory=list)
+    #: security setup objects by logical name (keys for ciphered associations)
+    security_setups: dict[str, TemplateSecuritySetup] = field(default_factory=dict)
     #: the secret of its association SN object (class 12), when it has one
     sn_secret: Optional[Secret] = None
 
@@ -326,6 +369,7 @@ def parse_template(data: Union[bytes, str], name: str = "<template>") -> Templat
     for el in root:
         _read_object(ctx, el, template)
     _check_references(template)
+    _resolve_security(template)
     return template
 
 
@@ -343,6 +387,8 @@ def _read_object(ctx: _Ctx, el: ET.Element, template: Template) -> None:
     if class_id is None:
         template.warnings.append(f"{ln} {cls_name}: unknown class, not served")
         return
+    if class_id == 64:
+        _read_security_setup(ctx, el, ln, template)
     if class_id not in SERVED_CLASSES:
         template.warnings.append(f"{ln} class {class_id} ({cls_name}): not served")
         return
@@ -519,6 +565,46 @@ def _read_profile(ctx: _Ctx, el: ET.Element, obj: TemplateObject, template: Temp
     obj.attributes[8] = (UINT32, max(entries, len(obj.buffer)))
 
 
+def _read_security_setup(ctx: _Ctx, el: ET.Element, ln: str, template: Template) -> None:
+    """Keep the keys, titles and policy of a security setup (the object is not served).
+
+    Gurux saves the object once in full and again as a stub in object lists: the
+    copy with keys wins, wherever it stands.
+    """
+    known = template.security_setups.get(ln)
+    if known is not None and known.block_key is not None:
+        return
+
+    def key(name: str) -> Optional[Secret]:
+        k = el.find(name)
+        if k is None or not (k.text or "").strip():
+            return None
+        try:
+            raw = bytes.fromhex(re.sub(r"[\s:-]", "", k.text or ""))
+        except ValueError:
+            raise ctx.error(k, f"<{name}> is not hex bytes (value not shown)") from None
+        if len(raw) not in (16, 32):
+            raise ctx.error(k, f"<{name}> must be 16 or 32 bytes, not {len(raw)}")
+        return Secret(raw)
+
+    title = b""
+    st = el.find("ServerSystemTitle")
+    if st is not None and (st.text or "").strip():
+        title = _hex(ctx, st, st.text or "")
+        if len(title) != 8:
+            raise ctx.error(st, f"<ServerSystemTitle> must be 8 bytes, not {len(title)}")
+    template.security_setups[ln] = TemplateSecuritySetup(
+        ln=ln,
+        version=_int_child(ctx, el, "Version", 0),
+        policy=_int_child(ctx, el, "SecurityPolicy", 0),
+        suite=_ranged(ctx, el, "SecuritySuite", UINT8, 0),
+        server_system_title=title,
+        block_key=key("Guek"),
+        auth_key=key("Gak"),
+        line=_line(el),
+    )
+
+
 def _conformance_bits(value: int) -> str:
     """Gurux numbers conformance bits from the first bit of the bit-string."""
     return "".join("1" if value >> i & 1 else "0" for i in range(24))
@@ -534,9 +620,12 @@ def _read_association(ctx: _Ctx, el: ET.Element, obj: TemplateObject, template: 
     server = _int_child(ctx, el, "ServerSAP", 1)
     obj.attributes[3] = (STRUCTURE, [(INT8, client), (UINT16, server & 0xFFFF)])
     mechanism = 0
+    context_id = 1
     acn = el.find("ApplicationContextName")
     if acn is not None:
         context_id = _int_child(ctx, acn, "ContextId", 1)
+        if not 1 <= context_id <= 4:
+            raise ctx.error(acn, f"application context id {context_id} is not 1..4")
         obj.attributes[4] = (OCTET_STRING, _OID_PREFIX + bytes([1, context_id & 0xFF]))
     xci = el.find("XDLMSContextInfo")
     if xci is not None:
@@ -563,8 +652,10 @@ def _read_association(ctx: _Ctx, el: ET.Element, obj: TemplateObject, template: 
     if status is not None and (status.text or "").strip():
         obj.attributes[8] = (ENUM, _ranged(ctx, el, "AssociationStatus", ENUM, 0))
     ssr = el.find("SecuritySetupReference")
+    security_setup = None
     if ssr is not None and (ssr.text or "").strip():
-        obj.attributes[9] = (OCTET_STRING, bytes(int(p) for p in _parse_ln(ctx, ssr).split(".")))
+        security_setup = _parse_ln(ctx, ssr)
+        obj.attributes[9] = (OCTET_STRING, bytes(int(p) for p in security_setup.split(".")))
     secret: Optional[Secret] = None
     sec_el = el.find("Secret")
     if sec_el is not None and (sec_el.text or "").strip():
@@ -583,6 +674,8 @@ def _read_association(ctx: _Ctx, el: ET.Element, obj: TemplateObject, template: 
             if ln_el is None or cid is None:
                 continue
             objects.append((cid, _parse_ln(ctx, ln_el)))
+            if cid == 64:  # Gurux often saves the keys only inside the object list
+                _read_security_setup(ctx, child, _parse_ln(ctx, ln_el), template)
     assoc = TemplateAssociation(
         ln=obj.ln,
         client_sap=client,
@@ -591,6 +684,8 @@ def _read_association(ctx: _Ctx, el: ET.Element, obj: TemplateObject, template: 
         secret=secret,
         object_list=objects,
         line=obj.line,
+        context_id=context_id,
+        security_setup=security_setup,
     )
     if objects:
         template.warnings.append(
@@ -647,6 +742,32 @@ def _check_references(template: Template) -> None:
                     f"{obj.ln} class 7: capture object {col.ln} class {col.class_id}"
                     " is not in the template"
                 )
+
+
+def _resolve_security(template: Template) -> None:
+    """Give each association its ciphering (from the context id) and keys (security setup)."""
+    for a in template.associations:
+        setup = template.security_setups.get(a.security_setup or "")
+        ciphered = a.context_id in (3, 4)
+        needs_keys = ciphered or a.mechanism_id == cosem.MECH_HLS_GMAC
+        if setup is not None:
+            a.security_suite = setup.suite
+            a.server_system_title = setup.server_system_title
+            a.block_key, a.auth_key = setup.block_key, setup.auth_key
+        if ciphered:
+            a.security = (setup.security_control() if setup is not None else 0) or 0x30
+        if needs_keys and (a.block_key is None or a.auth_key is None):
+            template.warnings.append(
+                f"{a.ln} class 15: client {a.client_sap} has no keys in a security setup"
+                " object: Gurux's demonstration keys are used"
+            )
+            a.block_key = a.block_key or Secret(DEMO_BLOCK_KEY)
+            a.auth_key = a.auth_key or Secret(DEMO_AUTH_KEY)
+        if a.security_suite > 2:
+            raise TemplateError(
+                f"template {template.path}, line {a.line}: security suite {a.security_suite}"
+                " is not 0, 1 or 2"
+            )
 
 
 # ------------------------------------------------------------------------- values
@@ -828,7 +949,8 @@ def encode_value(value: DlmsValue) -> bytes:
 def build_device(template: Template, password: Optional[bytes] = None) -> cosem.Device:
     """The simulator's ``cosem.Device`` serving the template's objects.
 
-    ``password`` (``-P``) replaces the secret of every Low-level association.
+    ``password`` (``-P``) replaces the secret of every Low-level association; HLS
+    secrets and keys come from the template.
     Every associated client reads every object: per-association object lists
     and access rights are not enforced (said in ``template.warnings``).
     """
@@ -874,21 +996,33 @@ def build_device(template: Template, password: Optional[bytes] = None) -> cosem.
     associations = []
     for a in template.associations:
         secret = b""
-        if a.mechanism_id == cosem.MECH_LOW:
-            if password is not None:
-                secret = password
-            elif a.secret:
-                raw = a.secret.reveal()
-                secret = raw.encode() if isinstance(raw, str) else bytes(raw)
-        associations.append(cosem.Association(a.client_sap, a.mechanism_id, secret=secret))
+        if a.mechanism_id == cosem.MECH_LOW and password is not None:
+            secret = password
+        elif a.secret:
+            secret = _raw(a.secret)
+        associations.append(
+            cosem.Association(
+                a.client_sap,
+                a.mechanism_id,
+                secret=secret,
+                security=a.security,
+                block_key=_raw(a.block_key),
+                auth_key=_raw(a.auth_key),
+                referencing=2 if a.context_id in (2, 4) else 1,
+                security_suite=a.security_suite,
+                system_title=a.server_system_title,
+                server_sap=a.server_sap,
+                security_setup=cosem.ln_bytes(a.security_setup) if a.security_setup else bytes(6),
+            )
+        )
     short_names = not associations and any(o.class_id == 12 for o in template.objects)
     if short_names:
         associations = _sn_associations(template, password)
     if not associations:
         raise TemplateError(
             f"template {template.path}: no association that the simulator can serve"
-            " (it needs a GXDLMSAssociationLogicalName with no or Low authentication,"
-            " or a GXDLMSAssociationShortName)"
+            " (it needs a GXDLMSAssociationLogicalName with a <ClientSAP> and an"
+            " authentication other than HighECDSA, or a GXDLMSAssociationShortName)"
         )
     device = cosem.Device(objects, associations, name=Path(template.path).name)
     try:
@@ -902,7 +1036,22 @@ def build_device(template: Template, password: Optional[bytes] = None) -> cosem.
     for o in device.objects:
         if o.class_id == 15:
             o.attrs.setdefault(2, device.by_key[(15, device.association_ln)].attrs[2])
+            # the attributes of its version that the file leaves out: none, empty, no user
+            o.attrs.setdefault(7, cosem.secret_denied)
+            o.attrs.setdefault(8, ax.enum(0))
+            if o.version >= 1:
+                o.attrs.setdefault(9, ax.octet_string(bytes(6)))
+            if o.version >= 2:
+                o.attrs.setdefault(10, ax.array([]))
+                o.attrs.setdefault(11, ax.structure([ax.uint8(0), ax.visible_string("")]))
     return device
+
+
+def _raw(secret: Optional[Secret]) -> bytes:
+    if not secret:
+        return b""
+    raw = secret.reveal()
+    return raw.encode() if isinstance(raw, str) else bytes(raw)
 
 
 #: clients of a short-name template, as Gurux's example meters number them

@@ -125,13 +125,18 @@ class Result:
 def stored_reply_ids(state_dir: Path) -> set[str]:
     """MsgIDs whose reply is in the daemon's reply store (read-only peek at its SQLite)."""
     import sqlite3
+    import zlib
 
     path = state_dir / "replies.sqlite3"
     if not path.exists():
         return set()
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
-        return {k.split("|", 1)[0] for (k,) in db.execute("SELECT key FROM replies")}
+        # the key is an HMAC (no MsgID in it): the stored reply's InMsgID says whose it is
+        return {
+            str(json.loads(zlib.decompress(b)).get("InMsgID"))
+            for (b,) in db.execute("SELECT body FROM replies")
+        }
     finally:
         db.close()
 
@@ -225,6 +230,7 @@ class Lab:
         allow_repeats: bool = False,
         config: dict[str, Any] | None = None,
         timeout: float = 90.0,
+        spare_meters: int = 0,
     ) -> Result:
         """Start a daemon, publish one READ per meter, inject ``fault(ctx)``, apply the oracle.
 
@@ -235,7 +241,7 @@ class Lab:
         uid = f"{slug}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
         in_q, out_q = f"d2af.{uid}.in", f"d2af.{uid}.out"
         dlq = in_q + ".dead"
-        n = requests or self.meters
+        n = requests or self.meters - spare_meters  # spare meters are the fault's own
         ports = self.sim_ports()[:n]
         res = Result(Row(name))
         with contextlib.ExitStack() as st:
@@ -268,6 +274,7 @@ class Lab:
                 res.evidence.update(fault(ctx) or {})
             except AssertionError as e:
                 res.problems.append(f"fault not confirmed: {e}")
+            ids += ctx.extra_ids  # requests the fault published itself are judged too
             if not collector.wait_ids(set(ids), timeout):
                 res.problems.append(f"not every request accounted for after {timeout:.0f} s")
             time.sleep(1.0)  # late duplicates
@@ -278,7 +285,9 @@ class Lab:
             items = collector.snapshot()
             res.row = judge(name, ids, items, {out_q}, dlq, meters, port_of_id)
             repeated_after_store = ctx.no_repeat_ids & {
-                i for i in ids if meters.stats[port_of_id[i]].sessions_with_reads > 1
+                i
+                for i in ids
+                if i in port_of_id and meters.stats[port_of_id[i]].sessions_with_reads > 1
             }
             if repeated_after_store:
                 res.problems.append(
@@ -329,6 +338,7 @@ class Ctx:
     t_published: float
     bodies: list[tuple[str, bytes]] = field(default_factory=list)
     no_repeat_ids: set[str] = field(default_factory=set)
+    extra_ids: list[str] = field(default_factory=list)  # published by the fault, judged too
     notes: str = ""
 
     def replies(self) -> int:
