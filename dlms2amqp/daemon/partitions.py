@@ -27,6 +27,11 @@ The pieces here, called from small hooks in ``broker`` and ``master``:
   which every daemon consumes and answers notok (``expired_reply``);
 - ``InQueueWatch``: with Partitions 0, a periodic passive declare of InQueue counts its
   consumers: more than one is a warning and a metric (meters may get two associations).
+
+Over 500 lines because the names, arguments and behaviour of one topology belong
+together: the queue names and arguments used by ``topology`` are the ones ``Mover``,
+``Balancer`` and the serial routing rely on.  (Splitting the serial part out is the
+obvious next cut.)
 """
 
 from __future__ import annotations
