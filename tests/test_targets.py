@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dlms2amqp import logsetup
 from dlms2amqp.config import build_config
@@ -26,6 +28,8 @@ from dlms2amqp.meter.media import SerialMedia, open_serial_device
 from dlms2amqp.meter.reader import ReaderOptions, execute
 from dlms2amqp.request import ReadRequest, parse_datetime, request_from
 from testing.ports import free_port
+
+_DEAD = free_port()  # nothing listens there
 
 
 def key(cs: str) -> str:
@@ -372,3 +376,90 @@ def test_async_resolver_answers_on_the_callers_thread_and_times_out() -> None:
     posted.pop()()  # the late answer is dropped
     assert len(got) == 3
     ar.close()
+
+
+# --- fuzz: no connection string and no request field ends in "internal error" ----------
+_OPTS = list("hpSaPcsnlrtgCVKvoTMABDFdGimWwfLIE") + ["sp"]
+_VALUES = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(
+        [
+            "127.0.0.1",
+            "localhost",
+            "::1",
+            "0x10",
+            "0",
+            "65535",
+            "Low",
+            "HighGMAC",
+            "WRAPPER",
+            "SN",
+            "AuthenticationEncryption",
+            "000102030405060708090A0B0C0D0E0F",
+            "4775727578313233",
+            "0.0.1.0.0.255:2",
+            "/dev/ttyS0:9600:8None1",
+            "1:0x12",
+            "LGZ",
+            "-1",
+            "99999999999999999999",
+            "0xZZ",
+            "a" * 300,
+            "١٢٣",
+        ]
+    ),  # fmt: skip
+)
+
+
+@st.composite
+def _connection_strings(draw: Any) -> str:
+    parts = ["-h", "127.0.0.1", "-p", "1"] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(0, 8))):
+        parts.append("-" + draw(st.sampled_from(_OPTS)))
+        if draw(st.integers(0, 9)):
+            value = draw(_VALUES).replace('"', "")
+            parts.append(f'"{value}"' if draw(st.booleans()) else value)
+    return " ".join(parts)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_connection_strings(), st.sampled_from(["1.0.1.8.0.255", "1.0.99.1.0.255"]))
+def test_fuzz_connection_strings_give_specific_errors(cs: str, obis: str) -> None:
+    try:
+        s = parse_connection_string(cs)
+    except ConnectionStringError:
+        return
+    if s.serial_port is None:
+        s.host, s.address, s.host_is_literal, s.port = "127.0.0.1", "127.0.0.1", True, _DEAD
+    rep = execute(
+        ReadRequest("f", "READ", obis, cs, None, None),
+        ReaderOptions(frame_timeout=0.3, request_timeout=1.0),
+        None,
+        s,
+    )
+    assert rep["Status"] == "notok" and "internal" not in rep["Error"].lower(), (cs, rep)
+
+
+_FIELD = st.one_of(
+    st.none(),
+    st.text(max_size=40),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.booleans(),
+    st.sampled_from(["0001-01-01", "9999-12-31", "2022-02-30", "2022-08-17T18:01:57+2400"]),
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={k: _FIELD for k in ("MsgID", "Cmd", "ObisCode", "ConnectionString", "dtFrom")}
+        | {"dtTo": _FIELD},
+    )
+)
+def test_fuzz_request_fields_give_request_errors(data: dict) -> None:
+    try:
+        request_from(data)
+    except RequestError:
+        pass
