@@ -12,6 +12,11 @@ the serial-number formula (README "Connection strings").  Options that a
 gateway cannot honour (certificate generation, ECDSA, PLC media) are refused
 with a reason instead of being half-done.  Passwords and keys are kept in
 :class:`~dlms2amqp.secret.Secret`.
+
+A value holding a control character (NUL included) is refused, never cut: C code below
+would stop at the NUL and act on a prefix.  ``-h`` is normalised here without any I/O
+(an IP literal read as the resolver reads it, a name lower-cased and checked); resolving
+names and checking the allow-lists is ``targets.prepare`` (see docs/design.md).
 """
 
 from __future__ import annotations
