@@ -70,11 +70,11 @@ def test_one_meter_spelt_seven_ways_gets_one_association_at_a_time(
 
 
 class CountingListener:
-    """A TCP port on 127.0.0.2 that counts who connects (the service a request may aim at)."""
+    """A local TCP port that counts who connects (the service a request may aim at)."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.sock = socket.socket()
-        self.sock.bind(("127.0.0.2", 0))
+        self.sock.bind((host, 0))
         self.sock.listen(8)
         self.port = self.sock.getsockname()[1]
         self.accepted = 0
@@ -109,17 +109,24 @@ def test_allow_lists_and_bad_targets_get_their_own_replies(
     threading.Thread(target=fifo_reader, daemon=True).start()
     master, slave = os.openpty()
     try:
-        with running_simulator(1) as sim:
+        # the meter on 127.0.0.2; the gateway's own host (127.0.0.1) closed by AllowedHosts
+        with running_simulator(1, host="127.0.0.2") as sim:
             d: Daemon = run_daemon(
-                AllowedHosts=["!127.0.0.2", "127.0.0.1/32"],
+                AllowedHosts=["!127.0.0.1/32", "127.0.0.0/8"],
                 AllowedSerialPorts=["/dev/pts/*", "/etc/*", f"{tmp_path}/*"],
             )
             conn = "-c 32 -a Low -P 00000000 -i WRAPPER"
             cases = {
-                "name-allowed": (f"-h localhost -p {sim.port} {conn}", None),
+                "allowed": (f"-h 127.0.0.2 -p {sim.port} {conn}", None),
                 "literal-refused": (
-                    f"-h 127.0.0.2 -p {listener.port} {conn}",
-                    f"host 127.0.0.2 port {listener.port} is refused by the AllowedHosts setting",
+                    f"-h 127.1 -p {listener.port} {conn}",
+                    f"host 127.0.0.1 port {listener.port} is refused by the AllowedHosts setting",
+                ),
+                # a name is checked by the address it resolves to
+                "name-refused": (
+                    f"-h LocalHost -p {listener.port} {conn}",
+                    f"host localhost (127.0.0.1) port {listener.port} is refused by the "
+                    "AllowedHosts setting",
                 ),
                 "no-such-name": (
                     f"-h no-such-host.invalid -p {sim.port}",
@@ -137,7 +144,7 @@ def test_allow_lists_and_bad_targets_get_their_own_replies(
                 "null": ("-S /etc/../dev/null", "AllowedSerialPorts"),
                 "pty-no-meter": (f"-S {os.ttyname(slave)} -t Off", "timeout"),
                 "nul-host": (
-                    f"-h 127.0.0.1\0evil -p {sim.port}",
+                    f"-h 127.0.0.2\0evil -p {sim.port}",
                     "option -h: control character U+0000 is not allowed",
                 ),
                 "nul-serial": ("-S /dev/ttyS0\0", "option -S: control character U+0000"),
@@ -152,7 +159,7 @@ def test_allow_lists_and_bad_targets_get_their_own_replies(
                     "MsgID": "to-year-1",
                     "Cmd": "READ",
                     "ObisCode": "1.0.99.1.0.255",
-                    "ConnectionString": f"-h 127.0.0.1 -p {sim.port} {conn}",
+                    "ConnectionString": f"-h 127.0.0.2 -p {sim.port} {conn}",
                     "dtTo": "0001-01-01",
                 }
             )
@@ -161,7 +168,7 @@ def test_allow_lists_and_bad_targets_get_their_own_replies(
                 r["InMsgID"]: r for r in broker.replies(d.cfg["OutQueue"], len(bodies), timeout=120)
             }
         assert set(replies) == {b["MsgID"] for b in bodies}
-        assert replies["name-allowed"]["Status"] == "ok", replies["name-allowed"]
+        assert replies["allowed"]["Status"] == "ok", replies["allowed"]
         for k, (_cs, fragment) in cases.items():
             if fragment is not None:
                 rep = replies[k]
