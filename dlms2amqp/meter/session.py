@@ -262,9 +262,10 @@ class MeterSession:
         s = self.settings
         timeout = min(self.frame_timeout, self._remaining("connect"))
         if s.serial_port is None:
-            return TcpMedia(s.host, s.port, timeout, self.trace)
+            return TcpMedia(s.address or s.host, s.port, timeout, self.trace)
         baud = 300 if s.interface == "HdlcWithModeE" else s.baud_rate
-        media = SerialMedia(s.serial_port, baud, s.data_bits, s.parity, s.stop_bits, self.trace)
+        path = s.serial_device or s.serial_port
+        media = SerialMedia(path, baud, s.data_bits, s.parity, s.stop_bits, self.trace)
         if s.interface == "HdlcWithModeE":
             try:
                 media.mode_e_handshake(timeout, s.data_bits, s.parity, s.stop_bits)
