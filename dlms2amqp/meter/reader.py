@@ -13,7 +13,6 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,6 +38,7 @@ from ..request import ReadRequest
 from . import axdr
 from .connstring import ConnSettings, parse_connection_string
 from .counters import CounterStore
+from .options import ReaderOptions
 from .pool import SessionPool
 from .session import NOT_FOUND, DataAccessError, MeterSession, range_selector
 
@@ -47,16 +47,6 @@ log = logging.getLogger(__name__)
 _OBIS_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
 CLOCK_OBIS = "0.0.1.0.0.255"
 PROFILE, REGISTER, EXT_REGISTER, DEMAND_REGISTER, DATA, CLOCK = 7, 3, 4, 5, 1, 8
-
-
-@dataclass
-class ReaderOptions:
-    frame_timeout: float = 5.0  # seconds per frame wait
-    request_timeout: float = 60.0  # whole request deadline
-    datetime_format: str = "iso"  # or "dotnet"
-    state_dir: Optional[Path] = None  # invocation counters
-    trace: bool = False
-    trace_sink: Optional[Callable[[str], None]] = None  # default: stderr
 
 
 _stores: dict = {}
