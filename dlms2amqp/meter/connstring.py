@@ -65,14 +65,10 @@ class ConnSettings:
     logical_address: Optional[int] = None  # last -l value (informational)
     serial_number: Optional[int] = None  # last -n value (informational)
     referencing: str = "LN"
-    trace: str = "Off"
     get_list: list = field(default_factory=list)  # [(obis, attribute_index)]
     security: str = "None"
-    suite: int = 0
-    signing: str = "None"
     invocation_counter_obis: Optional[str] = None
     auto_increase_invoke_id: bool = False
-    cache_file: Optional[str] = None
     system_title: Optional[bytes] = None
     meter_system_title: Optional[bytes] = None
     authentication_key: Optional[Secret] = None
@@ -86,16 +82,11 @@ class ConnSettings:
     propose_general_protection: bool = False
     gateway: Optional[tuple] = None  # (network_id, physical device address bytes)
     interface: str = "HDLC"
-    mac_address: Optional[int] = None
     gbt_window_size: int = 1
     gbt_window_size_given: bool = False  # -W present: propose general block transfer
     hdlc_window_size: int = 1
     hdlc_frame_size: int = 128
     manufacturer_id: Optional[str] = None
-
-    @property
-    def is_serial(self) -> bool:
-        return self.serial_port is not None
 
     @property
     def meter_key(self) -> str:
@@ -366,7 +357,7 @@ def _apply(s: ConnSettings, opt: str, value: str) -> None:
             s.propose_general_protection = False
         s.referencing = referencing
     elif opt == "t":
-        s.trace = _choice("t", value, TRACE_LEVELS)
+        _choice("t", value, TRACE_LEVELS)  # checked, no effect (README: -t)
     elif opt == "g":
         s.get_list = _get_list(value)
     elif opt == "C":
@@ -378,7 +369,6 @@ def _apply(s: ConnSettings, opt: str, value: str) -> None:
                 f"option -V: {suite} needs ECDH key agreement, which the gateway does "
                 "not support; use Suite0"
             )
-        s.suite = 0
     elif opt == "K":
         signing = _choice(
             "K",
@@ -396,12 +386,11 @@ def _apply(s: ConnSettings, opt: str, value: str) -> None:
                 f"option -K: {signing} needs certificates, which the gateway does not "
                 "support; use None"
             )
-        s.signing = signing
         s.propose_general_protection = True
     elif opt == "v":
         s.invocation_counter_obis = _obis("v", value)
     elif opt == "o":
-        s.cache_file = value  # accepted for compatibility; never opened (see reader)
+        pass  # -o: accepted for compatibility, never opened (README: -o)
     elif opt == "T":
         s.system_title = _hex("T", value, (8,), False)
     elif opt == "M":
@@ -449,7 +438,7 @@ def _apply(s: ConnSettings, opt: str, value: str) -> None:
             )
         s.interface = _choice("i", value, INTERFACES)
     elif opt == "m":
-        s.mac_address = _int("m", value, 0, 0xFFFF, "a MAC address")
+        _int("m", value, 0, 0xFFFF, "a MAC address")  # checked, unused (PLC is refused)
     elif opt == "W":
         s.gbt_window_size = _int("W", value, 1, 63, "a window size")
         s.gbt_window_size_given = True
