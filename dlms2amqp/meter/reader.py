@@ -40,7 +40,7 @@ from .connstring import ConnSettings, parse_connection_string
 from .counters import CounterStore
 from .options import ReaderOptions
 from .pool import SessionPool
-from .session import NOT_FOUND, DataAccessError, MeterSession, range_selector
+from .session import NOT_FOUND, DataAccessError, MeterSession
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def _class_from_object_list(session: MeterSession, obis: str, original: DataAcce
 
 def _decode(session: MeterSession, raw: bytes, what: str):
     """A complete value; bytes after it are ignored as Gurux's clients do, and said in --trace."""
-    value, extra = axdr.decode_value(raw)
+    value, extra = axdr.decode_value(raw, session.settings.utc_to_normal_time)
     if extra:
         session.note(f"{extra} trailing bytes after the value of {what} ignored")
     return value
@@ -294,8 +294,9 @@ def _now() -> datetime:
 
 def _records_for(session: MeterSession, class_id: int, obis: str, raw: bytes, fmt: str) -> list:
     value = _decode(session, raw, obis)
+    normal = session.settings.utc_to_normal_time
     if class_id == CLOCK:
-        dt = axdr.to_datetime(value) if isinstance(value, bytes) else value
+        dt = axdr.to_datetime(value, utc_normal=normal) if isinstance(value, bytes) else value
         shown = format_datetime(dt, fmt) if isinstance(dt, datetime) else value
         return [record(dt if isinstance(dt, datetime) else _now(), obis, shown, fmt)]
     if class_id in (REGISTER, EXT_REGISTER, DEMAND_REGISTER):  # attribute 3: scaler_unit
@@ -306,17 +307,21 @@ def _records_for(session: MeterSession, class_id: int, obis: str, raw: bytes, fm
         when = _now()
         if class_id == EXT_REGISTER:
             captured = _decode(session, session.get_raw(class_id, obis, 5), f"{obis} attribute 5")
-            dt = axdr.to_datetime(captured) if isinstance(captured, bytes) else captured
+            dt = (
+                axdr.to_datetime(captured, utc_normal=normal)
+                if isinstance(captured, bytes)
+                else captured
+            )
             if isinstance(dt, datetime):
                 when = dt
         return [record(when, obis, value, fmt, scaler=scaler, unit=unit)]
     return [record(_now(), obis, value, fmt)]
 
 
-def _list_value(value, class_id: int, fmt: str):
+def _list_value(value, class_id: int, fmt: str, utc_normal: bool = False):
     """A clock's date-time octet string is shown as a date-time in the reply's format."""
     if isinstance(value, bytes) and len(value) == 12 and class_id == CLOCK:
-        dt = axdr.to_datetime(value)
+        dt = axdr.to_datetime(value, utc_normal=utc_normal)
         return format_datetime(dt, fmt) if dt else value
     return value
 
@@ -356,7 +361,8 @@ def _read_list(session: MeterSession, items: list, fmt: str) -> list:
             rec["Error"] = result.message
         else:
             class_id, raw = result
-            value = _list_value(_decode(session, raw, code), class_id, fmt)
+            normal = session.settings.utc_to_normal_time
+            value = _list_value(_decode(session, raw, code), class_id, fmt, normal)
             rec = record(now, code, value, fmt)
         records.append(rec)
     return records
@@ -408,21 +414,28 @@ def _read_profile(session: MeterSession, request: ReadRequest, fmt: str) -> list
             clock_col = i
         columns.append(_code(col_obis, attr))
     start, end = request.dt_from, request.dt_to
+    normal = session.settings.utc_to_normal_time
     if start is None and end is None:
         raw = session.get_raw(PROFILE, obis, 2)
     else:
         end = end or _now()
         start = start or end - timedelta(days=1)
         step = f"reading {obis} from {start.isoformat()} to {end.isoformat()}"
-        raw = session.get_raw(PROFILE, obis, 2, 1, range_selector(start, end), step=step)
-    rows, extra = axdr.decode_profile(raw)
+        selector = axdr.range_selector(start, end, normal)
+        raw = session.get_raw(PROFILE, obis, 2, 1, selector, step=step)
+    rows, extra = axdr.decode_profile(raw, normal)
     if extra:
         session.note(f"{extra} trailing bytes after the buffer of {obis} ignored")
-    return profile_records(rows, columns, clock_col, fmt)
+    return profile_records(rows, columns, clock_col, fmt, normal)
 
 
-def profile_records(rows: list, columns: list, clock_col: Optional[int], fmt: str) -> list:
-    """One record per row and per column other than the clock (the hot loop of a read)."""
+def profile_records(
+    rows: list, columns: list, clock_col: Optional[int], fmt: str, utc_normal: bool = False
+) -> list:
+    """One record per row and per column other than the clock (the hot loop of a read).
+
+    ``utc_normal``: the rows' date-times carry the deviation in the "normal" sign.
+    """
     out = []
     append = out.append
     to_dt = axdr.to_datetime
@@ -435,9 +448,9 @@ def profile_records(rows: list, columns: list, clock_col: Optional[int], fmt: st
         if clock_col is not None and clock_col < len(row):
             stamp = row[clock_col]
             if iso and type(stamp) is bytes:
-                when = iso_from_raw(stamp) or ""
+                when = iso_from_raw(stamp, utc_normal) or ""
             else:
-                dt = to_dt(stamp) if isinstance(stamp, bytes) else stamp
+                dt = to_dt(stamp, utc_normal=utc_normal) if isinstance(stamp, bytes) else stamp
                 when = format_datetime(dt, fmt) if isinstance(dt, datetime) else ""
         short = len(row) < width
         for j, code in others:

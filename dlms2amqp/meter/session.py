@@ -15,9 +15,8 @@ and the media in ``finally`` and never raises.
 
 from __future__ import annotations
 
-import struct
 import time
-from datetime import datetime, timezone
+from datetime import timezone
 from typing import Any, Callable, Optional
 
 from gurux_dlms import GXByteBuffer, GXDLMSClient, GXDLMSException
@@ -128,44 +127,6 @@ class DataAccessError(ObjectError):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
-
-
-def obis_bytes(obis: str) -> bytes:
-    return bytes(int(p) for p in obis.split("."))
-
-
-def encode_datetime(dt: datetime) -> bytes:
-    """COSEM date-time in the datetime's own offset (Blue Book: deviation = -offset)."""
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    offset = int(dt.utcoffset().total_seconds() // 60)
-    return struct.pack(
-        ">HBBBBBBBhB",
-        dt.year,
-        dt.month,
-        dt.day,
-        dt.isoweekday(),
-        dt.hour,
-        dt.minute,
-        dt.second,
-        0,
-        -offset,
-        0,
-    )
-
-
-def range_selector(start: datetime, end: datetime) -> bytes:
-    """Selective access by range (1) on the clock column, all columns."""
-    clock = b"\x02\x04\x12\x00\x08\x09\x06" + obis_bytes("0.0.1.0.0.255") + b"\x0f\x02\x12\x00\x00"
-    return (
-        b"\x02\x04"
-        + clock
-        + b"\x09\x0c"
-        + encode_datetime(start)
-        + b"\x09\x0c"
-        + encode_datetime(end)
-        + b"\x01\x00"
-    )
 
 
 class MeterSession:
