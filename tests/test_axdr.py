@@ -210,7 +210,7 @@ def test_random_axdr_matches_expected_and_gurux(case):
 )
 def test_list_read_normalisation_of_gurux_values(name, hexdata):
     # GET-with-list values are decoded by Gurux, then turned into our natives
-    from dlms2amqp.meter.session import gurux_to_native
+    from dlms2amqp.meter.client import gurux_to_native
 
     raw = bytes.fromhex(hexdata)
     value = _GXCommon.getData(GXDLMSSettings(False, None), GXByteBuffer(raw), _GXDataInfo())

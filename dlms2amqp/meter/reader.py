@@ -178,16 +178,12 @@ def _run(
 
     session = pool.take(settings) if pool is not None else None
     if session is not None:
-        session.deadline = deadline
-        session.trace = trace
-        if session.media is not None:
-            session.media.trace = trace
+        session.resume(deadline, trace)
         try:
             records = _read(session, request, settings, options)
         except (MeterConnectionError, MeterProtocolError, MeterTimeoutError):
             # the pooled association died: open a fresh one, within the same deadline
-            session.broken = True
-            session.close()
+            session.abandon()
             session = None
         except ObjectError:
             _done(session, pool)  # unknown object / access denied: the association is fine
@@ -213,9 +209,7 @@ def _run(
 
 
 def _done(session: MeterSession, pool: Optional[SessionPool]) -> None:
-    session.trace = None
-    if session.media is not None:
-        session.media.trace = None
+    session.finish()
     if pool is not None:
         pool.put(session)
     else:
