@@ -143,7 +143,7 @@ class Worker:
         try:
             reply = execute(request, self.options, self.pool, settings=job.settings)
         except Exception as e:  # noqa: BLE001 - execute must not raise; never lose a reply
-            self.log.error("reader_crashed", msg_id=request.msg_id, error=type(e).__name__)
+            self.log.exception("reader_crashed", msg_id=request.msg_id, error=type(e).__name__)
             reply = replymod.error_reply(
                 request.msg_id, "Internal error in the gateway while reading the meter"
             )

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import re
 import shlex
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import ConnectionStringError
 from ..secret import Secret
+from . import targets
 
 AUTHENTICATIONS = ("None", "Low", "High", "HighMD5", "HighSHA1", "HighGMAC", "HighSHA256")
 SECURITIES = ("None", "Authentication", "Encryption", "AuthenticationEncryption")
@@ -87,20 +89,30 @@ class ConnSettings:
     hdlc_window_size: int = 1
     hdlc_frame_size: int = 128
     manufacturer_id: Optional[str] = None
+    # --- the target as connected to and keyed (meter/targets.py) ---
+    #: the IP address connected to: the -h literal normalised, or the name resolved
+    address: Optional[str] = None
+    host_is_literal: bool = False  # -h gave an IP address (no name to resolve)
+    serial_device: Optional[str] = None  # real path of -S (symbolic links resolved)
+    target_checked: bool = False  # targets.prepare fixed and checked the target
 
     @property
     def meter_key(self) -> str:
-        """Routing and locking key: one meter, one association at a time."""
+        """Routing and locking key: one meter, one association at a time.
+
+        By address and port (``localhost``, ``127.1`` and ``127.0.0.1`` are one meter) and
+        by the serial device's real path, once ``targets.prepare`` fixed them.
+        """
         if self.serial_port is not None:
-            return f"serial:{self.serial_port}"
-        return f"tcp:{self.host}:{self.port}"
+            return f"serial:{self.serial_device or self.serial_port}"
+        return f"tcp:{targets.key_host(self.address or str(self.host))}:{self.port}"
 
     @property
     def endpoint(self) -> str:
         """Printable address, without secrets."""
         if self.serial_port is not None:
             return self.serial_port
-        return f"{self.host}:{self.port}"
+        return f"{targets.key_host(str(self.host))}:{self.port}"
 
     def session_fingerprint(self) -> tuple:
         """Settings that must match for a pooled association to be reused."""
@@ -233,6 +245,21 @@ def tokenize(text: str) -> list:
         raise ConnectionStringError("ConnectionString has an unclosed quote") from exc
 
 
+#: Unicode categories refused in every value: controls (NUL included), format characters
+#: (invisible, bidirectional overrides), surrogates, line and paragraph separators
+_BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def _check_chars(opt: str, value: str) -> None:
+    """A value with a NUL or another control character is refused (never cut or cleaned)."""
+    for ch in value:
+        if unicodedata.category(ch) in _BAD_CATEGORIES:
+            where = f"option -{opt}" if opt else "ConnectionString"
+            raise ConnectionStringError(
+                f"{where}: control character U+{ord(ch):04X} is not allowed in a value"
+            )
+
+
 def parse_connection_string(text: str) -> ConnSettings:
     """Parse a ConnectionString; errors name the option and the allowed values."""
     if not isinstance(text, str) or not text.strip():
@@ -244,6 +271,7 @@ def parse_connection_string(text: str) -> ConnSettings:
     while i < len(tokens):
         tok = tokens[i]
         i += 1
+        _check_chars("", tok)
         if not tok.startswith("-") or len(tok) < 2:
             # never echo the token: it may be the second word of an unquoted password
             after = (
@@ -272,6 +300,7 @@ def parse_connection_string(text: str) -> ConnSettings:
             raise ConnectionStringError(f"option -{opt} needs a value")
         value = tokens[i]
         i += 1
+        _check_chars(opt, value)
         try:
             _apply(s, opt, value)
         except _Refused:
@@ -320,7 +349,13 @@ def _apply(s: ConnSettings, opt: str, value: str) -> None:
     if opt == "h":
         if not value.strip():
             raise ConnectionStringError("option -h: empty host name")
-        s.host = value.strip()
+        literal = targets.ip_literal(value.strip())
+        if literal is not None:
+            s.host = s.address = targets.checked_address(literal)
+            s.host_is_literal = True
+        else:
+            s.host = targets.host_name(value)
+            s.address, s.host_is_literal = None, False
     elif opt == "p":
         s.port = _int("p", value, 1, 65535, "a TCP port")
     elif opt == "S":

@@ -67,10 +67,11 @@ class Link:
                 raise MeterConnectionError(
                     "ConnectionString needs -h host and -p port, or -S serial port"
                 )
-            self.media = TcpMedia(s.host, s.port, timeout, self.trace)
+            self.media = TcpMedia(s.address or s.host, s.port, timeout, self.trace)
             return
         baud = 300 if s.interface == "HdlcWithModeE" else s.baud_rate
-        media = SerialMedia(s.serial_port, baud, s.data_bits, s.parity, s.stop_bits, self.trace)
+        path = s.serial_device or s.serial_port
+        media = SerialMedia(path, baud, s.data_bits, s.parity, s.stop_bits, self.trace)
         if s.interface == "HdlcWithModeE":
             try:
                 media.mode_e_handshake(timeout, s.data_bits, s.parity, s.stop_bits)

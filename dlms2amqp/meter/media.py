@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import stat
 import time
 from typing import Callable, Optional
 
@@ -123,6 +124,83 @@ _BAUDS = {
 _MODE_E_BAUD_CHARS = {"0": 300, "1": 600, "2": 1200, "3": 2400, "4": 4800, "5": 9600, "6": 19200}
 
 
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISBLK(mode):
+        return "a block device (a disk)"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a character device"
+
+
+def _kernel_class(rdev: int) -> Optional[str]:
+    """The device's class in sysfs (``tty``, ``mem``, ``misc``...), None when not listed.
+
+    Pseudo-terminals (``/dev/pts/N``) are not listed; they are checked by ``isatty``.
+    """
+    link = f"/sys/dev/char/{os.major(rdev)}:{os.minor(rdev)}/subsystem"
+    try:
+        return os.path.basename(os.readlink(link))
+    except OSError:
+        return None
+
+
+def open_serial_device(path: str) -> int:
+    """Open a serial port only once it is known to be one; returns the descriptor.
+
+    A request names the path, so it may name any file: the path must be a character
+    device (``stat``), of the kernel's ``tty`` class when sysfs lists it, before it is
+    opened at all; it is then opened without becoming our controlling terminal and
+    without waiting for carrier (``O_NOCTTY | O_NONBLOCK``), and must be a terminal
+    (``isatty``, and still the device checked) before anything is written to it.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MeterConnectionError(f"serial port {path} does not exist") from None
+    except PermissionError:
+        raise MeterConnectionError(f"no permission to open serial port {path}") from None
+    except (OSError, ValueError) as exc:
+        raise MeterConnectionError(
+            f"cannot open serial port {path}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    if not stat.S_ISCHR(st.st_mode):
+        raise MeterConnectionError(
+            f"serial port {path} is not a serial device: it is {_kind(st.st_mode)}"
+        )
+    kclass = _kernel_class(st.st_rdev)
+    if kclass is not None and kclass != "tty":
+        raise MeterConnectionError(
+            f"serial port {path} is not a serial device: it is a {kclass} device, not a tty"
+        )
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise MeterConnectionError(f"serial port {path} does not exist") from None
+    except PermissionError:
+        raise MeterConnectionError(f"no permission to open serial port {path}") from None
+    except OSError as exc:
+        raise MeterConnectionError(
+            f"cannot open serial port {path}: {exc.strerror or exc}"
+        ) from None
+    try:
+        same = os.fstat(fd).st_rdev == st.st_rdev
+        if not same or not os.isatty(fd):
+            raise MeterConnectionError(
+                f"serial port {path} is not a serial device: it is a character device "
+                "but not a terminal (tty)"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class SerialMedia(Media):
     """A serial device (or pty) in raw mode, configured with termios."""
 
@@ -140,16 +218,7 @@ class SerialMedia(Media):
         self.trace = trace
         self.endpoint = path
         self.termios = termios
-        try:
-            self.fd: Optional[int] = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-        except FileNotFoundError as exc:
-            raise MeterConnectionError(f"serial port {path} does not exist") from exc
-        except PermissionError as exc:
-            raise MeterConnectionError(f"no permission to open serial port {path}") from exc
-        except OSError as exc:
-            raise MeterConnectionError(
-                f"cannot open serial port {path}: {exc.strerror or exc}"
-            ) from exc
+        self.fd: Optional[int] = open_serial_device(path)
         try:
             self.configure(baud, data_bits, parity, stop_bits)
         except BaseException:

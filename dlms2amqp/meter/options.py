@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from . import targets
+
 
 @dataclass(frozen=True)
 class ReaderOptions:
@@ -24,3 +26,6 @@ class ReaderOptions:
     trace: bool = False
     #: where trace lines go (default: stderr); set in the process that reads, not pickled
     trace_sink: Optional[Callable[[str], None]] = None
+    #: where a request may connect (AllowedHosts, AllowedSerialPorts); default anywhere
+    allowed_hosts: targets.HostPolicy = targets.ALLOW_ALL_HOSTS
+    allowed_serial_ports: targets.SerialPolicy = targets.ALLOW_ALL_SERIAL

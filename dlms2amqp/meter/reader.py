@@ -35,7 +35,7 @@ from ..reply import (
     value_to_str,
 )
 from ..request import ReadRequest
-from . import axdr
+from . import axdr, targets
 from .connstring import ConnSettings, parse_connection_string
 from .counters import CounterStore
 from .options import ReaderOptions
@@ -83,9 +83,21 @@ def execute(
         records = _run(request, options, pool, settings)
     except GatewayError as exc:
         return error_reply(request.msg_id, exc.message)
-    except Exception:
-        log.exception("internal error while reading a meter")
-        return error_reply(request.msg_id, "internal error in the gateway while reading the meter")
+    except Exception as exc:
+        # a cause we did not foresee: the traceback (no locals, redacted by logsetup) and
+        # the MsgID go to the log so that it can be found and given a message of its own
+        log.error(
+            "internal error while reading a meter (MsgID %s): %s",
+            request.msg_id[:64],
+            type(exc).__name__,
+            exc_info=True,
+            extra={"msg_id": request.msg_id},
+        )
+        return error_reply(
+            request.msg_id,
+            f"internal error in the gateway while reading the meter ({type(exc).__name__}); "
+            f"the log has the details under MsgID {request.msg_id[:64]}",
+        )
     return ok_reply(request.msg_id, records, NAIVE_DATES_NOTE if request.naive_dates else "")
 
 
@@ -170,6 +182,8 @@ def _run(
         raise RequestError("datetime format must be iso or dotnet")
     if settings is None:
         settings = parse_connection_string(request.connection_string)
+    if not settings.target_checked:  # the daemon's master did it; dlms2amqp-read has not
+        targets.prepare(settings, options.allowed_hosts, options.allowed_serial_ports)
     if not settings.get_list:
         check_obis(request.obis)
     deadline = time.monotonic() + options.request_timeout
