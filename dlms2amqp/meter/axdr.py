@@ -190,7 +190,7 @@ def split_results(data: bytes) -> tuple[list, int]:
         data = bytes(data)
     try:
         count, pos = _length(data, 0)
-        out = []
+        out: list[bytes | int] = []
         for _ in range(count):
             choice = data[pos]
             if choice == 0:
@@ -222,7 +222,7 @@ def _decode(data: bytes, pos: int, normal: bool = False) -> tuple[Any, int]:
         return fixed.unpack_from(data, pos)[0], end
     if tag == ARRAY or tag == STRUCTURE:
         count, pos = _length(data, pos)
-        items = []
+        items: list[Any] = []
         append = items.append
         size = len(data)
         fixed_get = _FIXED.get

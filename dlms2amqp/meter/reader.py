@@ -444,7 +444,7 @@ def profile_records(
 
     ``utc_normal``: the rows' date-times carry the deviation in the "normal" sign.
     """
-    out = []
+    out: list[dict[str, str]] = []
     append = out.append
     to_dt = axdr.to_datetime
     others = [(j, code) for j, code in enumerate(columns) if j != clock_col]

@@ -59,7 +59,7 @@ def ip_literal(text: str) -> Optional[IPAddress]:
         text = text[1:-1]
     if ":" in text:
         try:
-            addr: IPAddress = ipaddress.IPv6Address(text)
+            addr = ipaddress.IPv6Address(text)
         except ValueError:
             return None
         mapped = addr.ipv4_mapped
@@ -228,10 +228,11 @@ def resolve_name(name: str, port: int) -> str:
     except (UnicodeError, ValueError):
         raise MeterConnectionError(f"cannot resolve host name {name}") from None
     v4 = [i for i in infos if i[0] == socket.AF_INET]
-    chosen = (v4 or [i for i in infos if i[0] == socket.AF_INET6] or [None])[0]
-    if chosen is None:
+    v6 = [i for i in infos if i[0] == socket.AF_INET6]
+    if not v4 and not v6:
         raise MeterConnectionError(f"host name {name} has no IPv4 or IPv6 address")
-    addr = ipaddress.ip_address(chosen[4][0])
+    host = v4[0][4][0] if v4 else v6[0][4][0]
+    addr = ipaddress.ip_address(host)
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     if addr.is_unspecified:
