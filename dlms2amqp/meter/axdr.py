@@ -94,6 +94,7 @@ def to_datetime(
 
 
 _ISO_PARTS: dict = {}
+_ISO_PARTS_NORMAL: dict = {}  # the same for the "normal" deviation sign
 
 
 def iso_from_raw(raw: bytes, utc_normal: bool = False) -> Optional[str]:
@@ -109,8 +110,9 @@ def iso_from_raw(raw: bytes, utc_normal: bool = False) -> Optional[str]:
     hour, minute, second, hundredths = raw[5], raw[6], raw[7], raw[8]
     if hour > 23 or minute > 59 or second > 59 or (99 < hundredths < 0xFF):
         return None
-    key = raw[0:4] + raw[9:11] + (b"n" if utc_normal else b"")
-    parts = _ISO_PARTS.get(key)
+    key = raw[0:4] + raw[9:11]
+    cache = _ISO_PARTS_NORMAL if utc_normal else _ISO_PARTS
+    parts = cache.get(key)
     if parts is None:
         midnight = to_datetime(raw[0:5] + b"\0\0\0\0" + raw[9:12], utc_normal=utc_normal)
         if midnight is None:
@@ -119,9 +121,9 @@ def iso_from_raw(raw: bytes, utc_normal: bool = False) -> Optional[str]:
             f"{midnight.year:04d}-{midnight.month:02d}-{midnight.day:02d}T",
             midnight.isoformat()[19:],
         )
-        if len(_ISO_PARTS) > 4096:
-            _ISO_PARTS.clear()
-        _ISO_PARTS[key] = parts
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = parts
     date_part, offset = parts
     if hundredths == 0 or hundredths == 0xFF:
         return f"{date_part}{hour:02d}:{minute:02d}:{second:02d}{offset}"
