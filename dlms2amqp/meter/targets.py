@@ -59,11 +59,11 @@ def ip_literal(text: str) -> Optional[IPAddress]:
         text = text[1:-1]
     if ":" in text:
         try:
-            addr = ipaddress.IPv6Address(text)
+            v6 = ipaddress.IPv6Address(text)
         except ValueError:
             return None
-        mapped = addr.ipv4_mapped
-        return mapped if mapped is not None else addr
+        mapped = v6.ipv4_mapped
+        return mapped if mapped is not None else v6
     try:
         info = socket.getaddrinfo(
             text, 1, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST
@@ -227,12 +227,11 @@ def resolve_name(name: str, port: int) -> str:
         ) from None
     except (UnicodeError, ValueError):
         raise MeterConnectionError(f"cannot resolve host name {name}") from None
-    v4 = [i for i in infos if i[0] == socket.AF_INET]
-    v6 = [i for i in infos if i[0] == socket.AF_INET6]
-    if not v4 and not v6:
+    found = [str(i[4][0]) for i in infos if i[0] == socket.AF_INET]
+    found += [str(i[4][0]) for i in infos if i[0] == socket.AF_INET6]
+    if not found:
         raise MeterConnectionError(f"host name {name} has no IPv4 or IPv6 address")
-    host = v4[0][4][0] if v4 else v6[0][4][0]
-    addr = ipaddress.ip_address(host)
+    addr: IPAddress = ipaddress.ip_address(found[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     if addr.is_unspecified:
