@@ -278,7 +278,7 @@ def test_without_multiple_references_items_are_read_one_by_one():
         [wrapper(get_normal(ENERGY)), wrapper(get_normal(error=3))],
         conformance=Conformance.GET | Conformance.BLOCK_TRANSFER_WITH_GET_OR_READ,
     )
-    s.class_cache["0.0.96.1.0.255"] = 1  # known class: no object list read
+    s.learn_class("0.0.96.1.0.255", 1)  # known class: no object list read
     records = reader._read_list(s, [("1.0.1.8.0.255", 2), ("0.0.96.1.0.255", 2)], "iso")
     assert [f[8:10] for f in s.media.sent] == [b"\xc0\x01", b"\xc0\x01"]
     assert records[0]["Value"] == "123456"

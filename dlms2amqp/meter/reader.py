@@ -242,11 +242,11 @@ WRONG_CLASS = NOT_FOUND | {3}
 
 def _get(session: MeterSession, obis: str, attr: int, selector: int = 0, params=None):
     """GET with the class id guessed, corrected from the object list when the meter objects."""
-    class_id = session.class_cache.get(obis) or guess_class(obis)
+    class_id = session.known_class(obis) or guess_class(obis)
     try:
         return class_id, session.get_raw(class_id, obis, attr, selector, params)
     except DataAccessError as exc:
-        if exc.code not in WRONG_CLASS or obis in session.class_cache:
+        if exc.code not in WRONG_CLASS or session.known_class(obis) is not None:
             raise
         original = exc
     real = _class_from_object_list(session, obis, original)
@@ -261,7 +261,7 @@ def _class_from_object_list(session: MeterSession, obis: str, original: DataAcce
         session.load_object_list()
     except ObjectError:
         raise original from None
-    real = session.class_cache.get(obis)
+    real = session.known_class(obis)
     if real is None:
         if original.code == 3:
             # the meter said "denied" and its object list does not show the object
@@ -286,11 +286,11 @@ def _read(session: MeterSession, request: ReadRequest, settings: ConnSettings, o
     if settings.get_list:
         return _read_list(session, settings.get_list, fmt)
     obis = request.obis
-    class_id = session.class_cache.get(obis) or guess_class(obis)
+    class_id = session.known_class(obis) or guess_class(obis)
     if class_id == PROFILE:
         return _read_profile(session, request, fmt)
     class_id, raw = _get(session, obis, 2)
-    session.class_cache[obis] = class_id
+    session.learn_class(obis, class_id)
     if class_id == PROFILE:
         return _read_profile(session, request, fmt)
     return _records_for(session, class_id, obis, raw, fmt)
@@ -378,11 +378,12 @@ def _read_list(session: MeterSession, items: list, fmt: str) -> list:
 
 def _get_list(session: MeterSession, items: list) -> list:
     """GET-with-list -> per item (class, raw) or its ObjectError; wrong classes corrected."""
-    classes = [session.class_cache.get(o) or guess_class(o) for o, _ in items]
+    classes = [session.known_class(o) or guess_class(o) for o, _ in items]
     answers = session.get_list([(c, o, a) for c, (o, a) in zip(classes, items)])
     guessed = [
         i for i, (a, (o, _)) in enumerate(zip(answers, items))
-        if isinstance(a, DataAccessError) and a.code in WRONG_CLASS and o not in session.class_cache
+        if isinstance(a, DataAccessError) and a.code in WRONG_CLASS
+        and session.known_class(o) is None
     ]  # fmt: skip
     again = []
     for i in guessed:
@@ -406,7 +407,7 @@ def _read_profile(session: MeterSession, request: ReadRequest, fmt: str) -> list
     class_id, raw = _get(session, obis, 3)
     if class_id != PROFILE:
         raise ObjectError(f"{obis} is not a profile (class {class_id})")
-    session.class_cache[obis] = PROFILE
+    session.learn_class(obis, PROFILE)
     capture = _decode(session, raw, f"{obis} attribute 3")
     columns = []
     clock_col = None

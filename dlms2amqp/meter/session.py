@@ -84,7 +84,8 @@ class MeterSession:
         self.associated = False
         self.linked = False  # HDLC link up (UA received): DISC it on close
         self._policy: Optional[CounterPolicy] = None
-        self.class_cache: dict = {}  # obis -> class id learnt on this session
+        #: obis -> class id, ("sn", obis) -> short name, learnt on this association
+        self.class_cache: dict = {}
 
     # --- what the reader and the pool see ------------------------------------------
     @property
@@ -127,6 +128,14 @@ class MeterSession:
         """The connection is not to be trusted: close the media without releasing politely."""
         self.link.broken = True
         self.close()
+
+    def known_class(self, obis: str) -> Optional[int]:
+        """The class of ``obis`` learnt on this association (object list or a read)."""
+        return self.class_cache.get(obis)
+
+    def learn_class(self, obis: str, class_id: int) -> None:
+        """Remember the class a read proved for ``obis`` (no guess next time)."""
+        self.class_cache[obis] = class_id
 
     def note(self, text: str) -> None:
         """A line in the --trace output (no-op without tracing): what the gateway decided."""
