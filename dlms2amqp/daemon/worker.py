@@ -17,6 +17,7 @@ A heartbeat every second proves the worker is alive; the master kills a silent o
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import queue
 import signal
@@ -92,11 +93,11 @@ class Worker:
         self.conn = conn
         self.out = _PipeOut(conn)
         self.log = logsetup.get_logger("dlms2amqp.worker")
-        sink = None
-        if settings.trace:
+        self.options = settings.reader
+        if self.options.trace:  # frames go to the worker's log (a sink is not pickled)
             tlog = logsetup.get_logger("dlms2amqp.trace")
             sink = lambda line: tlog.info("frame", frame=line)  # noqa: E731
-        self.options = settings.reader_options(sink)
+            self.options = dataclasses.replace(self.options, trace_sink=sink)
         self.pool = _make_pool(settings)
         self.executor = ThreadPoolExecutor(settings.sessions, thread_name_prefix="session")
         self.lock = threading.Lock()

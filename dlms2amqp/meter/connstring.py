@@ -17,6 +17,10 @@ A value holding a control character (NUL included) is refused, never cut: C code
 would stop at the NUL and act on a prefix.  ``-h`` is normalised here without any I/O
 (an IP literal read as the resolver reads it, a name lower-cased and checked); resolving
 names and checking the allow-lists is ``targets.prepare`` (see docs/design.md).
+
+Over 500 lines because it is one table read as one: the ~35 seed options with their
+checks, the field-engineer wording of each refusal and the checks across options
+(keys needed by ciphering, addresses) belong together; meter targets are ``targets``.
 """
 
 from __future__ import annotations
@@ -72,14 +76,10 @@ class ConnSettings:
     logical_address: Optional[int] = None  # last -l value (informational)
     serial_number: Optional[int] = None  # last -n value (informational)
     referencing: str = "LN"
-    trace: str = "Off"
     get_list: list = field(default_factory=list)  # [(obis, attribute_index)]
     security: str = "None"
-    suite: int = 0
-    signing: str = "None"
     invocation_counter_obis: Optional[str] = None
     auto_increase_invoke_id: bool = False
-    cache_file: Optional[str] = None
     system_title: Optional[bytes] = None
     meter_system_title: Optional[bytes] = None
     authentication_key: Optional[Secret] = None
@@ -93,7 +93,6 @@ class ConnSettings:
     propose_general_protection: bool = False
     gateway: Optional[tuple] = None  # (network_id, physical device address bytes)
     interface: str = "HDLC"
-    mac_address: Optional[int] = None
     gbt_window_size: int = 1
     gbt_window_size_given: bool = False  # -W present: propose general block transfer
     hdlc_window_size: int = 1
@@ -105,10 +104,6 @@ class ConnSettings:
     host_is_literal: bool = False  # -h gave an IP address (no name to resolve)
     serial_device: Optional[str] = None  # real path of -S (symbolic links resolved)
     target_checked: bool = False  # targets.prepare fixed and checked the target
-
-    @property
-    def is_serial(self) -> bool:
-        return self.serial_port is not None
 
     @property
     def meter_key(self) -> str:
@@ -406,7 +401,7 @@ def _apply(s: ConnSettings, opt: str, value: str) -> None:
             s.propose_general_protection = False
         s.referencing = referencing
     elif opt == "t":
-        s.trace = _choice("t", value, TRACE_LEVELS)
+        _choice("t", value, TRACE_LEVELS)  # checked, no effect (README: -t)
     elif opt == "g":
         s.get_list = _get_list(value)
     elif opt == "C":
@@ -418,7 +413,6 @@ def _apply(s: ConnSettings, opt: str, value: str) -> None:
                 f"option -V: {suite} needs ECDH key agreement, which the gateway does "
                 "not support; use Suite0"
             )
-        s.suite = 0
     elif opt == "K":
         signing = _choice(
             "K",
@@ -436,12 +430,11 @@ def _apply(s: ConnSettings, opt: str, value: str) -> None:
                 f"option -K: {signing} needs certificates, which the gateway does not "
                 "support; use None"
             )
-        s.signing = signing
         s.propose_general_protection = True
     elif opt == "v":
         s.invocation_counter_obis = _obis("v", value)
     elif opt == "o":
-        s.cache_file = value  # accepted for compatibility; never opened (see reader)
+        pass  # -o: accepted for compatibility, never opened (README: -o)
     elif opt == "T":
         s.system_title = _hex("T", value, (8,), False)
     elif opt == "M":
@@ -489,7 +482,7 @@ def _apply(s: ConnSettings, opt: str, value: str) -> None:
             )
         s.interface = _choice("i", value, INTERFACES)
     elif opt == "m":
-        s.mac_address = _int("m", value, 0, 0xFFFF, "a MAC address")
+        _int("m", value, 0, 0xFFFF, "a MAC address")  # checked, unused (PLC is refused)
     elif opt == "W":
         s.gbt_window_size = _int("W", value, 1, 63, "a window size")
         s.gbt_window_size_given = True

@@ -52,6 +52,7 @@ class TcpMedia(Media):
     def __init__(self, host: str, port: int, timeout: float, trace: Optional[Trace] = None):
         self.trace = trace
         self.endpoint = f"{host}:{port}"
+        self.sock: Optional[socket.socket] = None
         try:
             self.sock = socket.create_connection((host, port), timeout=max(timeout, 0.05))
         except socket.timeout as exc:
@@ -68,11 +69,17 @@ class TcpMedia(Media):
             ) from exc
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def _live(self) -> socket.socket:
+        if self.sock is None:
+            raise MeterConnectionError(f"the connection to {self.endpoint} is closed")
+        return self.sock
+
     def send(self, data: bytes) -> None:
+        sock = self._live()
         if self.trace:
             self.trace("TX", bytes(data))
         try:
-            self.sock.sendall(data)
+            sock.sendall(data)
         except OSError as exc:
             raise MeterConnectionError(
                 f"connection to {self.endpoint} lost while sending: {exc.strerror or exc}"
@@ -81,9 +88,10 @@ class TcpMedia(Media):
     def recv(self, timeout: float, step: str) -> bytes:
         if timeout <= 0:
             raise MeterTimeoutError(f"timeout during {step} (request deadline reached)")
-        self.sock.settimeout(timeout)
+        sock = self._live()
+        sock.settimeout(timeout)
         try:
-            chunk = self.sock.recv(65536)
+            chunk = sock.recv(65536)
         except socket.timeout as exc:
             raise MeterTimeoutError(
                 f"timeout during {step}: no answer from {self.endpoint} in {timeout:.1f} s"
@@ -102,8 +110,8 @@ class TcpMedia(Media):
 
     def is_stale(self) -> bool:
         try:
-            r, _, _ = select.select([self.sock], [], [], 0)
-        except (OSError, ValueError):
+            r, _, _ = select.select([self._live()], [], [], 0)
+        except (MeterConnectionError, OSError, ValueError):
             return True
         return bool(r)
 
@@ -259,21 +267,27 @@ class SerialMedia(Media):
                 f"{baud} {data_bits}{parity}{stop_bits}"
             ) from exc
 
+    def _live(self) -> int:
+        if self.fd is None:
+            raise MeterConnectionError(f"serial port {self.endpoint} is closed")
+        return self.fd
+
     def send(self, data: bytes) -> None:
+        fd = self._live()
         if self.trace:
             self.trace("TX", bytes(data))
         view = memoryview(bytes(data))
         deadline = time.monotonic() + 10
         while view:
             try:
-                n = os.write(self.fd, view)
+                n = os.write(fd, view)
                 view = view[n:]
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise MeterTimeoutError(
                         f"serial port {self.endpoint} does not accept data"
                     ) from None
-                select.select([], [self.fd], [], 0.1)
+                select.select([], [fd], [], 0.1)
             except OSError as exc:
                 raise MeterConnectionError(
                     f"serial port {self.endpoint} failed while sending: {exc.strerror or exc}"
@@ -282,13 +296,14 @@ class SerialMedia(Media):
     def recv(self, timeout: float, step: str) -> bytes:
         if timeout <= 0:
             raise MeterTimeoutError(f"timeout during {step} (request deadline reached)")
-        r, _, _ = select.select([self.fd], [], [], timeout)
+        fd = self._live()
+        r, _, _ = select.select([fd], [], [], timeout)
         if not r:
             raise MeterTimeoutError(
                 f"timeout during {step}: no answer on {self.endpoint} in {timeout:.1f} s"
             )
         try:
-            chunk = os.read(self.fd, 65536)
+            chunk = os.read(fd, 65536)
         except BlockingIOError:
             return b""
         except OSError as exc:
