@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                         via_proxy=spec.get("via_proxy", False),
                         allow_repeats=spec.get("allow_repeats", False),
                         config=spec.get("config"),
+                        spare_meters=spec.get("spare_meters", 0),
                     )
                 )
                 print(results[-1].summary(), flush=True)

@@ -250,6 +250,15 @@ KEYS: tuple[Key, ...] = (
         "deliveries of one request before it is dead-lettered as poison",
     ),
     Key("MaxBodyBytes", 65536, _int_range(256, 16 * 1024 * 1024), "largest request body"),
+    # --- broker-side limits (issue 11: oversize replies) ---
+    Key(
+        "MaxReplyBytes",
+        16 * 1024 * 1024,
+        _int_range(1024, 512 * 1024 * 1024),
+        "largest reply body published; a larger reply becomes a notok reply (or numbered "
+        "parts when the request has SplitReply true); keep it below the broker's "
+        "max_message_size (RabbitMQ default 128 MiB)",
+    ),
     Key("ReplyStoreSize", 100000, _int_range(0, 10_000_000), "recent replies kept for dedup"),
     Key("ShutdownGrace", 30.0, _float_range(0, 3600), "seconds to finish work on SIGTERM"),
     Key(

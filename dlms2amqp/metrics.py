@@ -73,6 +73,23 @@ class Metrics:
         self.pool_hits = Counter(
             p + "pool_hits", "Requests served on a pooled (reused) association", registry=r
         )
+        # broker-side surprises (issue 11)
+        self.consumer_cancelled = Counter(
+            p + "consumer_cancelled",
+            "Consumers cancelled by the broker (InQueue deleted or moved)",
+            registry=r,
+        )
+        self.replies_oversize = Counter(
+            p + "replies_oversize",
+            "Replies over MaxReplyBytes or the broker's max_message_size, by outcome",
+            ["outcome"],  # refused | parts
+            registry=r,
+        )
+        self.queue_redeclared = Counter(
+            p + "queue_redeclared",
+            "OutQueue or the dead-letter queue declared again after a message came back unroutable",
+            registry=r,
+        )
         self.build_info = Gauge(p + "build_info", "Version of dlms2amqp", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)
 

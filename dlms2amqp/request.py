@@ -50,6 +50,7 @@ class ReadRequest:
     dt_from: Optional[datetime]
     dt_to: Optional[datetime]
     naive_dates: bool = False
+    split_reply: bool = False  # "SplitReply": true: a reply over the size limit comes in parts
 
     def __repr__(self) -> str:
         return (
@@ -147,6 +148,9 @@ def request_from(data: dict) -> ReadRequest:
         naive = naive or was_naive
         dates.append(value)
     dt_from, dt_to = dates
+    split = data.get("SplitReply")
+    if split is not None and not isinstance(split, bool):
+        raise RequestError("request field SplitReply must be true or false")
     if dt_from is not None and dt_to is not None and dt_from > dt_to:
         raise RequestError("dtFrom is later than dtTo")
     return ReadRequest(
@@ -157,6 +161,7 @@ def request_from(data: dict) -> ReadRequest:
         dt_from=dt_from,
         dt_to=dt_to,
         naive_dates=naive,
+        split_reply=bool(split),
     )
 
 

@@ -169,6 +169,8 @@ class BrokerNode:
     nodename: str = ""
     tls_files: TlsFiles | None = None
     start_seconds: float | None = None
+    #: more rabbitmq.conf lines, e.g. ``["max_message_size = 262144"]``
+    extra_config: list[str] = field(default_factory=list)
     _proc: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
@@ -219,6 +221,7 @@ class BrokerNode:
             # the fault tests fill queues quickly; keep alarms out of the way
             "vm_memory_high_watermark.relative = 0.8",
             "disk_free_limit.absolute = 50MB",
+            *self.extra_config,
         ]
         if self.tls:
             self.tls_files = make_test_pki(self.base / "pki")

@@ -3,6 +3,8 @@
 
 - every request id ends with exactly one distinct reply (duplicates byte-identical) or a
   dead-letter entry with a reason; no meter read twice for one id (``judge``, ``Row``);
+  a reply split into numbered parts (``Part``/``Parts``) counts once, complete, and
+  duplicates are compared part by part;
 - ``scan_canaries``: fake secrets must not appear in logs, output, replies or dead-letter
   metadata.
 """
@@ -100,6 +102,20 @@ def reply_in_id(r: Received) -> str | None:
     return None
 
 
+def reply_part(r: Received) -> tuple[int, int] | None:
+    """(Part, Parts) of a reply sent in numbered parts, None for a whole reply."""
+    try:
+        d = json.loads(r.body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(d, dict):
+        return None
+    part, parts = d.get("Part"), d.get("Parts")
+    if isinstance(part, int) and isinstance(parts, int) and 1 <= part <= parts:
+        return part, parts
+    return None
+
+
 def accounted_ids(items: list[Received], dlq: str = "") -> set[str]:
     return {i for i in (reply_in_id(r) for r in items) if i is not None}
 
@@ -168,12 +184,24 @@ def judge(
         replies = [r for r in got if r.queue in out_queues]
         dead = [r for r in got if r.queue == dlq]
         if replies:
+            by_part: dict[tuple[int, int] | None, set[bytes]] = defaultdict(set)
+            for r in replies:
+                by_part[reply_part(r)].add(r.body)
+            announced = {p[1] for p in by_part if p is not None}
+            complete = not announced or (
+                len(announced) == 1
+                and None not in by_part
+                and set(by_part) == {(k, n) for n in announced for k in range(1, n + 1)}
+            )
+            if not complete:  # parts missing (or whole and parts mixed): not delivered
+                row.lost += 1
+                row.lost_ids.append(mid)
+                continue
             row.replies += 1
-            bodies = {r.body for r in replies}
-            if len(bodies) > 1:
+            if any(len(bodies) > 1 for bodies in by_part.values()):
                 row.duplicated_divergent += 1
                 row.divergent_ids.append(mid)
-            elif len(replies) > 1:
+            elif len(replies) > len(by_part):
                 row.duplicated_identical += 1
         elif dead:
             row.dead_lettered += 1
@@ -185,7 +213,8 @@ def judge(
     if proxy is not None and port_of_id is not None:
         row.sessions_repeated = 0
         for mid in sent_ids:
-            st = proxy.stats.get(port_of_id[mid])
+            port = port_of_id.get(mid)
+            st = proxy.stats.get(port) if port is not None else None
             if st is not None and st.sessions_with_reads > 1:
                 row.sessions_repeated += st.sessions_with_reads - 1
     return row

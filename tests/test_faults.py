@@ -51,6 +51,7 @@ def test_fault_under_load(lab: Lab, name: str) -> None:
         via_proxy=spec.get("via_proxy", False),
         allow_repeats=spec.get("allow_repeats", False),
         config=spec.get("config"),
+        spare_meters=spec.get("spare_meters", 0),
     )
     # Then every request is answered once (or dead-lettered), nothing read twice, no leak
     _check(res, spec.get("allow_repeats", False))

@@ -117,6 +117,28 @@ def test_oracle_counts_lost_duplicates_and_dead_letters() -> None:
     assert "dup divergent" in table and table.count("\n") == 2
 
 
+def test_oracle_takes_a_reply_in_parts_as_one_reply_when_complete() -> None:
+    def part(i: str, k: int, n: int, rid: str) -> Received:
+        return _rx(
+            "out", f'{{"InMsgID": "{i}", "MsgID": "{rid}", "Part": {k}, "Parts": {n}}}'.encode()
+        )
+
+    items = [
+        part("a", 1, 2, "p1"),
+        part("a", 2, 2, "p2"),
+        part("a", 2, 2, "p2"),  # a part again, the same bytes: an identical duplicate
+        part("b", 1, 3, "q1"),
+        part("b", 3, 3, "q3"),  # part 2 of 3 never came: not delivered
+        part("c", 1, 2, "s1"),
+        part("c", 2, 2, "s2"),
+        part("c", 2, 2, "s2-other"),  # part 2 twice with other bytes: divergent
+    ]
+    row = judge("parts", ["a", "b", "c"], items, {"out"}, "dlq")
+    assert (row.replies, row.lost, row.lost_ids) == (2, 1, ["b"])
+    assert (row.duplicated_identical, row.duplicated_divergent) == (1, 1)
+    assert row.divergent_ids == ["c"]
+
+
 def test_canary_scanner_finds_every_form() -> None:
     pw = faultlib.CANARY_PASSWORD
     blobs = [

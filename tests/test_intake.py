@@ -113,9 +113,15 @@ def test_duplicate_being_read_is_attached(intake: Intake) -> None:
     assert intake.decide(raw, None, {key}) == Attach(key)
 
 
+@pytest.fixture
+def quorum(store: ReplyStore) -> Intake:
+    return Intake(store, max_body_bytes=4096, delivery_limit=3, queue_type="quorum")
+
+
 @pytest.mark.parametrize("count, dead", [(0, False), (2, False), (3, True), (7, True)])
-def test_quorum_delivery_count_over_the_limit(intake: Intake, count: int, dead: bool) -> None:
-    d = intake.decide(body(), {"x-delivery-count": count}, set())
+def test_quorum_delivery_count_over_the_limit(quorum: Intake, count: int, dead: bool) -> None:
+    # a quorum queue sets x-delivery-count on every delivery itself (0 on the first)
+    d = quorum.decide(body(), {"x-delivery-count": count}, set(), redelivered=count > 0)
     if dead:
         assert d == DeadLetter(
             f"delivered {count + 1} times without an answer (poison request)", "delivery_limit"
@@ -124,18 +130,102 @@ def test_quorum_delivery_count_over_the_limit(intake: Intake, count: int, dead: 
         assert isinstance(d, Dispatch)
 
 
+@pytest.mark.parametrize("redelivered", [False, True])
+@pytest.mark.parametrize("count", [3, 99, "99", True])
+def test_classic_queue_ignores_a_publisher_set_delivery_count(
+    intake: Intake, count: Any, redelivered: bool
+) -> None:
+    # Given a publisher that put x-delivery-count on its message to a classic queue
+    # Then it counts for nothing: only the broker's flag and our own record count
+    d = intake.decide(body(), {"x-delivery-count": count}, set(), redelivered=redelivered)
+    assert isinstance(d, Dispatch), d
+
+
+@pytest.mark.parametrize("count", [3, 99])
+def test_quorum_first_delivery_keeps_a_forged_count_that_counts_for_nothing(
+    quorum: Intake, count: int
+) -> None:
+    # a quorum queue overwrites x-delivery-count on a redelivery only; on the first
+    # delivery the header is whatever the publisher put there
+    d = quorum.decide(body(), {"x-delivery-count": count}, set(), redelivered=False)
+    assert isinstance(d, Dispatch), d
+
+
+def test_quorum_header_that_is_no_number_counts_for_nothing(quorum: Intake) -> None:
+    for bogus in ("99", True, 9.5, None):
+        d = quorum.decide(body(), {"x-delivery-count": bogus}, set(), redelivered=True)
+        assert isinstance(d, Dispatch), (bogus, d)
+        quorum.replies.forget_attempts(d.key)
+
+
 def test_classic_queue_attempts_over_the_limit_then_forgotten(intake: Intake) -> None:
     raw = body()
-    decisions = [intake.decide(raw, None, set()) for _ in range(4)]
+    decisions = [intake.decide(raw, None, set(), redelivered=i > 0) for i in range(4)]
     assert [type(d) for d in decisions] == [Dispatch, Dispatch, Dispatch, DeadLetter]
     assert decisions[-1] == DeadLetter(
         "delivered 4 times without an answer (poison request)", "delivery_limit"
     )
     # dead-lettering forgets the count: a request sent again later is read again
-    assert isinstance(intake.decide(raw, None, set()), Dispatch)
+    assert isinstance(intake.decide(raw, None, set(), redelivered=True), Dispatch)
+
+
+def test_a_first_delivery_is_never_poison(intake: Intake, store: ReplyStore) -> None:
+    # Given a request body dispatched three times without an answer (the daemon died)
+    raw = body()
+    for i in range(3):
+        assert isinstance(intake.decide(raw, None, set(), redelivered=i > 0), Dispatch)
+    # When the same body is published again (a new message: redelivered is false)
+    assert isinstance(intake.decide(raw, None, set(), redelivered=False), Dispatch)
+    # Then the count starts again for it: two redeliveries more are still read
+    assert isinstance(intake.decide(raw, None, set(), redelivered=True), Dispatch)
+    assert isinstance(intake.decide(raw, None, set(), redelivered=True), Dispatch)
+    assert isinstance(intake.decide(raw, None, set(), redelivered=True), DeadLetter)
 
 
 def test_a_stored_answer_wins_over_the_delivery_limit(intake: Intake, store: ReplyStore) -> None:
     raw = body()
     store.put(intake.replies.key_for("m1", raw), "reply-1", b"{}")
     assert isinstance(intake.decide(raw, {"x-delivery-count": 99}, set()), Stored)
+    assert isinstance(intake.decide(raw, {"x-delivery-count": 99}, set(), True), Stored)
+
+
+def test_stored_answers_that_never_get_confirmed_hit_the_delivery_limit(
+    intake: Intake, store: ReplyStore
+) -> None:
+    # Given a request whose reply is stored, but every publish of it fails (the broker
+    # closes the channel), so the request comes back redelivered again and again
+    raw = body()
+    key = store.key_for("m1", raw)
+    store.put(key, "reply-1", b"{}")
+    first = intake.decide(raw, None, set(), redelivered=False)
+    assert first == Stored(key, "m1", "reply-1", b"{}", False, 0)  # a first delivery: no count
+    again = [intake.decide(raw, None, set(), redelivered=True) for _ in range(4)]
+    # Then the store answers it DeliveryLimit times, then it is dead-lettered
+    assert [getattr(d, "attempts", None) for d in again[:3]] == [1, 2, 3]
+    assert again[3] == DeadLetter(
+        "answered 4 times from the reply store, but the broker never confirmed the reply "
+        "(delivery limit)",
+        "delivery_limit",
+    )
+    # and forgotten: the stored reply still answers a later copy
+    assert isinstance(intake.decide(raw, None, set(), redelivered=True), Stored)
+
+
+def test_stored_answer_carries_the_split_request(intake: Intake, store: ReplyStore) -> None:
+    raw = body(SplitReply=True)
+    store.put(store.key_for("m1", raw), "reply-1", b"{}")
+    d = intake.decide(raw, None, set())
+    assert isinstance(d, Stored) and d.split
+
+
+@pytest.mark.parametrize("value, split", [(True, True), (False, False), (None, False)])
+def test_split_reply_field(intake: Intake, value: Any, split: bool) -> None:
+    d = intake.decide(body(SplitReply=value), None, set())
+    assert isinstance(d, Dispatch) and d.request.split_reply is split
+
+
+@pytest.mark.parametrize("value", ["yes", 1, [True]])
+def test_split_reply_field_must_be_true_or_false(intake: Intake, value: Any) -> None:
+    d = intake.decide(body(SplitReply=value), None, set())
+    assert isinstance(d, Answer)
+    assert d.error == "request field SplitReply must be true or false"

@@ -13,10 +13,20 @@ up by a slow or silent broker.
 
 Delivery tags belong to one channel: each new channel starts a new *generation*, and a
 ``Delivery`` of an older one is void (the broker redelivers it; the reply store answers).
+
+Broker-side surprises: a consumer cancelled by the broker (InQueue deleted) is handled
+like a lost channel (logged, counted, topology declared again, with the same back-off);
+the back-off starts again at 0.5 s only after the connection has served for
+``HEALTHY_SECONDS``, so a channel that dies right after each consume (a reply the broker
+refuses) is retried ever more slowly; a channel closed for a message over the broker's
+``max_message_size`` teaches the daemon that limit; a queue a reply came back unroutable
+from can be declared again (``declare_again``).
 """
 
 from __future__ import annotations
 
+import re
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -26,12 +36,16 @@ import pika.exceptions as pex
 
 from .. import reply as replymod
 from ..config import Config
-from ..errors import ConfigError, GatewayError
+from ..errors import BrokerError, ConfigError, GatewayError
 from ..metrics import Metrics
 from . import amqp
 
 IOLoop = pika.adapters.select_connection.IOLoop
 REASON_HEADER = "x-dlms2amqp-reason"
+#: consuming this long without a failure resets the reconnect back-off to 0.5 s
+HEALTHY_SECONDS = 10.0
+# RabbitMQ's 406 text for a message over max_message_size (the body's size)
+_TOO_LARGE = re.compile(r"message size (\d+) is larger than (?:configured )?max size (\d+)")
 
 OnOk = Callable[[], None]
 OnFail = Callable[[str], None]  # "nacked" | "returned" | "connection_lost"
@@ -42,6 +56,7 @@ class Delivery:
     gen: int  # channel generation; tags of older generations are void
     tag: int
     reply_to: Optional[str]
+    body: bytes = b""  # the request as delivered (dead-lettered as it came)
 
 
 class Broker:
@@ -72,7 +87,10 @@ class Broker:
         self.ready = False  # consuming on the current channel
         self.gen = 0
         self.unacked = 0
-        self.failures = 0
+        self.failures = 0  # failed connections since the last healthy period
+        self.consuming_since = 0.0
+        self.max_message_size: Optional[int] = None  # the broker's, once it refused one
+        self.redeclaring: dict[str, list[Callable[[], None]]] = {}
         self.reconnect_timer: Any = None
         self.confirms: amqp.ConfirmTracker[tuple[OnOk, OnFail]] = amqp.ConfirmTracker()
         self.declaring: Optional[tuple[str, str, Optional[dict]]] = None
@@ -148,7 +166,8 @@ class Broker:
         self.ready = True
         if self.failures:
             self.metrics.broker_reconnects.inc()
-        self.failures = 0
+        # the back-off is not reset here: see watch() (HEALTHY_SECONDS)
+        self.consuming_since = time.monotonic()
         self.metrics.broker_connected.set(1)
         self.log.info(
             "consuming",
@@ -158,10 +177,29 @@ class Broker:
             queue_type=self.cfg.QueueType,
         )
 
-    def _on_cancelled(self, _frame: Any) -> None:
-        """The broker cancelled our consumer (queue deleted, leader moved): start over."""
-        if self.conn is not None and self.conn.is_open and not self.stopping:
-            self.log.warning("broker_cancelled_consumer", queue=self.cfg.InQueue)
+    def _on_cancelled(self, frame: Any) -> None:
+        """The broker cancelled our consumer (InQueue deleted, leader moved): start over.
+
+        Like a lost channel: the connection is closed, the reconnect (with the back-off)
+        declares the topology again, InQueue included, and consumes again.
+        """
+        if self.stopping:
+            return
+        self.metrics.consumer_cancelled.inc()
+        self.ready = False
+        self.metrics.broker_connected.set(0)
+        tag = getattr(getattr(frame, "method", None), "consumer_tag", None) or self.consumer_tag
+        self.log.warning(
+            "broker_cancelled_consumer",
+            queue=self.cfg.InQueue,
+            consumer_tag=tag,
+            action="reconnect, declare the queues again, consume again",
+        )
+        self.channel_error = BrokerError(
+            f"Broker {amqp.describe(self.cfg)} cancelled the consumer of {self.cfg.InQueue} "
+            "(queue deleted or moved)"
+        )
+        if self.conn is not None and self.conn.is_open:
             self.conn.close()
 
     def _on_channel_closed(self, _ch: Any, reason: BaseException) -> None:
@@ -175,10 +213,29 @@ class Broker:
                 else:
                     self.on_fatal(amqp.queue_mismatch(self.cfg, name, arguments, reason.reply_text))
                 return
+        if isinstance(reason, pex.ChannelClosedByBroker) and reason.reply_code == 406:
+            self._learn_size_limit(str(reason.reply_text))
         if self.conn is not None and self.conn.is_open and not self.closing:
             self.log.warning("broker_channel_closed", error=str(reason))
             self.channel_error = reason
             self.conn.close()  # reconnect through _on_connection_closed
+
+    def _learn_size_limit(self, text: str) -> None:
+        """The broker refused a message over its max_message_size: keep below it from now."""
+        m = _TOO_LARGE.search(text)
+        if m is None:
+            return
+        size, limit = int(m.group(1)), int(m.group(2))
+        if self.max_message_size is None or limit < self.max_message_size:
+            self.max_message_size = limit
+        self.log.error(
+            "broker_refused_message_size",
+            bytes=size,
+            broker_max_message_size=limit,
+            MaxReplyBytes=self.cfg.MaxReplyBytes,
+            hint="set MaxReplyBytes below the broker's max_message_size; until a restart "
+            "the daemon keeps replies within the broker's limit",
+        )
 
     def _on_connection_closed(self, _conn: Any, reason: BaseException) -> None:
         if self.closing:
@@ -201,6 +258,7 @@ class Broker:
                 pass
         self.ready = False
         self.declaring = None
+        self.redeclaring.clear()  # their deliveries are void now
         self.gen += 1
         left = self.confirms.reset()
         if left:
@@ -234,6 +292,8 @@ class Broker:
         never that quiet.  pika's own check only fires after up to 2 x (heartbeat + 5) s,
         which leaves replies waiting four times longer after a silent network cut.
         """
+        if self.failures and self.ready and now - self.consuming_since >= HEALTHY_SECONDS:
+            self.failures = 0  # served long enough: the next failure retries after 0.5 s
         conn = self.conn
         if conn is None or not conn.is_open or self.cfg.Heartbeat <= 0:
             self.rx_seen_at = now
@@ -255,7 +315,7 @@ class Broker:
     def _on_message(self, _ch: Any, method: Any, props: Any, body: bytes) -> None:
         self.unacked += 1
         self.metrics.in_flight.set(self.unacked)
-        d = Delivery(self.gen, method.delivery_tag, props.reply_to or None)
+        d = Delivery(self.gen, method.delivery_tag, props.reply_to or None, body)
         self.on_delivery(d, method, props, body)
 
     def current(self, d: Delivery) -> bool:
@@ -295,6 +355,48 @@ class Broker:
         self.confirms.published(props.message_id, (on_ok, on_fail))
         return True
 
+    def declare_again(self, queue: str, then: Callable[[], None], bind: bool = False) -> bool:
+        """Declare ``queue`` again (durable, its arguments of the topology), then call ``then``.
+
+        For OutQueue after a reply to it came back unroutable (somebody deleted it), and
+        for the dead-letter queue (``bind``: bound to the dead-letter exchange again).
+        Declares of one queue at once are merged.  False when not connected (``then``
+        is not called: the deliveries waiting for it are void).
+        """
+        ch = self.ch
+        if not self.ready or ch is None:
+            return False
+        waiting = self.redeclaring.setdefault(queue, [])
+        waiting.append(then)
+        if len(waiting) == 1:
+            self.metrics.queue_redeclared.inc()
+            self.log.warning(
+                "queue_declared_again", queue=queue, why="message came back unroutable"
+            )
+
+            def declared(_frame: Any) -> None:
+                for fn in self.redeclaring.pop(queue, []):
+                    fn()
+
+            def bound(_frame: Any) -> None:
+                ch.queue_bind(
+                    queue,
+                    self.cfg.dead_letter_exchange,
+                    routing_key="",
+                    callback=self.guard(declared),
+                )
+
+            arguments = next(
+                (a for w, n, a in amqp.topology(self.cfg) if w == "queue" and n == queue), None
+            )
+            ch.queue_declare(
+                queue,
+                durable=True,
+                arguments=arguments or None,
+                callback=self.guard(bound if bind else declared),
+            )
+        return True
+
     def _on_confirm(self, frame: Any) -> None:
         for (on_ok, on_fail), outcome in self.confirms.on_confirm(frame.method):
             if outcome == "ok":
@@ -317,12 +419,24 @@ class Broker:
             self.ack(d)
             self.metrics.dead_lettered.labels(reason=kind).inc()
 
-        def failed(why: str) -> None:
+        def failed(why: str, again: bool) -> None:
+            if why == "returned" and not again:
+                # the dead-letter queue was deleted: declare and bind it again, retry once
+                if self.declare_again(self.cfg.dead_letter_queue, resend, bind=True):
+                    return
             self.log.error("dead_letter_failed", kind=why)
             self.requeue(d)
 
-        self.publish(self.cfg.dead_letter_exchange, "", body, props, ok, failed)
-        self.log.warning("dead_lettered", reason=reason, bytes=len(body))
+        def send(again: bool = False) -> bool:
+            return self.current(d) and self.publish(
+                self.cfg.dead_letter_exchange, "", body, props, ok, lambda w: failed(w, again)
+            )
+
+        def resend() -> None:
+            send(True)
+
+        if send():
+            self.log.warning("dead_lettered", reason=reason, bytes=len(body))
 
     # --- stop ----------------------------------------------------------------------------
     def stop_consuming(self) -> None:

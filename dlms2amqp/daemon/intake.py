@@ -4,12 +4,19 @@
 For each request taken from InQueue the master asks ``Intake.decide`` what to do:
 
 - ``DeadLetter``  the body is no request at all (too large, not JSON, not an object, no
-                  MsgID), or it was delivered too often without an answer (poison);
+                  MsgID), or it was delivered too often without an answer (poison), or
+                  its stored reply could not be published in as many deliveries;
 - ``Stored``      it was answered before (a redelivery): publish the stored reply again;
 - ``Attach``      the same request is being read right now: answer both deliveries at once;
 - ``Answer``      a request we can answer without a meter (invalid field, unknown command,
                   bad connection string): a ``notok`` reply in the field engineer's words;
 - ``Dispatch``    a valid READ: the request and its connection settings, parsed once.
+
+Redeliveries are counted only from what the broker vouches for: the ``redelivered`` flag,
+the daemon's own record, and a quorum queue's ``x-delivery-count`` on a redelivery (the
+broker writes it then).  A publisher can put any header on a message: a classic queue
+passes it through untouched, and a quorum queue too on the first delivery (RabbitMQ
+3.10, seen in tests/test_daemon_broker.py).  So a first delivery is never poison.
 
 The body is decoded once and the connection string parsed once here; the worker gets
 both.  The reply store is reached through the small ``Replies`` interface (the real
@@ -28,6 +35,7 @@ from .. import reply as replymod
 from ..errors import GatewayError
 from ..meter.connstring import ConnSettings, parse_connection_string
 from ..request import ReadRequest, msg_id_of, request_from
+from .replysize import SPLIT_FIELD
 
 
 class Replies(Protocol):
@@ -54,6 +62,8 @@ class Stored:
     msg_id: str
     reply_id: str
     body: bytes
+    split: bool = False  # the request asked for a reply in parts
+    attempts: int = 0  # answers from the store so far for this redelivered request
 
 
 @dataclass(frozen=True)
@@ -85,15 +95,29 @@ Decision = Union[DeadLetter, Stored, Attach, Answer, Dispatch]
 class Intake:
     """The rules of the door, with their limits from the configuration."""
 
-    def __init__(self, replies: Replies, max_body_bytes: int, delivery_limit: int):
+    def __init__(
+        self,
+        replies: Replies,
+        max_body_bytes: int,
+        delivery_limit: int,
+        queue_type: str = "classic",
+    ):
         self.replies = replies
         self.max_body_bytes = max_body_bytes
         self.delivery_limit = delivery_limit
+        self.quorum = queue_type == "quorum"
 
     def decide(
-        self, body: bytes, headers: Optional[Mapping[str, Any]], running: Container[str]
+        self,
+        body: bytes,
+        headers: Optional[Mapping[str, Any]],
+        running: Container[str],
+        redelivered: bool = False,
     ) -> Decision:
-        """What to do with one delivery; ``running`` holds the keys being read now."""
+        """What to do with one delivery; ``running`` holds the keys being read now.
+
+        ``redelivered`` is the broker's flag on the delivery.
+        """
         if len(body) > self.max_body_bytes:
             return DeadLetter(
                 f"body of {len(body)} bytes exceeds MaxBodyBytes {self.max_body_bytes}",
@@ -109,15 +133,31 @@ class Intake:
         if msg_id is None:
             return DeadLetter("body has no MsgID (string or number)", "no_msgid")
         key = self.replies.key_for(msg_id, body)
+        limit = self.delivery_limit
         stored = self.replies.get(key)
         if stored is not None:
-            return Stored(key, msg_id, stored[0], stored[1])
+            # answered before; if its reply keeps failing to publish (the broker closing
+            # the channel on it), the delivery limit ends the loop here too
+            answers = self.replies.count_attempt(key) if redelivered else 0
+            if answers > limit:
+                self.replies.forget_attempts(key)
+                return DeadLetter(
+                    f"answered {answers} times from the reply store, but the broker never "
+                    "confirmed the reply (delivery limit)",
+                    "delivery_limit",
+                )
+            return Stored(key, msg_id, stored[0], stored[1], data.get(SPLIT_FIELD) is True, answers)
         if key in running:
             return Attach(key)
-        count = (headers or {}).get("x-delivery-count")
         attempts = self.replies.count_attempt(key)
-        limit = self.delivery_limit
-        if (isinstance(count, int) and count >= limit) or attempts > limit:
+        if not redelivered and attempts > 1:
+            # a new message with a body seen before: earlier attempts were not this one's
+            self.replies.forget_attempts(key)
+            attempts = self.replies.count_attempt(key)
+        count = (headers or {}).get("x-delivery-count") if self.quorum and redelivered else None
+        if isinstance(count, bool) or not isinstance(count, int):
+            count = None
+        if (count is not None and count >= limit) or attempts > limit:
             self.replies.forget_attempts(key)
             return DeadLetter(
                 f"delivered {max(attempts, (count or 0) + 1)} times without an "

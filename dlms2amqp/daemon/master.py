@@ -4,7 +4,8 @@
 One request: delivery (``broker``) -> decision (``intake``: answer, dead-letter or
 dispatch) -> worker chosen by crc32 of the meter key (``workers``; one meter is always
 read by the same worker, which runs one session per meter at a time) -> ``Done`` ->
-reply stored (``replystore``) -> published with a confirm -> request acked.
+reply stored (``replystore``) -> checked against the size limit (``replysize``: whole,
+in parts, or refused) -> published with a confirm -> request acked.
 
 Everything here runs in one thread, on one pika IOLoop: the broker connection
 (SelectConnection), the worker pipes (``add_handler`` on their file descriptors) and a
@@ -34,7 +35,7 @@ from ..meter import targets
 from ..meter.connstring import ConnSettings
 from ..metrics import Metrics
 from ..request import ReadRequest, extract_msg_id
-from . import amqp, ipc
+from . import amqp, ipc, replysize
 from .broker import Broker, Delivery, IOLoop
 from .intake import Answer, Attach, DeadLetter, Dispatch, Intake, Stored
 from .replystore import ReplyStore
@@ -71,7 +72,7 @@ class Master:
         self.store = ReplyStore(
             cfg.state_dir / "replies.sqlite3", cfg.ReplyStoreSize, cfg.ReplyStoreMaxBytes
         )
-        self.intake = Intake(self.store, cfg.MaxBodyBytes, cfg.DeliveryLimit)
+        self.intake = Intake(self.store, cfg.MaxBodyBytes, cfg.DeliveryLimit, cfg.QueueType)
         self.broker = Broker(
             cfg,
             self.ioloop,
@@ -137,7 +138,9 @@ class Master:
             return
         t0 = time.monotonic()
         try:
-            decision = self.intake.decide(body, props.headers, self.by_key)
+            decision = self.intake.decide(
+                body, props.headers, self.by_key, bool(method.redelivered)
+            )
             if isinstance(decision, Dispatch):
                 self.dispatch(decision, d, t0)
             elif isinstance(decision, Attach):
@@ -145,9 +148,24 @@ class Master:
             elif isinstance(decision, Stored):
                 self.metrics.dedup_hits.inc()
                 self.log.info(
-                    "answered_from_store", msg_id=decision.msg_id, reply_id=decision.reply_id
+                    "answered_from_store",
+                    msg_id=decision.msg_id,
+                    reply_id=decision.reply_id,
+                    **({"store_answers": decision.attempts} if decision.attempts else {}),
                 )
-                self.answer(decision.key, decision.msg_id, decision.reply_id, decision.body, [d])
+                key = decision.key
+                self.answer(
+                    key,
+                    decision.msg_id,
+                    decision.reply_id,
+                    decision.body,
+                    [d],
+                    split=decision.split,
+                    stored=True,
+                    on_acked=(lambda: self.store.forget_attempts(key))
+                    if decision.attempts
+                    else None,
+                )
             elif isinstance(decision, Answer):
                 self.answer(decision.key, decision.msg_id, decision.reply_id, decision.body, [d])
                 self._count("READ" if decision.cmd == "READ" else "other", "notok", t0)
@@ -208,30 +226,119 @@ class Master:
         job.worker = zlib.crc32(job.settings.meter_key.encode()) % len(self.workers)
         self.workers.submit(job.worker, job.message())
 
+    def reply_limit(self) -> tuple[int, str]:
+        """The size a reply body may have, and the name of that limit (for the refusal)."""
+        broker_max = self.broker.max_message_size
+        if broker_max is not None and broker_max < self.cfg.MaxReplyBytes:
+            return broker_max, "the broker's max_message_size"
+        return self.cfg.MaxReplyBytes, "MaxReplyBytes"
+
     def answer(
-        self, key: str, in_msg_id: str, reply_id: str, body: bytes, deliveries: list[Delivery]
-    ) -> None:
-        """Store the reply, publish it for each delivery, ack each once confirmed."""
-        reply_id, body = self.store.put(key, reply_id, body)
+        self,
+        key: str,
+        in_msg_id: str,
+        reply_id: str,
+        body: bytes,
+        deliveries: list[Delivery],
+        split: bool = False,
+        stored: bool = False,
+        on_acked: Optional[Any] = None,
+    ) -> str:
+        """Store the reply, publish it for each delivery, ack each once confirmed.
+
+        A reply over the size limit is published in parts (when the request asked) or
+        replaced by a ``notok`` reply saying so (that one is stored then, not the huge
+        reply).  Returns "whole", "parts" or "refused".
+        """
+        limit, limit_name = self.reply_limit()
+        fitted = replysize.fit(in_msg_id, reply_id, body, limit, split, limit_name)
+        if not stored:
+            keep = fitted.messages[0] if fitted.kind == "refused" else (reply_id, body)
+            got = self.store.put(key, *keep)
+            if got != keep:  # a reply was stored first: that one goes out
+                fitted = replysize.fit(in_msg_id, got[0], got[1], limit, split, limit_name)
+        if fitted.kind != "whole":
+            self.metrics.replies_oversize.labels(outcome=fitted.kind).inc()
+            self.log.warning(
+                "reply_too_large",
+                msg_id=in_msg_id,
+                bytes=fitted.size,
+                limit=limit,
+                limit_name=limit_name,
+                outcome=fitted.kind,
+                messages=len(fitted.messages),
+            )
         for d in deliveries:
-            if not self.broker.current(d):
-                continue  # void tag: the redelivery is answered from the store
-            target = d.reply_to or self.cfg.OutQueue
+            if self.broker.current(d):  # else void: the redelivery is answered from the store
+                self._send(d, in_msg_id, fitted.messages, on_acked)
+        return fitted.kind
 
-            def ok(d: Delivery = d) -> None:
+    def _send(
+        self,
+        d: Delivery,
+        in_msg_id: str,
+        messages: list[tuple[str, bytes]],
+        on_acked: Optional[Any] = None,
+    ) -> None:
+        """Publish a reply's messages for one delivery; ack it once all are confirmed.
+
+        The first failure decides, once: nacked or lost, the request is requeued (its
+        redelivery is answered from the store); returned from OutQueue (deleted under
+        us), OutQueue is declared again and the message published again; returned again,
+        or from a reply_to queue that does not exist, the *request* is dead-lettered.
+        """
+        target = d.reply_to or self.cfg.OutQueue
+        left = [len(messages)]
+        settled = [False]
+
+        def ok() -> None:
+            if settled[0]:
+                return
+            left[0] -= 1
+            if left[0] == 0:
+                settled[0] = True
                 self.broker.ack(d)
+                if on_acked is not None:
+                    on_acked()
 
-            def failed(kind: str, d: Delivery = d, target: str = target) -> None:
-                self.metrics.publish_failures.labels(kind=kind).inc()
-                if kind == "returned":
-                    self.broker.dead_letter(
-                        d, body, f"reply queue {target} does not exist", "unroutable"
-                    )
-                else:
-                    self.log.warning("reply_not_confirmed", msg_id=in_msg_id, kind=kind)
-                    self.broker.requeue(d)  # redelivered and answered from the store
+        def failed(kind: str, mid: str, body: bytes, again: bool) -> None:
+            if settled[0]:
+                return
+            self.metrics.publish_failures.labels(kind=kind).inc()
+            if kind == "returned" and target == self.cfg.OutQueue and not again:
+                if self.broker.declare_again(target, lambda: publish(mid, body, True)):
+                    return
+            settled[0] = True
+            if kind != "returned":
+                self.log.warning("reply_not_confirmed", msg_id=in_msg_id, kind=kind)
+                self.broker.requeue(d)
+            elif target == self.cfg.OutQueue:
+                self.broker.dead_letter(
+                    d,
+                    d.body,
+                    f"the reply came back unroutable from OutQueue {target}, even after "
+                    "declaring the queue again",
+                    "unroutable",
+                )
+            else:
+                self.broker.dead_letter(
+                    d, d.body, f"reply queue {target} (reply_to) does not exist", "unroutable"
+                )
 
-            self.broker.publish("", target, body, amqp.properties(reply_id, in_msg_id), ok, failed)
+        def publish(mid: str, body: bytes, again: bool = False) -> None:
+            if not self.broker.current(d):
+                return  # the channel is gone: the redelivery is answered from the store
+            self.broker.publish(
+                "",
+                target,
+                body,
+                amqp.properties(mid, in_msg_id),
+                ok,
+                lambda kind: failed(kind, mid, body, again),
+            )
+
+        for mid, body in messages:
+            publish(mid, body)
 
     def on_connection_lost(self) -> None:
         """The broker will redeliver: the waiting deliveries' tags are void."""
@@ -276,7 +383,11 @@ class Master:
         self.by_key.pop(job.key, None)
         if job.worker >= 0:
             self.workers.forget(job.worker, job.job_id)
-        self.answer(job.key, job.msg_id, reply_id, body, job.deliveries)
+        sent = self.answer(
+            job.key, job.msg_id, reply_id, body, job.deliveries, split=job.request.split_reply
+        )
+        if sent == "refused":
+            status, error = "notok", f"reply of {len(body)} bytes over the size limit"
         self._count("READ", status, job.t0)
         self.log.info(
             "request",
@@ -287,6 +398,7 @@ class Master:
             duration_ms=_ms(job.t0),
             rows=rows,
             attempts=job.attempts,
+            **({"reply": sent} if sent != "whole" else {}),
             **({"error": error} if error else {}),
         )
 

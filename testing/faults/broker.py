@@ -5,12 +5,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+from datetime import datetime, timezone
 from typing import Any
 
-from testing.faults.lab import Ctx, Daemon, stored_reply_ids, wait_for, worker_pids
+from testing.faults.lab import (
+    Ctx,
+    Daemon,
+    read_request,
+    reply_dict,
+    stored_reply_ids,
+    wait_for,
+    worker_pids,
+)
+from testing.oracle import reply_in_id
 from testing.ports import free_port
 
 # --- the faults -----------------------------------------------------------------------------
@@ -189,6 +200,120 @@ def fault_second_daemon(ctx: Ctx) -> dict[str, Any]:
     return {"second_exit_code": rc, "second_seconds": round(took, 1), "first_pid_unchanged": pid}
 
 
+def fault_consumer_cancelled(ctx: Ctx) -> dict[str, Any]:
+    """Delete InQueue under load and create it again, as an operator would.
+
+    The broker cancels the daemon's consumer and drops what the queue held (ready and
+    unacknowledged).  The daemon must notice, declare the topology again and consume the
+    new queue; the back-office then sends again what got no reply.  Requests already read
+    are answered from the reply store (no second meter session), those still being read
+    join their session, the others are read once.
+    """
+    ctx.wait_some_progress()
+    pid = ctx.daemon.pid
+    lost, cancels = ctx.log_count(LOST_EVENT), ctx.log_count("broker_cancelled_consumer")
+    held = ctx.lab.node.queue_stats(ctx.in_q) or (0, 0)  # (ready, unacknowledged)
+    conn = ctx.lab.client.connect()
+    try:
+        ch = conn.channel()
+        ch.queue_delete(ctx.in_q)
+        ch.queue_declare(ctx.in_q, durable=True)  # classic, no arguments: as the daemon does
+    finally:
+        conn.close()
+    assert ctx.wait_log_increase("broker_cancelled_consumer", cancels, 30), (
+        "daemon did not log the cancelled consumer"
+    )
+    assert ctx.wait_log_increase(LOST_EVENT, lost, 30), "daemon did not start over"
+    ctx.daemon.wait_consuming(ctx.lab.client, ctx.in_q, 60)
+    assert ctx.daemon.alive() and ctx.daemon.pid == pid, "daemon died"
+    answered = {reply_in_id(r) for r in ctx.collector.snapshot()}
+    again = [(i, b) for i, b in ctx.bodies if i not in answered]
+    ctx.no_repeat_ids |= stored_reply_ids(ctx.daemon.workdir / "state") & {i for i, _ in again}
+    ctx.lab.client.publish(ctx.in_q, again)
+    ctx.notes = f"deleted with {held[0]} ready + {held[1]} unacked; {len(again)} sent again"
+    return {
+        "queue_held_ready_unacked": list(held),
+        "sent_again": len(again),
+        "daemon_pid_unchanged": pid,
+    }
+
+
+#: spare meters (after the ones Lab.run uses) for the oversize requests
+OVERSIZE_SPARE = 4
+OVERSIZE_LIMIT = 32768  # MaxReplyBytes of the row; 3 days of load profile are ~72 kB
+
+
+def fault_oversize_reply(ctx: Ctx) -> dict[str, Any]:
+    """Requests whose reply is over MaxReplyBytes, in the middle of the load.
+
+    Two are refused with a notok naming the size and the limit, two asked for parts
+    (``SplitReply``) and get every part within the limit, with exactly the meter's rows;
+    the other requests are answered as usual (no channel closed, no reconnect).
+    """
+    from dlms2amqp.simulator import model
+
+    ctx.wait_some_progress()
+    lost = ctx.log_count(LOST_EVENT)
+    first_spare = ctx.lab.meters - OVERSIZE_SPARE
+    end = (int(time.time()) // 86400) * 86400
+    start = end - 3 * 86400
+    bodies, meter_of = [], {}
+    for j in range(OVERSIZE_SPARE):
+        k = first_spare + j
+        split = j % 2 == 1
+        mid = f"oversize-{'parts' if split else 'refused'}-{j}"
+        req = json.loads(read_request(mid, ctx.lab.sim.port + k, obis="1.0.99.1.0.255"))
+        req["dtFrom"] = datetime.fromtimestamp(start, timezone.utc).isoformat()
+        req["dtTo"] = datetime.fromtimestamp(end, timezone.utc).isoformat()
+        if split:
+            req["SplitReply"] = True
+        bodies.append((mid, json.dumps(req).encode()))
+        meter_of[mid] = k
+    ctx.extra_ids += [m for m, _ in bodies]
+    ctx.lab.client.publish(ctx.in_q, bodies)
+
+    def replies_of(mid: str) -> list[dict]:
+        return [
+            reply_dict(r)
+            for r in ctx.collector.snapshot()
+            if r.queue == ctx.out_q and reply_in_id(r) == mid
+        ]
+
+    def complete(mid: str) -> bool:
+        got = replies_of(mid)
+        if not got:
+            return False
+        parts = {d.get("Part") for d in got}
+        return "Parts" not in got[0] or len(parts) >= int(got[0]["Parts"])
+
+    assert wait_for(lambda: all(complete(m) for m, _ in bodies), 60), "oversize replies missing"
+    sizes, n_parts = [], []
+    for mid, _b in bodies:
+        got = replies_of(mid)
+        if "refused" in mid:
+            err = str(got[0].get("Error"))
+            assert got[0].get("Status") == "notok", got[0]
+            assert f"more than the {OVERSIZE_LIMIT} bytes MaxReplyBytes allows" in err, err
+            assert "shorter range" in err, err
+            sizes.append(int(err.split("The reply is ", 1)[1].split(" ", 1)[0]))
+            continue
+        n = int(got[0]["Parts"])
+        n_parts.append(n)
+        parts = {d["Part"]: d for d in got}
+        assert sorted(parts) == list(range(1, n + 1)), sorted(parts)
+        assert n >= 2, "a reply over the limit came in one part"
+        rows = model.load_profile_rows(meter_of[mid], start, end)
+        records = [r for k in range(1, n + 1) for r in parts[k]["DataRecords"]]
+        assert len(records) == 3 * len(rows), (len(records), len(rows))
+        assert all(d.get("Status") == "ok" for d in parts.values())
+    for r in ctx.collector.snapshot():
+        if r.queue == ctx.out_q:
+            assert len(r.body) <= OVERSIZE_LIMIT, f"a reply of {len(r.body)} bytes went out"
+    assert ctx.log_count(LOST_EVENT) == lost, "the broker connection was lost"
+    ctx.notes = f"refused {sizes} bytes > {OVERSIZE_LIMIT}; split into {n_parts} parts"
+    return {"refused_sizes": sizes, "parts": n_parts, "limit": OVERSIZE_LIMIT}
+
+
 SCENARIOS: dict[str, dict[str, Any]] = {
     "broker stop_app/start_app": {"fault": fault_broker_restart},
     "close_all_connections": {"fault": fault_close_all},
@@ -215,5 +340,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "fault": fault_second_daemon,
         # the lab's daemons have no metrics endpoint unless asked: this one has
         "config": {"MetricsPort": free_port()},
+    },
+    "consumer cancelled (queue deleted and re-created)": {"fault": fault_consumer_cancelled},
+    "oversize reply": {
+        "fault": fault_oversize_reply,
+        "config": {"MaxReplyBytes": OVERSIZE_LIMIT},
+        "spare_meters": OVERSIZE_SPARE,  # Lab.run leaves these meters to the fault
     },
 }

@@ -230,6 +230,7 @@ class Lab:
         allow_repeats: bool = False,
         config: dict[str, Any] | None = None,
         timeout: float = 90.0,
+        spare_meters: int = 0,
     ) -> Result:
         """Start a daemon, publish one READ per meter, inject ``fault(ctx)``, apply the oracle.
 
@@ -240,7 +241,7 @@ class Lab:
         uid = f"{slug}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
         in_q, out_q = f"d2af.{uid}.in", f"d2af.{uid}.out"
         dlq = in_q + ".dead"
-        n = requests or self.meters
+        n = requests or self.meters - spare_meters  # spare meters are the fault's own
         ports = self.sim_ports()[:n]
         res = Result(Row(name))
         with contextlib.ExitStack() as st:
@@ -273,6 +274,7 @@ class Lab:
                 res.evidence.update(fault(ctx) or {})
             except AssertionError as e:
                 res.problems.append(f"fault not confirmed: {e}")
+            ids += ctx.extra_ids  # requests the fault published itself are judged too
             if not collector.wait_ids(set(ids), timeout):
                 res.problems.append(f"not every request accounted for after {timeout:.0f} s")
             time.sleep(1.0)  # late duplicates
@@ -283,7 +285,9 @@ class Lab:
             items = collector.snapshot()
             res.row = judge(name, ids, items, {out_q}, dlq, meters, port_of_id)
             repeated_after_store = ctx.no_repeat_ids & {
-                i for i in ids if meters.stats[port_of_id[i]].sessions_with_reads > 1
+                i
+                for i in ids
+                if i in port_of_id and meters.stats[port_of_id[i]].sessions_with_reads > 1
             }
             if repeated_after_store:
                 res.problems.append(
@@ -334,6 +338,7 @@ class Ctx:
     t_published: float
     bodies: list[tuple[str, bytes]] = field(default_factory=list)
     no_repeat_ids: set[str] = field(default_factory=set)
+    extra_ids: list[str] = field(default_factory=list)  # published by the fault, judged too
     notes: str = ""
 
     def replies(self) -> int:

@@ -1,0 +1,156 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The master's reply path with the broker's answers scripted: acks, requeues, dead-letters.
+
+The real broker cannot be made to return a reply to a queue the daemon has just declared
+again, nor to nack one part of a split reply on demand; a recording stand-in for the
+broker adapter can.  Everything else is the real Master (reply store, intake, limits).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import orjson
+import pytest
+
+from dlms2amqp import reply as replymod
+from dlms2amqp.config import build_config
+from dlms2amqp.daemon.broker import Delivery
+from dlms2amqp.daemon.master import Master
+
+
+class ScriptedBroker:
+    """Records what the master does; each publish is answered by ``outcome(n, target)``."""
+
+    def __init__(self, outcome: Callable[[int, str], str]):
+        self.outcome = outcome
+        self.published: list[tuple[str, bytes]] = []
+        self.acked: list[int] = []
+        self.requeued: list[int] = []
+        self.dead: list[tuple[bytes, str, str]] = []
+        self.declared: list[str] = []
+        self.max_message_size: Optional[int] = None
+        self.later: list[Callable[[], None]] = []
+
+    def current(self, d: Delivery) -> bool:
+        return True
+
+    def publish(
+        self, _x: str, target: str, body: bytes, _props: Any, on_ok: Any, on_fail: Any
+    ) -> bool:
+        n = len(self.published)
+        self.published.append((target, body))
+        result = self.outcome(n, target)
+        self.later.append(on_ok if result == "ok" else (lambda: on_fail(result)))
+        return True
+
+    def declare_again(self, queue: str, then: Callable[[], None]) -> bool:
+        self.declared.append(queue)
+        self.later.append(then)
+        return True
+
+    def ack(self, d: Delivery) -> None:
+        self.acked.append(d.tag)
+
+    def requeue(self, d: Delivery) -> None:
+        self.requeued.append(d.tag)
+
+    def dead_letter(self, d: Delivery, body: bytes, reason: str, kind: str) -> None:
+        self.dead.append((body, reason, kind))
+        self.acked.append(d.tag)
+
+    def run(self) -> None:
+        """Deliver the broker's answers (confirms, returns, declare-oks) in order."""
+        while self.later:
+            self.later.pop(0)()
+
+
+@pytest.fixture
+def master(tmp_path: Path) -> Any:
+    cfg = build_config(
+        {"StateDir": str(tmp_path / "state"), "MaxReplyBytes": 4096, "Workers": 1, "MetricsPort": 0}
+    )
+    m = Master(cfg)
+    yield m
+    m.store.close()
+
+
+REQUEST = b'{"MsgID": "r1", "Cmd": "READ"}'
+
+
+def big_reply(rows: int = 200) -> bytes:
+    recs = [replymod.record(None, "1.0.1.8.0.255", i) for i in range(rows)]
+    return replymod.dumps(replymod.ok_reply("r1", recs))
+
+
+def answer(
+    master: Any, broker: ScriptedBroker, body: bytes, split: bool, reply_to: str = ""
+) -> Delivery:
+    master.broker = broker
+    d = Delivery(1, 7, reply_to or None, REQUEST)
+    master.answer(master.store.key_for("r1", REQUEST), "r1", "reply-1", body, [d], split=split)
+    broker.run()
+    return d
+
+
+def test_reply_returned_from_out_queue_declares_it_and_publishes_again(master: Any) -> None:
+    b = ScriptedBroker(lambda n, _t: "returned" if n == 0 else "ok")
+    answer(master, b, replymod.dumps(replymod.error_reply("r1", "x")), False)
+    assert b.declared == [master.cfg.OutQueue]
+    assert [t for t, _ in b.published] == [master.cfg.OutQueue] * 2
+    assert b.published[0][1] == b.published[1][1]
+    assert b.acked == [7] and not b.dead and not b.requeued
+
+
+def test_reply_returned_again_dead_letters_the_request_not_the_reply(master: Any) -> None:
+    b = ScriptedBroker(lambda _n, _t: "returned")
+    answer(master, b, replymod.dumps(replymod.error_reply("r1", "x")), False)
+    assert b.declared == [master.cfg.OutQueue]
+    assert len(b.dead) == 1
+    body, reason, kind = b.dead[0]
+    assert body == REQUEST  # the request as it came, so it can be replayed
+    assert kind == "unroutable" and master.cfg.OutQueue in reason and "again" in reason
+    assert b.acked == [7]  # once (by the dead-letter), never twice
+
+
+def test_reply_to_missing_is_not_declared_the_request_is_dead_lettered(master: Any) -> None:
+    b = ScriptedBroker(lambda _n, _t: "returned")
+    answer(master, b, replymod.dumps(replymod.error_reply("r1", "x")), False, reply_to="client.q")
+    assert b.declared == [] and len(b.published) == 1
+    assert b.dead == [(REQUEST, "reply queue client.q (reply_to) does not exist", "unroutable")]
+
+
+def test_parts_are_acked_once_after_the_last_confirm(master: Any) -> None:
+    b = ScriptedBroker(lambda _n, _t: "ok")
+    answer(master, b, big_reply(), True)
+    parts = [orjson.loads(body) for _t, body in b.published]
+    assert len(parts) > 2 and [p["Part"] for p in parts] == list(range(1, len(parts) + 1))
+    assert all(len(body) <= 4096 for _t, body in b.published)
+    assert b.acked == [7]
+
+
+def test_one_part_nacked_requeues_the_request_once(master: Any) -> None:
+    b = ScriptedBroker(lambda n, _t: "nacked" if n in (1, 2) else "ok")
+    answer(master, b, big_reply(400), True)
+    assert len(b.published) > 3
+    assert b.requeued == [7] and b.acked == [] and not b.dead
+
+
+def test_oversize_refused_is_what_the_store_keeps(master: Any) -> None:
+    b = ScriptedBroker(lambda _n, _t: "ok")
+    answer(master, b, big_reply(), False)
+    ((target, body),) = b.published
+    rep = orjson.loads(body)
+    assert rep["Status"] == "notok" and "4096 bytes MaxReplyBytes" in rep["Error"]
+    # the small refusal is stored, not the big reply: a redelivery gets the same bytes
+    assert master.store.get(master.store.key_for("r1", REQUEST)) == (rep["MsgID"], body)
+
+
+def test_the_broker_limit_once_known_wins_when_lower(master: Any) -> None:
+    b = ScriptedBroker(lambda _n, _t: "ok")
+    b.max_message_size = 2048
+    master.broker = b
+    assert master.reply_limit() == (2048, "the broker's max_message_size")
+    b.max_message_size = 1 << 30
+    assert master.reply_limit() == (4096, "MaxReplyBytes")
