@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dlms2amqp.errors import MeterTimeoutError  # noqa: E402
+from dlms2amqp.meter import link as link_mod  # noqa: E402
 from dlms2amqp.meter import session as session_mod  # noqa: E402
 from dlms2amqp.meter.connstring import parse_connection_string  # noqa: E402
 from dlms2amqp.meter.media import Media  # noqa: E402
@@ -130,12 +131,12 @@ def stock(req: ReadRequest) -> list:
 
 def with_gxnet(fn):
     def run(req):
-        saved = session_mod.TcpMedia
-        session_mod.TcpMedia = GxNetMedia
+        saved = link_mod.TcpMedia
+        link_mod.TcpMedia = GxNetMedia
         try:
             return fn(req)
         finally:
-            session_mod.TcpMedia = saved
+            link_mod.TcpMedia = saved
 
     return run
 

@@ -140,6 +140,20 @@ def _port_list(v: Any) -> list[str]:
     return list(v)
 
 
+def _policy(kind: str) -> Validator:
+    """A list of AllowedHosts / AllowedSerialPorts entries, checked by the meter layer."""
+
+    def check(v: Any) -> list[str]:
+        from .meter import targets  # no Gurux in there; imported late to keep config light
+
+        if not isinstance(v, list) or not all(isinstance(e, str) for e in v):
+            raise ValueError('must be a list of strings, e.g. ["10.20.0.0/16"]')
+        (targets.HostPolicy if kind == "hosts" else targets.SerialPolicy)(v)
+        return list(v)
+
+    return check
+
+
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -186,6 +200,20 @@ KEYS: tuple[Key, ...] = (
         30.0,
         _float_range(0, 3600),
         "seconds a finished meter association stays open for reuse; 0 = no pooling",
+    ),
+    # --- where requests may make the gateway connect (meter/targets.py) ---
+    Key(
+        "AllowedHosts",
+        ["*"],
+        _policy("hosts"),
+        "meters reachable by -h: CIDRs, host names, *.domain, ! to refuse; first match "
+        'decides; ["*"] = anywhere',
+    ),
+    Key(
+        "AllowedSerialPorts",
+        ["*"],
+        _policy("serial"),
+        'serial ports reachable by -S: path globs (/dev/ttyUSB*); ["*"] = any tty device',
     ),
     Key("MetricsPort", 9640, _int_range(0, 65535), "Prometheus metrics port; 0 = off"),
     Key("MetricsAddress", "127.0.0.1", _nonempty, "address the metrics endpoint listens on"),

@@ -148,7 +148,13 @@ class _ForwardHandler(logging.Handler):
             msg = record.getMessage()
         except Exception:  # noqa: BLE001 - a bad log call must not break us
             msg = str(record.msg)
-        structlog.get_logger(record.name).log(record.levelno, msg)
+        extra: dict[str, Any] = {}
+        if record.exc_info:
+            extra["exc_info"] = record.exc_info  # rendered (no locals) and redacted
+        msg_id = getattr(record, "msg_id", None)
+        if msg_id is not None:
+            extra["msg_id"] = msg_id
+        structlog.get_logger(record.name).log(record.levelno, msg, **extra)
 
 
 def configure(

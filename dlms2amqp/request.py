@@ -27,6 +27,11 @@ MAX_FIELD_CHARS = {
     "dtTo": 64,
 }
 
+#: dates a request may give: after every meter's epoch, and far enough from datetime's
+#: limits that a day or an offset more or less cannot overflow
+DATE_MIN = datetime(1970, 1, 1, tzinfo=timezone.utc)
+DATE_MAX = datetime(9999, 12, 30, 23, 59, 59, tzinfo=timezone.utc)
+
 _ISO_RE = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})"
     r"(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?)?"
@@ -73,17 +78,25 @@ def parse_datetime(text: str, field: str = "date") -> tuple[datetime, bool]:
         )
     except ValueError as exc:
         raise RequestError(f"{field} {text!r} is not a valid date: {exc}") from exc
-    if tz is None:
-        return naive.replace(tzinfo=timezone.utc), True
-    if tz in ("Z", "z"):
-        return naive.replace(tzinfo=timezone.utc), False
-    sign = -1 if tz[0] == "-" else 1
-    digits = tz[1:].replace(":", "")
-    hours, minutes = int(digits[:2]), int(digits[2:])
-    if hours > 23 or minutes > 59:
-        raise RequestError(f"{field} {text!r} has an invalid UTC offset")
-    offset = timedelta(hours=hours, minutes=minutes) * sign
-    return naive.replace(tzinfo=timezone(offset)), False
+    if tz is None or tz in ("Z", "z"):
+        value = naive.replace(tzinfo=timezone.utc)
+    else:
+        sign = -1 if tz[0] == "-" else 1
+        digits = tz[1:].replace(":", "")
+        hours, minutes = int(digits[:2]), int(digits[2:])
+        if hours > 23 or minutes > 59:
+            raise RequestError(f"{field} {text!r} has an invalid UTC offset")
+        value = naive.replace(tzinfo=timezone(timedelta(hours=hours, minutes=minutes) * sign))
+    try:
+        in_range = DATE_MIN <= value.astimezone(timezone.utc) <= DATE_MAX
+    except OverflowError:
+        in_range = False
+    if not in_range:
+        raise RequestError(
+            f"{field} {text.strip()[:40]!r} is out of range: dates from 1970-01-01 to "
+            "9999-12-30 (UTC) are accepted"
+        )
+    return value, tz is None
 
 
 def _loads(body: bytes, max_bytes: int) -> dict:

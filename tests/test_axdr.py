@@ -210,7 +210,7 @@ def test_random_axdr_matches_expected_and_gurux(case):
 )
 def test_list_read_normalisation_of_gurux_values(name, hexdata):
     # GET-with-list values are decoded by Gurux, then turned into our natives
-    from dlms2amqp.meter.session import gurux_to_native
+    from dlms2amqp.meter.client import gurux_to_native
 
     raw = bytes.fromhex(hexdata)
     value = _GXCommon.getData(GXDLMSSettings(False, None), GXByteBuffer(raw), _GXDataInfo())
@@ -262,3 +262,75 @@ def test_single_result_takes_either_form_of_sn_block_data(hexdata, expected):
 def test_single_result_refuses_a_value_cut_short():
     with pytest.raises(MeterProtocolError, match="middle of a value"):
         axdr.single_result(bytes.fromhex("0103 1101 1102"))
+
+
+def gurux_settings(utc_normal: bool) -> GXDLMSSettings:
+    settings = GXDLMSSettings(False, None)
+    settings.useUtc2NormalTime = utc_normal  # what -d India/Italy/SaudiArabia sets
+    return settings
+
+
+@pytest.mark.parametrize("deviation", [330, -330, 120, -60, 0, 720, -720])
+@pytest.mark.parametrize("utc_normal", [False, True])
+def test_deviation_sign_switch_decodes_as_gurux(deviation, utc_normal):
+    # Given a date-time whose deviation is read with or without Gurux's UseUtc2NormalTime
+    raw = struct.pack(">HBBBBBBBhB", 2026, 3, 1, 7, 12, 0, 0, 0, deviation, 0)
+    gx = _GXCommon.getData(
+        gurux_settings(utc_normal), GXByteBuffer(b"\x19" + raw), _GXDataInfo()
+    )
+    # Then ours gives the instant Gurux gives, as octet string and as tag 25
+    assert axdr.to_datetime(raw, utc_normal=utc_normal) == gx.value
+    assert axdr.to_datetime(raw, utc_normal=utc_normal).utcoffset() == gx.value.utcoffset()
+    assert axdr.decode_all(b"\x19" + raw, utc_normal=utc_normal) == gx.value
+    expected = timedelta(minutes=deviation if utc_normal else -deviation)
+    assert axdr.to_datetime(raw, utc_normal=utc_normal).utcoffset() == expected
+
+
+def test_india_meter_clock_is_utc_plus_five_thirty():
+    # Given an India meter (-d India) at 12:00 local, sending deviation +330 (its sign)
+    raw = bytes.fromhex("07ea0301070c000000014a00")
+    # Then the instant is 06:30 UTC, not 17:30 UTC as the Blue Book sign would read it
+    dt = axdr.to_datetime(raw, utc_normal=True)
+    assert dt.astimezone(timezone.utc) == datetime(2026, 3, 1, 6, 30, tzinfo=timezone.utc)
+    assert axdr.iso_from_raw(raw, utc_normal=True) == "2026-03-01T12:00:00+05:30"
+    assert axdr.iso_from_raw(raw) == "2026-03-01T12:00:00-05:30"  # cached apart
+    assert axdr.iso_from_raw(raw, utc_normal=True) == "2026-03-01T12:00:00+05:30"
+    rows, _ = axdr.decode_profile(b"\x01\x01\x02\x01\x19" + raw, utc_normal=True)
+    assert rows[0][0] == dt
+
+
+@pytest.mark.parametrize("offset_min", [330, -330, 60, 0, -720])
+@pytest.mark.parametrize("utc_normal", [False, True])
+def test_range_selector_date_times_encode_as_gurux(offset_min, utc_normal):
+    # Given a range bound in some offset
+    dt = datetime(2026, 3, 1, 12, 0, tzinfo=timezone(timedelta(minutes=offset_min)))
+    ours = axdr.encode_datetime(dt, utc_normal)
+    buff = GXByteBuffer()
+    from gurux_dlms import GXDateTime
+    from gurux_dlms.enums import DataType
+
+    _GXCommon.setData(gurux_settings(utc_normal), buff, DataType.DATETIME, GXDateTime(dt))
+    gx = bytes(buff.array())[1:]
+    # Then the bytes are Gurux's (but the day of week, which Gurux leaves unspecified)
+    assert ours[:4] + ours[5:] == gx[:4] + gx[5:]
+    assert ours[4] == dt.isoweekday()
+    # And they read back as the same instant with the same switch
+    assert axdr.to_datetime(ours, utc_normal=utc_normal) == dt
+    deviation = struct.unpack(">h", ours[9:11])[0]
+    assert deviation == (offset_min if utc_normal else -offset_min)
+    selector = axdr.range_selector(dt, dt, utc_normal)
+    assert selector.count(b"\x09\x0c" + ours) == 2
+
+
+def test_profile_rows_take_the_sign_switch():
+    from dlms2amqp.meter.reader import profile_records
+
+    # Given one profile row from an India meter: clock 12:00 local, deviation +330, a value
+    stamp = bytes.fromhex("07ea0301070c000000014a00")
+    rows = [[stamp, 42]]
+    # Then with -d India the row is stamped +05:30, without it -05:30 (the Blue Book sign)
+    india = profile_records(rows, ["0.0.1.0.0.255", "1.0.1.8.0.255"], 0, "iso", True)
+    dlms = profile_records(rows, ["0.0.1.0.0.255", "1.0.1.8.0.255"], 0, "iso")
+    assert india == [{"DateTime": "2026-03-01T12:00:00+05:30", "Code": "1.0.1.8.0.255",
+                      "Value": "42"}]  # fmt: skip
+    assert dlms[0]["DateTime"] == "2026-03-01T12:00:00-05:30"

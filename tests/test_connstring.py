@@ -46,20 +46,19 @@ def test_every_option():
     assert s.referencing == "SN"
     assert s.logical_address == 1 and s.serial_number == 12345
     assert s.get_list == [("0.0.1.0.0.255", 1), ("0.0.1.0.0.255", 2)]
-    assert s.security == "AuthenticationEncryption" and s.suite == 0
+    assert s.security == "AuthenticationEncryption"
     assert s.invocation_counter_obis == "0.0.43.1.0.255"
     assert s.auto_increase_invoke_id is True
-    assert s.cache_file == "C:\\dev\\device.xml"
     assert s.system_title == bytes.fromhex("4775727578313233")
     assert s.meter_system_title == bytes.fromhex("4432410000000001")
     assert s.authentication_key.reveal() == bytes.fromhex(KEY_A)
     assert s.block_cipher_key.reveal() == bytes.fromhex(KEY_B)
     assert s.dedicated_key.reveal() == bytes.fromhex("00112233445566778899AABBCCDDEEFF")
     assert s.initial_invocation_counter == 42 and s.standard == "IDIS"
-    assert s.gateway == (1, b"1234") and s.mac_address == 1  # Gurux: ASCII unless 0x
+    assert s.gateway == (1, b"1234")  # Gurux: ASCII unless 0x
     assert (s.gbt_window_size, s.hdlc_window_size, s.hdlc_frame_size) == (2, 3, 247)
     assert s.gbt_window_size_given and s.propose_general_protection
-    assert s.manufacturer_id == "lgz" and s.trace == "Verbose"  # as given, like Gurux
+    assert s.manufacturer_id == "lgz"  # as given, like Gurux
     for secret in (KEY_A, KEY_B, "pw ", "00112233445566778899"):
         assert secret.lower() not in repr(s).lower()
 
@@ -251,3 +250,11 @@ def test_gurux_defaults_of_the_window_options():
     s = parse_connection_string("-h x -p 1 -W 5 -w 7 -f 2030")
     assert (s.gbt_window_size, s.hdlc_window_size, s.hdlc_frame_size) == (5, 7, 2030)
     assert s.gbt_window_size_given
+
+
+@pytest.mark.parametrize("tail, words", [("-t Loud", "option -t"), ("-m 70000", "option -m")])
+def test_options_without_effect_still_check_their_value(tail, words):
+    # -t and -m change nothing (no field keeps them) but a bad value is still refused
+    with pytest.raises(ConnectionStringError) as info:
+        parse_connection_string(f"-h x -p 1 {tail}")
+    assert words in str(info.value)

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from dlms2amqp.meter import session as sessionmod
+from dlms2amqp.meter import counters
 from dlms2amqp.meter.counters import CounterStore
 from dlms2amqp.meter.reader import ReaderOptions, execute
 from dlms2amqp.request import parse_request
@@ -49,25 +49,25 @@ def marks(state: Path) -> list[int]:
 def test_owners_take_turns_resync_upwards_and_count_it(tmp_path: Path) -> None:
     a, b = tmp_path / "hostA", tmp_path / "hostB"
     with running_simulator(1) as sim:
-        before = sessionmod.RESYNCS[0]
+        before = counters.RESYNCS[0]
         # host A reads first: a fresh meter, nothing to resynchronise
         assert read(sim.port, GMAC, a)["Status"] == "ok"
-        assert sessionmod.RESYNCS[0] == before
+        assert counters.RESYNCS[0] == before
         for turn in range(3):
             # the partition moves to host B, which starts behind the meter: one resync
             seen = meter_counter(sim.port)
             r = read(sim.port, GMAC, b)
             assert r["Status"] == "ok", r["Error"]
-            assert sessionmod.RESYNCS[0] == before + 2 * turn + 1
+            assert counters.RESYNCS[0] == before + 2 * turn + 1
             assert max(marks(b)) > seen  # B's persisted mark is above what the meter had
             # and back to A, now behind B: resync again, upwards
             seen = meter_counter(sim.port)
             mark_a = max(marks(a))
             r = read(sim.port, GMAC, a)
             assert r["Status"] == "ok", r["Error"]
-            assert sessionmod.RESYNCS[0] == before + 2 * turn + 2
+            assert counters.RESYNCS[0] == before + 2 * turn + 2
             assert max(marks(a)) > max(seen, mark_a)  # never lowered
         # the owner reading again on its own needs no resync
-        n = sessionmod.RESYNCS[0]
+        n = counters.RESYNCS[0]
         assert read(sim.port, GMAC, a)["Status"] == "ok"
-        assert sessionmod.RESYNCS[0] == n
+        assert counters.RESYNCS[0] == n

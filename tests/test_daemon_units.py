@@ -122,9 +122,9 @@ def test_worker_pool_is_bounded_by_the_open_files_limit() -> None:
         "import resource\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (200, 300))\n"
         "from dlms2amqp.daemon.worker import WorkerSettings, _make_pool\n"
-        "s = WorkerSettings(index=0, sessions=16, request_timeout=5, frame_timeout=1,\n"
-        "                   idle_timeout=30, state_dir=None, datetime_format='iso',\n"
-        "                   trace=False, debug_file=None, log_level='Info')\n"
+        "from dlms2amqp.meter.options import ReaderOptions\n"
+        "s = WorkerSettings(index=0, sessions=16, idle_timeout=30, reader=ReaderOptions(),\n"
+        "                   debug_file=None, log_level='Info')\n"
         "pool = _make_pool(s)\n"
         "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], pool.max_sessions)\n"
     )

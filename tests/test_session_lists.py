@@ -17,9 +17,10 @@ from gurux_dlms.objects import GXDLMSObject
 
 from dlms2amqp.errors import MeterProtocolError, ObjectError
 from dlms2amqp.meter import axdr, reader
+from dlms2amqp.meter.client import gurux_to_native
 from dlms2amqp.meter.connstring import parse_connection_string
 from dlms2amqp.meter.media import Media
-from dlms2amqp.meter.session import DataAccessError, MeterSession, gurux_to_native
+from dlms2amqp.meter.session import DataAccessError, MeterSession
 
 LIST_CONFORMANCE = (
     Conformance.GET | Conformance.BLOCK_TRANSFER_WITH_GET_OR_READ | Conformance.MULTIPLE_REFERENCES
@@ -91,10 +92,9 @@ def session(answers: list, pdu: int = 1024, conformance=LIST_CONFORMANCE, conn: 
     s.client = s._make_client()
     s.client.settings.negotiatedConformance = conformance
     s.client.settings.maxPduSize = pdu
-    s.media = Replayed(answers)
+    s.link.media = Replayed(answers)
     s.associated = True
-    s.deadline = time.monotonic() + 30
-    s.trace = Notes()
+    s.resume(time.monotonic() + 30, Notes())
     return s
 
 
@@ -214,7 +214,7 @@ def test_list_answer_in_blocks():
 def test_bytes_after_the_list_are_ignored_and_said():
     s = session([wrapper(get_list_response(ok(ENERGY), ok(SERIAL)) + b"\x00\x00")])
     assert s.get_list(ITEMS[:2]) == [ENERGY, SERIAL]
-    assert s.trace.lines == ["2 trailing bytes after the list reply ignored"]
+    assert s.link.trace.lines == ["2 trailing bytes after the list reply ignored"]
 
 
 def test_list_answer_with_another_count_is_a_protocol_error():
@@ -278,7 +278,7 @@ def test_without_multiple_references_items_are_read_one_by_one():
         [wrapper(get_normal(ENERGY)), wrapper(get_normal(error=3))],
         conformance=Conformance.GET | Conformance.BLOCK_TRANSFER_WITH_GET_OR_READ,
     )
-    s.class_cache["0.0.96.1.0.255"] = 1  # known class: no object list read
+    s.learn_class("0.0.96.1.0.255", 1)  # known class: no object list read
     records = reader._read_list(s, [("1.0.1.8.0.255", 2), ("0.0.96.1.0.255", 2)], "iso")
     assert [f[8:10] for f in s.media.sent] == [b"\xc0\x01", b"\xc0\x01"]
     assert records[0]["Value"] == "123456"
@@ -296,7 +296,7 @@ def test_guessed_class_refused_falls_back_to_the_object_list(code):
     class_id, raw = reader._get(s, "1.0.31.4.0.255", 2)
     assert (class_id, raw) == (5, b"\x12\x00\x2a")
     assert s.media.sent[2][8:13] == bytes.fromhex("c001c1 0005")  # class 5
-    assert "1.0.31.4.0.255 is class 5 in the meter's object list" in s.trace.lines
+    assert "1.0.31.4.0.255 is class 5 in the meter's object list" in s.link.trace.lines
 
 
 def test_right_class_still_denied_is_access_denied():
@@ -315,7 +315,7 @@ def test_clock_with_bytes_after_the_value_reads_and_says_so():
     class_id, raw = reader._get(s, "0.0.1.0.0.255", 2)
     [rec] = reader._records_for(s, class_id, "0.0.1.0.0.255", raw, "iso")
     assert rec["Value"] == "2026-01-15T12:00:00+01:00"
-    assert s.trace.lines == ["3 trailing bytes after the value of 0.0.1.0.0.255 ignored"]
+    assert s.link.trace.lines == ["3 trailing bytes after the value of 0.0.1.0.0.255 ignored"]
 
 
 def test_value_cut_short_is_still_refused():

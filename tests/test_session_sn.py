@@ -271,7 +271,7 @@ def test_sn_list_values_equal_gurux_clients(sim):
     """The same SN list read by Gurux's own SN client gives the same values (one READ each)."""
     from gurux_dlms.objects import GXDLMSObject
 
-    from dlms2amqp.meter.session import gurux_to_native
+    from dlms2amqp.meter.client import gurux_to_native
     from dlms2amqp.reply import value_to_str
     from tests.helpers_sim import GuruxMeter, gurux_client
 

@@ -257,12 +257,11 @@ def test_sn_wrong_password_rejected(sim):
 def test_sn_high_family(sim, client_sap, mechanism):
     # Given a High-family client: Gurux sends HLS pass 3 as a WRITE to 0xFA58 (class 12
     # method 8) and reads f(CtoS) from the READ-response the meter answers with
-    from gurux_dlms import GXDLMSClient
     from gurux_dlms.enums import Authentication, InterfaceType
     from gurux_dlms.secure import GXDLMSSecureClient
 
     itype = InterfaceType.HDLC if sim.interface == "HDLC" else InterfaceType.WRAPPER
-    server = GXDLMSClient.getServerAddress(1, 0) if sim.interface == "HDLC" else 1
+    server = 1  # -s 1: one byte 03 with HDLC, as Gurux's example client sends it
     auth = Authentication(mechanism)
     c = GXDLMSSecureClient(False, client_sap, server, auth, cosem.HLS_SECRET.decode(), itype)
     if auth == Authentication.HIGH_SHA256:
@@ -282,12 +281,11 @@ def test_sn_high_family(sim, client_sap, mechanism):
 
 @pytest.mark.integration
 def test_sn_high_wrong_secret_rejected(sim):
-    from gurux_dlms import GXDLMSClient
     from gurux_dlms.enums import Authentication, InterfaceType
     from gurux_dlms.secure import GXDLMSSecureClient
 
     itype = InterfaceType.HDLC if sim.interface == "HDLC" else InterfaceType.WRAPPER
-    server = GXDLMSClient.getServerAddress(1, 0) if sim.interface == "HDLC" else 1
+    server = 1  # -s 1: one byte 03 with HDLC, as Gurux's example client sends it
     c = GXDLMSSecureClient(False, 19, server, Authentication.HIGH_MD5, "Wrong", itype)
     m = SnMeter(c, sim.host, sim.port)
     try:
@@ -484,7 +482,7 @@ def test_sn_template_read_by_gurux(tmp_path, interface):
     from gurux_dlms.enums import Authentication, InterfaceType
 
     itype = InterfaceType.HDLC if interface == "HDLC" else InterfaceType.WRAPPER
-    server = GXDLMSClient.getServerAddress(1, 0) if interface == "HDLC" else 1
+    server = 1  # -s 1: one byte 03 with HDLC, as Gurux's example client sends it
     with running_simulator(1, "-x", str(path), interface=interface) as s:
         # When Gurux's client 17 (Low, the class 12 secret) reads it with short names
         c = GXDLMSClient(False, 17, server, Authentication.LOW, "Gurux", itype)

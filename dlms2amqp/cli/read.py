@@ -15,6 +15,7 @@ from typing import NoReturn, Optional
 import orjson
 
 from ..errors import RequestError
+from ..meter import targets
 from ..meter.reader import ReaderOptions, execute
 from ..request import ReadRequest, parse_datetime
 from .common import EXIT_NOTOK, EXIT_OK
@@ -54,6 +55,19 @@ def build_parser() -> _Parser:
     p.add_argument("--datetime-format", choices=["iso", "dotnet"], default="iso")
     p.add_argument("--state-dir", type=Path, help="where invocation counters are kept")
     p.add_argument("--msg-id", default=None, help="MsgID of the request (default: a new UUID)")
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        metavar="ENTRY",
+        help="like the daemon's AllowedHosts (CIDR, name, *.domain, !ENTRY), repeatable; "
+        "default: any host",
+    )
+    p.add_argument(
+        "--allow-serial",
+        action="append",
+        metavar="GLOB",
+        help="like the daemon's AllowedSerialPorts, repeatable; default: any tty device",
+    )
     return p
 
 
@@ -73,6 +87,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(str(exc))
     if dt_from and dt_to and dt_from > dt_to:
         parser.error("--from is later than --to")
+    try:
+        hosts = targets.HostPolicy(args.allow_host or ["*"])
+        serial = targets.SerialPolicy(args.allow_serial or ["*"])
+    except ValueError as exc:
+        parser.error(f"--allow-host/--allow-serial: {exc}")
     request = ReadRequest(
         msg_id=args.msg_id or str(uuid.uuid4()),
         cmd="READ",
@@ -88,6 +107,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         datetime_format=args.datetime_format,
         state_dir=args.state_dir,
         trace=args.trace,
+        allowed_hosts=hosts,
+        allowed_serial_ports=serial,
     )
     reply = execute(request, options)
     sys.stdout.buffer.write(orjson.dumps(reply, option=orjson.OPT_INDENT_2) + b"\n")

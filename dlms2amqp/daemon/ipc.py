@@ -17,36 +17,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import Optional, Union
 
 from ..config import Config
 from ..meter.connstring import ConnSettings
+from ..meter.options import ReaderOptions
 from ..request import ReadRequest
-
-if TYPE_CHECKING:  # the master must not import the meter layer (Gurux) at run time
-    from ..meter.reader import ReaderOptions
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
     """What one worker process needs, built once from the configuration by the master.
 
-    No broker password in here.  The reader's six fields become the worker's one
-    ``ReaderOptions`` in ``reader_options`` (the only place they are copied): that class
-    lives in ``meter.reader``, which imports Gurux, and the master must not load Gurux.
+    No broker password in here.  ``reader`` is the options of every read in the worker,
+    built here once and used there as is (``meter.options`` imports no Gurux).
     """
 
     index: int
     sessions: int
     idle_timeout: float
-    request_timeout: float
-    frame_timeout: float
-    datetime_format: str
-    state_dir: Optional[Path]
-    trace: bool
+    reader: ReaderOptions
     debug_file: Optional[Path]
     log_level: str
-    max_rows: int = 0
 
     @classmethod
     def from_config(cls, cfg: Config, index: int) -> WorkerSettings:
@@ -54,28 +46,16 @@ class WorkerSettings:
             index=index,
             sessions=cfg.SessionsPerWorker,
             idle_timeout=cfg.IdleSessionTimeout,
-            request_timeout=cfg.RequestTimeout,
-            frame_timeout=cfg.FrameTimeout,
-            datetime_format=cfg.DateTimeFormat,
-            state_dir=cfg.state_dir,
-            trace=cfg.Trace,
+            reader=ReaderOptions(
+                frame_timeout=cfg.FrameTimeout,
+                request_timeout=cfg.RequestTimeout,
+                datetime_format=cfg.DateTimeFormat,
+                state_dir=cfg.state_dir,
+                trace=cfg.Trace,
+                max_rows=cfg.MaxRows,
+            ),
             debug_file=cfg.debug_file,
             log_level=cfg.LogLevel,
-            max_rows=cfg.MaxRows,
-        )
-
-    def reader_options(self, trace_sink: Optional[Callable[[str], None]] = None) -> ReaderOptions:
-        """The options of every read in this worker (imports the meter layer: worker only)."""
-        from ..meter.reader import ReaderOptions
-
-        return ReaderOptions(
-            frame_timeout=self.frame_timeout,
-            request_timeout=self.request_timeout,
-            datetime_format=self.datetime_format,
-            state_dir=self.state_dir,
-            trace=self.trace,
-            trace_sink=trace_sink,
-            max_rows=self.max_rows,
         )
 
 
@@ -116,7 +96,7 @@ class PoolStats:
 
     hits: float = 0.0
     idle: float = 0.0
-    resyncs: float = 0.0  # invocation counters taken from the meter (session.RESYNCS)
+    resyncs: float = 0.0  # invocation counters taken from the meter (counters.RESYNCS)
 
 
 @dataclass(frozen=True)

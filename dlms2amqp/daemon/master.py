@@ -31,6 +31,7 @@ from .. import logsetup
 from .. import reply as replymod
 from ..config import Config
 from ..errors import GatewayError
+from ..meter import targets
 from ..meter.connstring import ConnSettings
 from ..metrics import Metrics
 from ..request import ReadRequest, extract_msg_id
@@ -53,7 +54,7 @@ class Job:
     msg_id: str
     request: ReadRequest
     settings: ConnSettings
-    worker: int
+    worker: int  # -1 while its host name is being resolved
     t0: float
     deliveries: list[Delivery] = field(default_factory=list)
     attempts: int = 1
@@ -93,6 +94,12 @@ class Master:
             on_done=self.on_done,
             on_orphans=self.on_orphans,
             on_error=self._on_error,
+        )
+        # where requests may connect; host names resolved off the loop (meter/targets.py)
+        self.allowed_hosts = targets.HostPolicy(cfg.AllowedHosts)
+        self.allowed_serial = targets.SerialPolicy(cfg.AllowedSerialPorts)
+        self.resolver = targets.AsyncResolver(
+            self.ioloop.add_callback_threadsafe, self.ioloop.call_later
         )
         self.jobs: dict[int, Job] = {}
         self.by_key: dict[str, int] = {}  # request key -> job id
@@ -207,21 +214,51 @@ class Master:
         except amqp.CONNECTION_ERRORS:
             raise
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the daemon
-            self.log.exception("internal_error", error=type(e).__name__)
+            self.log.exception(
+                "internal_error", error=type(e).__name__, msg_id=extract_msg_id(body)
+            )
             self.broker.dead_letter(
                 d, body, f"internal error in the gateway ({type(e).__name__})", "internal"
             )
 
     def dispatch(self, dec: Dispatch, d: Delivery, t0: float) -> None:
-        """Route by crc32 of the meter key: one meter, one worker."""
-        idx = zlib.crc32(dec.settings.meter_key.encode()) % len(self.workers)
-        job = Job(self.next_job, dec.key, dec.msg_id, dec.request, dec.settings, idx, t0, [d])
-        if self.balancer is not None:
-            self.balancer.note(d.queue, dec.settings.meter_key)
+        """Fix the target (a host name is resolved first, off the loop), then route it."""
+        job = Job(self.next_job, dec.key, dec.msg_id, dec.request, dec.settings, -1, t0, [d])
         self.next_job += 1
         self.jobs[job.job_id] = job
-        self.by_key[job.key] = job.job_id
-        self.workers.submit(idx, job.message())
+        self.by_key[job.key] = job.job_id  # a redelivery meanwhile attaches to it
+        s = dec.settings
+        if targets.needs_lookup(s):
+            assert s.host is not None and s.port is not None
+            self.resolver.lookup(s.host, s.port, lambda answer: self._resolved(job, answer))
+        else:
+            self.route(job, None)
+
+    def _resolved(self, job: Job, answer: Any) -> None:
+        """The resolver's answer for a job's host name (on the loop thread)."""
+        if self.closing or self.jobs.get(job.job_id) is not job:
+            return
+        try:
+            if isinstance(answer, GatewayError):
+                self.complete_error(job, answer.message)
+            else:
+                self.route(job, answer)
+        except Exception as e:  # noqa: BLE001 - a callback must not stop the loop
+            self._on_error(e)
+
+    def route(self, job: Job, address: Optional[str]) -> None:
+        """Check the target (AllowedHosts, AllowedSerialPorts); by crc32 of the meter key
+        to a worker: one meter, one worker."""
+        try:
+            targets.prepare(job.settings, self.allowed_hosts, self.allowed_serial, address)
+        except GatewayError as e:
+            self.complete_error(job, e.message)
+            return
+        key = job.settings.meter_key  # normalised now: what the workers' pools are keyed by
+        if self.balancer is not None:
+            self.balancer.note(job.deliveries[0].queue, key)
+        job.worker = zlib.crc32(key.encode()) % len(self.workers)
+        self.workers.submit(job.worker, job.message())
 
     def reply_limit(self) -> tuple[int, str]:
         """The size a reply body may have, and the name of that limit (for the refusal)."""
@@ -355,7 +392,7 @@ class Master:
         """
         if not self.jobs:
             return
-        busy = {job.worker for job in self.jobs.values()}
+        busy = {job.worker for job in self.jobs.values() if job.worker >= 0}  # -1: resolving
         self.log.warning("jobs_dropped", jobs=len(self.jobs), workers=len(busy))
         self.jobs.clear()
         self.by_key.clear()
@@ -418,7 +455,8 @@ class Master:
     ) -> None:
         self.jobs.pop(job.job_id, None)
         self.by_key.pop(job.key, None)
-        self.workers.forget(job.worker, job.job_id)
+        if job.worker >= 0:
+            self.workers.forget(job.worker, job.job_id)
         sent = self.answer(
             job.key, job.msg_id, reply_id, body, job.deliveries, split=job.request.split_reply
         )
@@ -526,6 +564,7 @@ class Master:
         try:
             self.ioloop.start()
         finally:
+            self.resolver.close()
             self.workers.stop()
             self.store.close()
             self.metrics.broker_connected.set(0)

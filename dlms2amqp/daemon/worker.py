@@ -17,6 +17,7 @@ A heartbeat every second proves the worker is alive; the master kills a silent o
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import queue
 import signal
@@ -100,9 +101,9 @@ def _pool_stats(pool: Any) -> PoolStats:
 
 
 def _resyncs() -> float:
-    from ..meter import session
+    from ..meter import counters
 
-    return float(session.RESYNCS[0])
+    return float(counters.RESYNCS[0])
 
 
 class Worker:
@@ -111,11 +112,11 @@ class Worker:
         self.conn = conn
         self.out = _PipeOut(conn)
         self.log = logsetup.get_logger("dlms2amqp.worker")
-        sink = None
-        if settings.trace:
+        self.options = settings.reader
+        if self.options.trace:  # frames go to the worker's log (a sink is not pickled)
             tlog = logsetup.get_logger("dlms2amqp.trace")
             sink = lambda line: tlog.info("frame", frame=line)  # noqa: E731
-        self.options = settings.reader_options(sink)
+            self.options = dataclasses.replace(self.options, trace_sink=sink)
         self.pool = _make_pool(settings)
         self.executor = ThreadPoolExecutor(settings.sessions, thread_name_prefix="session")
         self.lock = threading.Lock()
@@ -161,7 +162,7 @@ class Worker:
         try:
             reply = execute(request, self.options, self.pool, settings=job.settings)
         except Exception as e:  # noqa: BLE001 - execute must not raise; never lose a reply
-            self.log.error("reader_crashed", msg_id=request.msg_id, error=type(e).__name__)
+            self.log.exception("reader_crashed", msg_id=request.msg_id, error=type(e).__name__)
             reply = replymod.error_reply(
                 request.msg_id, "Internal error in the gateway while reading the meter"
             )

@@ -12,6 +12,8 @@ floats -> float, strings -> str, octet strings -> bytes, bit strings -> str of
 '0'/'1', arrays and structures -> list, date-time (tag 25) -> datetime, date
 (26) -> date, time (27) -> time.  A 12-byte octet string is turned into a
 datetime only by :func:`to_datetime` (the caller knows which column is a clock).
+The one encoder here, :func:`range_selector`, writes the date-times of a profile
+read by range.
 """
 
 from __future__ import annotations
@@ -63,11 +65,15 @@ def _length(data: bytes, pos: int) -> tuple[int, int]:
     return int.from_bytes(data[pos + 1 : pos + 1 + n], "big"), pos + 1 + n
 
 
-def to_datetime(raw: bytes, default_tz: timezone = timezone.utc) -> Optional[datetime]:
+def to_datetime(
+    raw: bytes, default_tz: timezone = timezone.utc, utc_normal: bool = False
+) -> Optional[datetime]:
     """Decode a 12-byte COSEM date-time; None when it is not a usable instant.
 
     Blue Book sign: local time + deviation = UTC, so the UTC offset is
-    ``-deviation`` minutes.  An unspecified deviation (0x8000) takes ``default_tz``.
+    ``-deviation`` minutes.  ``utc_normal`` (``-d India``/``Italy``/``SaudiArabia``,
+    Gurux's ``UseUtc2NormalTime``): the deviation is the UTC offset itself, as those
+    meters send it.  An unspecified deviation (0x8000) takes ``default_tz``.
     """
     if len(raw) != 12:
         return None
@@ -77,7 +83,10 @@ def to_datetime(raw: bytes, default_tz: timezone = timezone.utc) -> Optional[dat
     if month == 0 or day == 0:
         return None
     micro = 0 if hundredths == 0xFF else hundredths * 10000
-    tz = default_tz if dev == DEVIATION_UNSPECIFIED else _tz(-dev)
+    if dev == DEVIATION_UNSPECIFIED:
+        tz = default_tz
+    else:
+        tz = _tz(dev if utc_normal else -dev)
     try:
         return datetime(year, month, day, hour, minute, second, micro, tzinfo=tz)
     except ValueError:
@@ -85,14 +94,16 @@ def to_datetime(raw: bytes, default_tz: timezone = timezone.utc) -> Optional[dat
 
 
 _ISO_PARTS: dict = {}
+_ISO_PARTS_NORMAL: dict = {}  # the same for the "normal" deviation sign
 
 
-def iso_from_raw(raw: bytes) -> Optional[str]:
+def iso_from_raw(raw: bytes, utc_normal: bool = False) -> Optional[str]:
     """``format_datetime(to_datetime(raw), "iso")`` without building a datetime.
 
     Profile rows carry one date-time each and formatting them was the largest cost of a
     read (6 us a row); the date and the offset repeat from row to row, so they are
-    formatted once and cached.  None where ``to_datetime`` gives None.
+    formatted once and cached.  None where ``to_datetime`` gives None; ``utc_normal``
+    as there.
     """
     if len(raw) != 12:
         return None
@@ -100,18 +111,19 @@ def iso_from_raw(raw: bytes) -> Optional[str]:
     if hour > 23 or minute > 59 or second > 59 or (99 < hundredths < 0xFF):
         return None
     key = raw[0:4] + raw[9:11]
-    parts = _ISO_PARTS.get(key)
+    cache = _ISO_PARTS_NORMAL if utc_normal else _ISO_PARTS
+    parts = cache.get(key)
     if parts is None:
-        midnight = to_datetime(raw[0:5] + b"\0\0\0\0" + raw[9:12])
+        midnight = to_datetime(raw[0:5] + b"\0\0\0\0" + raw[9:12], utc_normal=utc_normal)
         if midnight is None:
             return None
         parts = (
             f"{midnight.year:04d}-{midnight.month:02d}-{midnight.day:02d}T",
             midnight.isoformat()[19:],
         )
-        if len(_ISO_PARTS) > 4096:
-            _ISO_PARTS.clear()
-        _ISO_PARTS[key] = parts
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = parts
     date_part, offset = parts
     if hundredths == 0 or hundredths == 0xFF:
         return f"{date_part}{hour:02d}:{minute:02d}:{second:02d}{offset}"
@@ -134,25 +146,29 @@ def _to_time(raw: bytes) -> Optional[time]:
         return None
 
 
-def decode(data: bytes, pos: int = 0) -> tuple[Any, int]:
-    """Decode one tagged value at ``pos``; returns (value, next position)."""
+def decode(data: bytes, pos: int = 0, utc_normal: bool = False) -> tuple[Any, int]:
+    """Decode one tagged value at ``pos``; returns (value, next position).
+
+    ``utc_normal``: date-times (tag 25) carry the deviation in the "normal" sign
+    (see :func:`to_datetime`).
+    """
     if type(data) is not bytes:
         data = bytes(data)
     try:
-        return _decode(data, pos)
+        return _decode(data, pos, utc_normal)
     except (IndexError, struct.error) as exc:
         raise MeterProtocolError("the meter's reply ended in the middle of a value") from exc
 
 
-def decode_all(data: bytes) -> Any:
+def decode_all(data: bytes, utc_normal: bool = False) -> Any:
     """Decode a whole attribute value and check nothing is left over."""
-    value, pos = decode(data, 0)
+    value, pos = decode(data, 0, utc_normal)
     if pos != len(data):
         raise MeterProtocolError("the meter's reply has trailing bytes after the value")
     return value
 
 
-def decode_value(data: bytes) -> tuple[Any, int]:
+def decode_value(data: bytes, utc_normal: bool = False) -> tuple[Any, int]:
     """Decode one complete value; returns (value, number of bytes after it).
 
     Some meters append bytes after a complete value (Gurux's C reference meter does
@@ -160,7 +176,7 @@ def decode_value(data: bytes) -> tuple[Any, int]:
     and ignore the rest, so the gateway does too and lets the caller say so.  A value
     that is itself cut short still raises.
     """
-    value, pos = decode(data, 0)
+    value, pos = decode(data, 0, utc_normal)
     return value, len(data) - pos
 
 
@@ -176,7 +192,7 @@ def split_results(data: bytes) -> tuple[list, int]:
         data = bytes(data)
     try:
         count, pos = _length(data, 0)
-        out = []
+        out: list[bytes | int] = []
         for _ in range(count):
             choice = data[pos]
             if choice == 0:
@@ -197,7 +213,7 @@ def split_results(data: bytes) -> tuple[list, int]:
     return out, len(data) - pos
 
 
-def _decode(data: bytes, pos: int) -> tuple[Any, int]:
+def _decode(data: bytes, pos: int, normal: bool = False) -> tuple[Any, int]:
     tag = data[pos]
     pos += 1
     fixed = _FIXED.get(tag)
@@ -208,7 +224,7 @@ def _decode(data: bytes, pos: int) -> tuple[Any, int]:
         return fixed.unpack_from(data, pos)[0], end
     if tag == ARRAY or tag == STRUCTURE:
         count, pos = _length(data, pos)
-        items = []
+        items: list[Any] = []
         append = items.append
         size = len(data)
         fixed_get = _FIXED.get
@@ -232,7 +248,7 @@ def _decode(data: bytes, pos: int) -> tuple[Any, int]:
                 append(data[pos + 1])
                 pos += 2
             else:
-                value, pos = _decode(data, pos)
+                value, pos = _decode(data, pos, normal)
                 append(value)
         return items, pos
     if tag == OCTET_STRING:
@@ -267,7 +283,7 @@ def _decode(data: bytes, pos: int) -> tuple[Any, int]:
         end = pos + 12
         if end > len(data):
             raise IndexError
-        return to_datetime(bytes(data[pos:end])), end
+        return to_datetime(bytes(data[pos:end]), utc_normal=normal), end
     if tag == DATE:
         end = pos + 5
         if end > len(data):
@@ -305,9 +321,48 @@ def single_result(data: bytes) -> tuple[Any, int]:
     return data[: len(data) - bare_extra], bare_extra
 
 
-def decode_profile(data: bytes) -> tuple[list, int]:
+def decode_profile(data: bytes, utc_normal: bool = False) -> tuple[list, int]:
     """Decode a profile buffer (array of structures) -> (rows as lists, bytes after it)."""
-    rows, extra = decode_value(data)
+    rows, extra = decode_value(data, utc_normal)
     if not isinstance(rows, list):
         raise MeterProtocolError("the profile buffer is not an array")
     return rows, extra
+
+
+def encode_datetime(dt: datetime, utc_normal: bool = False) -> bytes:
+    """COSEM date-time in the datetime's own offset (Blue Book: deviation = -offset).
+
+    ``utc_normal``: the deviation is the offset itself (see :func:`to_datetime`).
+    """
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    delta = dt.utcoffset() or timedelta(0)
+    offset = int(delta.total_seconds() // 60)
+    return _DT.pack(
+        dt.year,
+        dt.month,
+        dt.day,
+        dt.isoweekday(),
+        dt.hour,
+        dt.minute,
+        dt.second,
+        0,
+        offset if utc_normal else -offset,
+        0,
+    )
+
+
+_CLOCK_COLUMN = bytes.fromhex("0204120008090600000100 00ff0f02120000".replace(" ", ""))
+
+
+def range_selector(start: datetime, end: datetime, utc_normal: bool = False) -> bytes:
+    """Selective access by range (1) on the clock column, all columns."""
+    return (
+        b"\x02\x04"
+        + _CLOCK_COLUMN
+        + b"\x09\x0c"
+        + encode_datetime(start, utc_normal)
+        + b"\x09\x0c"
+        + encode_datetime(end, utc_normal)
+        + b"\x01\x00"
+    )

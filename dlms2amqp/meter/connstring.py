@@ -12,17 +12,28 @@ the serial-number formula (README "Connection strings").  Options that a
 gateway cannot honour (certificate generation, ECDSA, PLC media) are refused
 with a reason instead of being half-done.  Passwords and keys are kept in
 :class:`~dlms2amqp.secret.Secret`.
+
+A value holding a control character (NUL included) is refused, never cut: C code below
+would stop at the NUL and act on a prefix.  ``-h`` is normalised here without any I/O
+(an IP literal read as the resolver reads it, a name lower-cased and checked); resolving
+names and checking the allow-lists is ``targets.prepare`` (see docs/design.md).
+
+Over 500 lines because it is one table read as one: the ~35 seed options with their
+checks, the field-engineer wording of each refusal and the checks across options
+(keys needed by ciphering, addresses) belong together; meter targets are ``targets``.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import ConnectionStringError
 from ..secret import Secret
+from . import targets
 
 AUTHENTICATIONS = ("None", "Low", "High", "HighMD5", "HighSHA1", "HighGMAC", "HighSHA256")
 SECURITIES = ("None", "Authentication", "Encryption", "AuthenticationEncryption")
@@ -65,14 +76,10 @@ class ConnSettings:
     logical_address: Optional[int] = None  # last -l value (informational)
     serial_number: Optional[int] = None  # last -n value (informational)
     referencing: str = "LN"
-    trace: str = "Off"
     get_list: list = field(default_factory=list)  # [(obis, attribute_index)]
     security: str = "None"
-    suite: int = 0
-    signing: str = "None"
     invocation_counter_obis: Optional[str] = None
     auto_increase_invoke_id: bool = False
-    cache_file: Optional[str] = None
     system_title: Optional[bytes] = None
     meter_system_title: Optional[bytes] = None
     authentication_key: Optional[Secret] = None
@@ -86,30 +93,35 @@ class ConnSettings:
     propose_general_protection: bool = False
     gateway: Optional[tuple] = None  # (network_id, physical device address bytes)
     interface: str = "HDLC"
-    mac_address: Optional[int] = None
     gbt_window_size: int = 1
     gbt_window_size_given: bool = False  # -W present: propose general block transfer
     hdlc_window_size: int = 1
     hdlc_frame_size: int = 128
     manufacturer_id: Optional[str] = None
-
-    @property
-    def is_serial(self) -> bool:
-        return self.serial_port is not None
+    # --- the target as connected to and keyed (meter/targets.py) ---
+    #: the IP address connected to: the -h literal normalised, or the name resolved
+    address: Optional[str] = None
+    host_is_literal: bool = False  # -h gave an IP address (no name to resolve)
+    serial_device: Optional[str] = None  # real path of -S (symbolic links resolved)
+    target_checked: bool = False  # targets.prepare fixed and checked the target
 
     @property
     def meter_key(self) -> str:
-        """Routing and locking key: one meter, one association at a time."""
+        """Routing and locking key: one meter, one association at a time.
+
+        By address and port (``localhost``, ``127.1`` and ``127.0.0.1`` are one meter) and
+        by the serial device's real path, once ``targets.prepare`` fixed them.
+        """
         if self.serial_port is not None:
-            return f"serial:{self.serial_port}"
-        return f"tcp:{self.host}:{self.port}"
+            return f"serial:{self.serial_device or self.serial_port}"
+        return f"tcp:{targets.key_host(self.address or str(self.host))}:{self.port}"
 
     @property
     def endpoint(self) -> str:
         """Printable address, without secrets."""
         if self.serial_port is not None:
             return self.serial_port
-        return f"{self.host}:{self.port}"
+        return f"{targets.key_host(str(self.host))}:{self.port}"
 
     def session_fingerprint(self) -> tuple:
         """Settings that must match for a pooled association to be reused."""
@@ -242,6 +254,21 @@ def tokenize(text: str) -> list:
         raise ConnectionStringError("ConnectionString has an unclosed quote") from exc
 
 
+#: Unicode categories refused in every value: controls (NUL included), format characters
+#: (invisible, bidirectional overrides), surrogates, line and paragraph separators
+_BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def _check_chars(opt: str, value: str) -> None:
+    """A value with a NUL or another control character is refused (never cut or cleaned)."""
+    for ch in value:
+        if unicodedata.category(ch) in _BAD_CATEGORIES:
+            where = f"option -{opt}" if opt else "ConnectionString"
+            raise ConnectionStringError(
+                f"{where}: control character U+{ord(ch):04X} is not allowed in a value"
+            )
+
+
 def parse_connection_string(text: str) -> ConnSettings:
     """Parse a ConnectionString; errors name the option and the allowed values."""
     if not isinstance(text, str) or not text.strip():
@@ -253,6 +280,7 @@ def parse_connection_string(text: str) -> ConnSettings:
     while i < len(tokens):
         tok = tokens[i]
         i += 1
+        _check_chars("", tok)
         if not tok.startswith("-") or len(tok) < 2:
             # never echo the token: it may be the second word of an unquoted password
             after = (
@@ -281,6 +309,7 @@ def parse_connection_string(text: str) -> ConnSettings:
             raise ConnectionStringError(f"option -{opt} needs a value")
         value = tokens[i]
         i += 1
+        _check_chars(opt, value)
         try:
             _apply(s, opt, value)
         except _Refused:
@@ -329,7 +358,13 @@ def _apply(s: ConnSettings, opt: str, value: str) -> None:
     if opt == "h":
         if not value.strip():
             raise ConnectionStringError("option -h: empty host name")
-        s.host = value.strip()
+        literal = targets.ip_literal(value.strip())
+        if literal is not None:
+            s.host = s.address = targets.checked_address(literal)
+            s.host_is_literal = True
+        else:
+            s.host = targets.host_name(value)
+            s.address, s.host_is_literal = None, False
     elif opt == "p":
         s.port = _int("p", value, 1, 65535, "a TCP port")
     elif opt == "S":
@@ -366,7 +401,7 @@ def _apply(s: ConnSettings, opt: str, value: str) -> None:
             s.propose_general_protection = False
         s.referencing = referencing
     elif opt == "t":
-        s.trace = _choice("t", value, TRACE_LEVELS)
+        _choice("t", value, TRACE_LEVELS)  # checked, no effect (README: -t)
     elif opt == "g":
         s.get_list = _get_list(value)
     elif opt == "C":
@@ -378,7 +413,6 @@ def _apply(s: ConnSettings, opt: str, value: str) -> None:
                 f"option -V: {suite} needs ECDH key agreement, which the gateway does "
                 "not support; use Suite0"
             )
-        s.suite = 0
     elif opt == "K":
         signing = _choice(
             "K",
@@ -396,12 +430,11 @@ def _apply(s: ConnSettings, opt: str, value: str) -> None:
                 f"option -K: {signing} needs certificates, which the gateway does not "
                 "support; use None"
             )
-        s.signing = signing
         s.propose_general_protection = True
     elif opt == "v":
         s.invocation_counter_obis = _obis("v", value)
     elif opt == "o":
-        s.cache_file = value  # accepted for compatibility; never opened (see reader)
+        pass  # -o: accepted for compatibility, never opened (README: -o)
     elif opt == "T":
         s.system_title = _hex("T", value, (8,), False)
     elif opt == "M":
@@ -449,7 +482,7 @@ def _apply(s: ConnSettings, opt: str, value: str) -> None:
             )
         s.interface = _choice("i", value, INTERFACES)
     elif opt == "m":
-        s.mac_address = _int("m", value, 0, 0xFFFF, "a MAC address")
+        _int("m", value, 0, 0xFFFF, "a MAC address")  # checked, unused (PLC is refused)
     elif opt == "W":
         s.gbt_window_size = _int("W", value, 1, 63, "a window size")
         s.gbt_window_size_given = True

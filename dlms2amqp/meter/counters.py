@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Invocation counters persisted per (meter, client system title, key).
 
-Counters are kept per (meter system title, client system title, key).  The
+Counters are kept per (meter system title, client system title, key);
+:class:`CounterPolicy` is how one session uses them.  The
 meter's title is known before the association only from ``-M`` or from the
 address -> title alias learnt at the previous session; otherwise the address
 stands in for it until the AARE tells the title.
@@ -28,6 +29,20 @@ from ..errors import ConfigError
 
 BLOCK = 64
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+#: the invocation-counter object a session reads through the public client when a meter
+#: rejects our counter without saying which one it expects (and no -v was given)
+DEFAULT_COUNTER_OBIS = "0.0.43.1.0.255"
+#: how often a session in this process took the meter's counter because ours was behind
+#: (another gateway host used this meter since, or the state was lost); the worker
+#: reports it for the ``counter_resyncs`` metric
+RESYNCS = [0]
+_RESYNC_LOCK = threading.Lock()
+
+
+def count_resync() -> None:
+    """One more counter taken from the meter (sessions run on several threads)."""
+    with _RESYNC_LOCK:
+        RESYNCS[0] += 1
 
 
 def counter_key(meter_id: str, client_title: bytes, key: bytes) -> str:
@@ -107,3 +122,77 @@ class CounterStore:
             finally:
                 os.close(dfd)
             return upto
+
+
+class CounterPolicy:
+    """The invocation counter of one ciphered session: where it starts, what is reserved.
+
+    Never lower than the meter's own counter (``-v``), ``-F``, or what the store says was
+    used; reserved on disk before use (:meth:`reserve`, before every frame); and once the
+    AARE told the meter's system title, kept under that title (:meth:`learn_title`), so
+    the same meter reached at another address continues from its counters.  Gurux-free:
+    the session reads the client's counter and sets what comes back.
+    """
+
+    def __init__(
+        self, store: Optional[CounterStore], meter_key: str, client_title: bytes, key: bytes
+    ):
+        self.store = store
+        self.meter_key = meter_key
+        self.client_title = client_title
+        self._key = key
+        #: the file name the counter is kept under (None: no store, nothing persisted)
+        self.name: Optional[str] = None
+        self.reserved = 0
+        #: the last :meth:`start` began at the meter's counter, above our own (a resync)
+        self.resynced = False
+
+    def start(
+        self,
+        meter_counter: Optional[int],
+        initial: Optional[int],
+        meter_title: Optional[bytes],
+    ) -> int:
+        """The first counter of the session (and its block reserved).
+
+        Sets :attr:`resynced` when the meter's counter was above ours (``-F`` and the store).
+        """
+        own = initial or 1
+        if self.store is not None:
+            meter_id = (
+                meter_title.hex()
+                if meter_title
+                else self.store.alias(self.meter_key) or self.meter_key
+            )
+            self.name = counter_key(meter_id, self.client_title, self._key)
+            own = max(own, self.store.load(self.name) + 1)
+        next_ic = max(meter_counter + 1 if meter_counter is not None else 1, own)
+        self.resynced = next_ic > own
+        self.reserve(next_ic)
+        return next_ic
+
+    def reserve(self, next_ic: int) -> None:
+        """Persist a mark above ``next_ic`` before it is used (a block at a time)."""
+        if self.store is None or self.name is None:
+            return
+        if next_ic + 4 > self.reserved:
+            self.reserved = self.store.reserve(self.name, next_ic + BLOCK)
+
+    def learn_title(self, title: bytes, next_ic: int) -> int:
+        """Key the counter by the meter's system title from now on; the next counter to use.
+
+        Counters already used with this meter elsewhere (another address) stay used.
+        """
+        if self.store is None or self.name is None:
+            return next_ic
+        new_name = counter_key(title.hex(), self.client_title, self._key)
+        if new_name != self.name:
+            prior = self.store.load(new_name)
+            if prior >= next_ic:
+                next_ic = prior + 1
+            mark = max(self.reserved, self.store.load(self.name))
+            self.reserved = self.store.reserve(new_name, mark)
+            self.name = new_name
+        self.store.set_alias(self.meter_key, title.hex())
+        self.reserve(next_ic)
+        return next_ic

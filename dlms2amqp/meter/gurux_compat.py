@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import version
+from typing import Any
 
 from gurux_dlms._GXFCS16 import _GXFCS16
 from gurux_dlms.AesGcmParameter import AesGcmParameter
@@ -101,8 +102,8 @@ PRINTING_MODULES = (
 )  # fmt: skip
 
 for _name in PRINTING_MODULES:
-    _module = importlib.import_module(f"gurux_dlms.{_name}")
-    _module.print = _no_print
+    _module: Any = importlib.import_module(f"gurux_dlms.{_name}")  # untyped: Gurux
+    _module.print = _no_print  # shadows the builtin in that module
 
 
 # --- HDLC frames over 255 bytes ---------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import stat
 import time
 from typing import Callable, Optional
 
@@ -51,6 +52,7 @@ class TcpMedia(Media):
     def __init__(self, host: str, port: int, timeout: float, trace: Optional[Trace] = None):
         self.trace = trace
         self.endpoint = f"{host}:{port}"
+        self.sock: Optional[socket.socket] = None
         try:
             self.sock = socket.create_connection((host, port), timeout=max(timeout, 0.05))
         except socket.timeout as exc:
@@ -67,11 +69,17 @@ class TcpMedia(Media):
             ) from exc
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def _live(self) -> socket.socket:
+        if self.sock is None:
+            raise MeterConnectionError(f"the connection to {self.endpoint} is closed")
+        return self.sock
+
     def send(self, data: bytes) -> None:
+        sock = self._live()
         if self.trace:
             self.trace("TX", bytes(data))
         try:
-            self.sock.sendall(data)
+            sock.sendall(data)
         except OSError as exc:
             raise MeterConnectionError(
                 f"connection to {self.endpoint} lost while sending: {exc.strerror or exc}"
@@ -80,9 +88,10 @@ class TcpMedia(Media):
     def recv(self, timeout: float, step: str) -> bytes:
         if timeout <= 0:
             raise MeterTimeoutError(f"timeout during {step} (request deadline reached)")
-        self.sock.settimeout(timeout)
+        sock = self._live()
+        sock.settimeout(timeout)
         try:
-            chunk = self.sock.recv(65536)
+            chunk = sock.recv(65536)
         except socket.timeout as exc:
             raise MeterTimeoutError(
                 f"timeout during {step}: no answer from {self.endpoint} in {timeout:.1f} s"
@@ -101,8 +110,8 @@ class TcpMedia(Media):
 
     def is_stale(self) -> bool:
         try:
-            r, _, _ = select.select([self.sock], [], [], 0)
-        except (OSError, ValueError):
+            r, _, _ = select.select([self._live()], [], [], 0)
+        except (MeterConnectionError, OSError, ValueError):
             return True
         return bool(r)
 
@@ -123,6 +132,83 @@ _BAUDS = {
 _MODE_E_BAUD_CHARS = {"0": 300, "1": 600, "2": 1200, "3": 2400, "4": 4800, "5": 9600, "6": 19200}
 
 
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISBLK(mode):
+        return "a block device (a disk)"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a character device"
+
+
+def _kernel_class(rdev: int) -> Optional[str]:
+    """The device's class in sysfs (``tty``, ``mem``, ``misc``...), None when not listed.
+
+    Pseudo-terminals (``/dev/pts/N``) are not listed; they are checked by ``isatty``.
+    """
+    link = f"/sys/dev/char/{os.major(rdev)}:{os.minor(rdev)}/subsystem"
+    try:
+        return os.path.basename(os.readlink(link))
+    except OSError:
+        return None
+
+
+def open_serial_device(path: str) -> int:
+    """Open a serial port only once it is known to be one; returns the descriptor.
+
+    A request names the path, so it may name any file: the path must be a character
+    device (``stat``), of the kernel's ``tty`` class when sysfs lists it, before it is
+    opened at all; it is then opened without becoming our controlling terminal and
+    without waiting for carrier (``O_NOCTTY | O_NONBLOCK``), and must be a terminal
+    (``isatty``, and still the device checked) before anything is written to it.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MeterConnectionError(f"serial port {path} does not exist") from None
+    except PermissionError:
+        raise MeterConnectionError(f"no permission to open serial port {path}") from None
+    except (OSError, ValueError) as exc:
+        raise MeterConnectionError(
+            f"cannot open serial port {path}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    if not stat.S_ISCHR(st.st_mode):
+        raise MeterConnectionError(
+            f"serial port {path} is not a serial device: it is {_kind(st.st_mode)}"
+        )
+    kclass = _kernel_class(st.st_rdev)
+    if kclass is not None and kclass != "tty":
+        raise MeterConnectionError(
+            f"serial port {path} is not a serial device: it is a {kclass} device, not a tty"
+        )
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise MeterConnectionError(f"serial port {path} does not exist") from None
+    except PermissionError:
+        raise MeterConnectionError(f"no permission to open serial port {path}") from None
+    except OSError as exc:
+        raise MeterConnectionError(
+            f"cannot open serial port {path}: {exc.strerror or exc}"
+        ) from None
+    try:
+        same = os.fstat(fd).st_rdev == st.st_rdev
+        if not same or not os.isatty(fd):
+            raise MeterConnectionError(
+                f"serial port {path} is not a serial device: it is a character device "
+                "but not a terminal (tty)"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class SerialMedia(Media):
     """A serial device (or pty) in raw mode, configured with termios."""
 
@@ -140,16 +226,7 @@ class SerialMedia(Media):
         self.trace = trace
         self.endpoint = path
         self.termios = termios
-        try:
-            self.fd: Optional[int] = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-        except FileNotFoundError as exc:
-            raise MeterConnectionError(f"serial port {path} does not exist") from exc
-        except PermissionError as exc:
-            raise MeterConnectionError(f"no permission to open serial port {path}") from exc
-        except OSError as exc:
-            raise MeterConnectionError(
-                f"cannot open serial port {path}: {exc.strerror or exc}"
-            ) from exc
+        self.fd: Optional[int] = open_serial_device(path)
         try:
             self.configure(baud, data_bits, parity, stop_bits)
         except BaseException:
@@ -190,21 +267,27 @@ class SerialMedia(Media):
                 f"{baud} {data_bits}{parity}{stop_bits}"
             ) from exc
 
+    def _live(self) -> int:
+        if self.fd is None:
+            raise MeterConnectionError(f"serial port {self.endpoint} is closed")
+        return self.fd
+
     def send(self, data: bytes) -> None:
+        fd = self._live()
         if self.trace:
             self.trace("TX", bytes(data))
         view = memoryview(bytes(data))
         deadline = time.monotonic() + 10
         while view:
             try:
-                n = os.write(self.fd, view)
+                n = os.write(fd, view)
                 view = view[n:]
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise MeterTimeoutError(
                         f"serial port {self.endpoint} does not accept data"
                     ) from None
-                select.select([], [self.fd], [], 0.1)
+                select.select([], [fd], [], 0.1)
             except OSError as exc:
                 raise MeterConnectionError(
                     f"serial port {self.endpoint} failed while sending: {exc.strerror or exc}"
@@ -213,13 +296,14 @@ class SerialMedia(Media):
     def recv(self, timeout: float, step: str) -> bytes:
         if timeout <= 0:
             raise MeterTimeoutError(f"timeout during {step} (request deadline reached)")
-        r, _, _ = select.select([self.fd], [], [], timeout)
+        fd = self._live()
+        r, _, _ = select.select([fd], [], [], timeout)
         if not r:
             raise MeterTimeoutError(
                 f"timeout during {step}: no answer on {self.endpoint} in {timeout:.1f} s"
             )
         try:
-            chunk = os.read(self.fd, 65536)
+            chunk = os.read(fd, 65536)
         except BlockingIOError:
             return b""
         except OSError as exc:

@@ -41,18 +41,18 @@ class SessionPool:
         if entry is not None:
             fingerprint, candidate = entry
             now = time.monotonic()
+            stale = candidate.stale()
             if (
                 fingerprint == settings.session_fingerprint()
                 and candidate.alive
+                and not stale
                 and now - candidate.last_used < self.idle_timeout
-                and not (candidate.media is not None and candidate.media.is_stale())
             ):
                 session = candidate
+            elif stale:
+                candidate.abandon()  # the meter closed or spoke meanwhile: no release
             else:
-                candidate.broken = candidate.broken or candidate.media is None
-                if candidate.media is not None and candidate.media.is_stale():
-                    candidate.broken = True
-                candidate.close()
+                candidate.close()  # other settings, or idle too long: released politely
         with self._lock:
             if session is None:
                 self.misses += 1

@@ -13,7 +13,6 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,28 +35,18 @@ from ..reply import (
     value_to_str,
 )
 from ..request import ReadRequest
-from . import axdr
+from . import axdr, targets
 from .connstring import ConnSettings, parse_connection_string
 from .counters import CounterStore
+from .options import ReaderOptions
 from .pool import SessionPool
-from .session import NOT_FOUND, DataAccessError, MeterSession, range_selector
+from .session import NOT_FOUND, DataAccessError, MeterSession
 
 log = logging.getLogger(__name__)
 
 _OBIS_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
 CLOCK_OBIS = "0.0.1.0.0.255"
 PROFILE, REGISTER, EXT_REGISTER, DEMAND_REGISTER, DATA, CLOCK = 7, 3, 4, 5, 1, 8
-
-
-@dataclass
-class ReaderOptions:
-    frame_timeout: float = 5.0  # seconds per frame wait
-    request_timeout: float = 60.0  # whole request deadline
-    datetime_format: str = "iso"  # or "dotnet"
-    state_dir: Optional[Path] = None  # invocation counters
-    trace: bool = False
-    trace_sink: Optional[Callable[[str], None]] = None  # default: stderr
-    max_rows: int = 0  # profile rows per request (MaxRows); 0 = no bound
 
 
 _stores: dict = {}
@@ -94,9 +83,21 @@ def execute(
         records = _run(request, options, pool, settings)
     except GatewayError as exc:
         return error_reply(request.msg_id, exc.message)
-    except Exception:
-        log.exception("internal error while reading a meter")
-        return error_reply(request.msg_id, "internal error in the gateway while reading the meter")
+    except Exception as exc:
+        # a cause we did not foresee: the traceback (no locals, redacted by logsetup) and
+        # the MsgID go to the log so that it can be found and given a message of its own
+        log.error(
+            "internal error while reading a meter (MsgID %s): %s",
+            request.msg_id[:64],
+            type(exc).__name__,
+            exc_info=True,
+            extra={"msg_id": request.msg_id},
+        )
+        return error_reply(
+            request.msg_id,
+            f"internal error in the gateway while reading the meter ({type(exc).__name__}); "
+            f"the log has the details under MsgID {request.msg_id[:64]}",
+        )
     return ok_reply(request.msg_id, records, NAIVE_DATES_NOTE if request.naive_dates else "")
 
 
@@ -181,6 +182,8 @@ def _run(
         raise RequestError("datetime format must be iso or dotnet")
     if settings is None:
         settings = parse_connection_string(request.connection_string)
+    if not settings.target_checked:  # the daemon's master did it; dlms2amqp-read has not
+        targets.prepare(settings, options.allowed_hosts, options.allowed_serial_ports)
     if not settings.get_list:
         check_obis(request.obis)
     deadline = time.monotonic() + options.request_timeout
@@ -189,16 +192,12 @@ def _run(
 
     session = pool.take(settings) if pool is not None else None
     if session is not None:
-        session.deadline = deadline
-        session.trace = trace
-        if session.media is not None:
-            session.media.trace = trace
+        session.resume(deadline, trace)
         try:
             records = _read(session, request, settings, options)
         except (MeterConnectionError, MeterProtocolError, MeterTimeoutError):
             # the pooled association died: open a fresh one, within the same deadline
-            session.broken = True
-            session.close()
+            session.abandon()
             session = None
         except ObjectError:
             _done(session, pool)  # unknown object / access denied: the association is fine
@@ -224,9 +223,7 @@ def _run(
 
 
 def _done(session: MeterSession, pool: Optional[SessionPool]) -> None:
-    session.trace = None
-    if session.media is not None:
-        session.media.trace = None
+    session.finish()
     if pool is not None:
         pool.put(session)
     else:
@@ -245,11 +242,11 @@ WRONG_CLASS = NOT_FOUND | {3}
 
 def _get(session: MeterSession, obis: str, attr: int, selector: int = 0, params=None):
     """GET with the class id guessed, corrected from the object list when the meter objects."""
-    class_id = session.class_cache.get(obis) or guess_class(obis)
+    class_id = session.known_class(obis) or guess_class(obis)
     try:
         return class_id, session.get_raw(class_id, obis, attr, selector, params)
     except DataAccessError as exc:
-        if exc.code not in WRONG_CLASS or obis in session.class_cache:
+        if exc.code not in WRONG_CLASS or session.known_class(obis) is not None:
             raise
         original = exc
     real = _class_from_object_list(session, obis, original)
@@ -264,7 +261,7 @@ def _class_from_object_list(session: MeterSession, obis: str, original: DataAcce
         session.load_object_list()
     except ObjectError:
         raise original from None
-    real = session.class_cache.get(obis)
+    real = session.known_class(obis)
     if real is None:
         if original.code == 3:
             # the meter said "denied" and its object list does not show the object
@@ -278,7 +275,7 @@ def _class_from_object_list(session: MeterSession, obis: str, original: DataAcce
 
 def _decode(session: MeterSession, raw: bytes, what: str):
     """A complete value; bytes after it are ignored as Gurux's clients do, and said in --trace."""
-    value, extra = axdr.decode_value(raw)
+    value, extra = axdr.decode_value(raw, session.settings.utc_to_normal_time)
     if extra:
         session.note(f"{extra} trailing bytes after the value of {what} ignored")
     return value
@@ -289,11 +286,11 @@ def _read(session: MeterSession, request: ReadRequest, settings: ConnSettings, o
     if settings.get_list:
         return _read_list(session, settings.get_list, fmt)
     obis = request.obis
-    class_id = session.class_cache.get(obis) or guess_class(obis)
+    class_id = session.known_class(obis) or guess_class(obis)
     if class_id == PROFILE:
         return _read_profile(session, request, fmt, options.max_rows)
     class_id, raw = _get(session, obis, 2)
-    session.class_cache[obis] = class_id
+    session.learn_class(obis, class_id)
     if class_id == PROFILE:
         return _read_profile(session, request, fmt, options.max_rows)
     return _records_for(session, class_id, obis, raw, fmt)
@@ -305,8 +302,9 @@ def _now() -> datetime:
 
 def _records_for(session: MeterSession, class_id: int, obis: str, raw: bytes, fmt: str) -> list:
     value = _decode(session, raw, obis)
+    normal = session.settings.utc_to_normal_time
     if class_id == CLOCK:
-        dt = axdr.to_datetime(value) if isinstance(value, bytes) else value
+        dt = axdr.to_datetime(value, utc_normal=normal) if isinstance(value, bytes) else value
         shown = format_datetime(dt, fmt) if isinstance(dt, datetime) else value
         return [record(dt if isinstance(dt, datetime) else _now(), obis, shown, fmt)]
     if class_id in (REGISTER, EXT_REGISTER, DEMAND_REGISTER):  # attribute 3: scaler_unit
@@ -317,17 +315,21 @@ def _records_for(session: MeterSession, class_id: int, obis: str, raw: bytes, fm
         when = _now()
         if class_id == EXT_REGISTER:
             captured = _decode(session, session.get_raw(class_id, obis, 5), f"{obis} attribute 5")
-            dt = axdr.to_datetime(captured) if isinstance(captured, bytes) else captured
+            dt = (
+                axdr.to_datetime(captured, utc_normal=normal)
+                if isinstance(captured, bytes)
+                else captured
+            )
             if isinstance(dt, datetime):
                 when = dt
         return [record(when, obis, value, fmt, scaler=scaler, unit=unit)]
     return [record(_now(), obis, value, fmt)]
 
 
-def _list_value(value, class_id: int, fmt: str):
+def _list_value(value, class_id: int, fmt: str, utc_normal: bool = False):
     """A clock's date-time octet string is shown as a date-time in the reply's format."""
     if isinstance(value, bytes) and len(value) == 12 and class_id == CLOCK:
-        dt = axdr.to_datetime(value)
+        dt = axdr.to_datetime(value, utc_normal=utc_normal)
         return format_datetime(dt, fmt) if dt else value
     return value
 
@@ -367,7 +369,8 @@ def _read_list(session: MeterSession, items: list, fmt: str) -> list:
             rec["Error"] = result.message
         else:
             class_id, raw = result
-            value = _list_value(_decode(session, raw, code), class_id, fmt)
+            normal = session.settings.utc_to_normal_time
+            value = _list_value(_decode(session, raw, code), class_id, fmt, normal)
             rec = record(now, code, value, fmt)
         records.append(rec)
     return records
@@ -375,11 +378,12 @@ def _read_list(session: MeterSession, items: list, fmt: str) -> list:
 
 def _get_list(session: MeterSession, items: list) -> list:
     """GET-with-list -> per item (class, raw) or its ObjectError; wrong classes corrected."""
-    classes = [session.class_cache.get(o) or guess_class(o) for o, _ in items]
+    classes = [session.known_class(o) or guess_class(o) for o, _ in items]
     answers = session.get_list([(c, o, a) for c, (o, a) in zip(classes, items)])
     guessed = [
         i for i, (a, (o, _)) in enumerate(zip(answers, items))
-        if isinstance(a, DataAccessError) and a.code in WRONG_CLASS and o not in session.class_cache
+        if isinstance(a, DataAccessError) and a.code in WRONG_CLASS
+        and session.known_class(o) is None
     ]  # fmt: skip
     again = []
     for i in guessed:
@@ -457,7 +461,7 @@ def _read_profile(session: MeterSession, request: ReadRequest, fmt: str, max_row
     class_id, raw = _get(session, obis, 3)
     if class_id != PROFILE:
         raise ObjectError(f"{obis} is not a profile (class {class_id})")
-    session.class_cache[obis] = PROFILE
+    session.learn_class(obis, PROFILE)
     capture = _decode(session, raw, f"{obis} attribute 3")
     columns = []
     clock_col = None
@@ -473,6 +477,7 @@ def _read_profile(session: MeterSession, request: ReadRequest, fmt: str, max_row
             clock_col = i
         columns.append(_code(col_obis, attr))
     start, end = request.dt_from, request.dt_to
+    normal = session.settings.utc_to_normal_time
     ranged = start is not None or end is not None
     if not ranged:
         raw = session.get_raw(PROFILE, obis, 2)
@@ -482,18 +487,24 @@ def _read_profile(session: MeterSession, request: ReadRequest, fmt: str, max_row
         if max_rows:
             _check_range_rows(session, obis, start, end, max_rows)
         step = f"reading {obis} from {start.isoformat()} to {end.isoformat()}"
-        raw = session.get_raw(PROFILE, obis, 2, 1, range_selector(start, end), step=step)
+        selector = axdr.range_selector(start, end, normal)
+        raw = session.get_raw(PROFILE, obis, 2, 1, selector, step=step)
     if max_rows:
         _check_buffer_rows(raw, obis, max_rows, ranged)
-    rows, extra = axdr.decode_profile(raw)
+    rows, extra = axdr.decode_profile(raw, normal)
     if extra:
         session.note(f"{extra} trailing bytes after the buffer of {obis} ignored")
-    return profile_records(rows, columns, clock_col, fmt)
+    return profile_records(rows, columns, clock_col, fmt, normal)
 
 
-def profile_records(rows: list, columns: list, clock_col: Optional[int], fmt: str) -> list:
-    """One record per row and per column other than the clock (the hot loop of a read)."""
-    out = []
+def profile_records(
+    rows: list, columns: list, clock_col: Optional[int], fmt: str, utc_normal: bool = False
+) -> list:
+    """One record per row and per column other than the clock (the hot loop of a read).
+
+    ``utc_normal``: the rows' date-times carry the deviation in the "normal" sign.
+    """
+    out: list[dict[str, str]] = []
     append = out.append
     to_dt = axdr.to_datetime
     others = [(j, code) for j, code in enumerate(columns) if j != clock_col]
@@ -505,9 +516,9 @@ def profile_records(rows: list, columns: list, clock_col: Optional[int], fmt: st
         if clock_col is not None and clock_col < len(row):
             stamp = row[clock_col]
             if iso and type(stamp) is bytes:
-                when = iso_from_raw(stamp) or ""
+                when = iso_from_raw(stamp, utc_normal) or ""
             else:
-                dt = to_dt(stamp) if isinstance(stamp, bytes) else stamp
+                dt = to_dt(stamp, utc_normal=utc_normal) if isinstance(stamp, bytes) else stamp
                 when = format_datetime(dt, fmt) if isinstance(dt, datetime) else ""
         short = len(row) < width
         for j, code in others:

@@ -3,94 +3,43 @@
 
 Gurux does what is hard to get right (AARQ/AARE, HLS, ciphering, HDLC and
 block transfer); the attribute values themselves are returned as raw bytes and
-decoded by :mod:`dlms2amqp.axdr`, because Gurux's value decoding is most of the
-gateway's CPU on profile reads (gurux-facts.md).  Raw mode is switched per
-reply object (``reply.raw_only``), so concurrent threads do not interfere.
+decoded by :mod:`dlms2amqp.meter.axdr`, because Gurux's value decoding is most of
+the gateway's CPU on profile reads.  Raw mode is switched per reply object
+(``reply.raw_only``), so concurrent threads do not interfere.
 
-Every step has a name used in timeout messages ("connect", "association",
-"reading 1.0.99.1.0.255 attribute 2"); every wait is bounded by the per-frame
-timeout and by the whole-request deadline.  ``close`` releases the association
-and the media in ``finally`` and never raises.
+The rooms around it: :mod:`.link` sends and waits (every wait bounded by the
+per-frame timeout and the whole-request deadline, every step named in its errors:
+"connect", "association", "reading 1.0.99.1.0.255 attribute 2"), and
+:class:`.counters.CounterPolicy` decides the invocation counters.  The reader and
+the pool change a session only through its methods (:meth:`MeterSession.resume`,
+:meth:`~MeterSession.finish`, :meth:`~MeterSession.abandon`, ...).  ``close`` releases the
+association and the media in ``finally`` and never raises.
 """
 
 from __future__ import annotations
 
-import struct
-import threading
 import time
-from datetime import datetime, timezone
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from gurux_dlms import GXByteBuffer, GXDLMSClient, GXDLMSException
-from gurux_dlms.enums import (
-    Authentication,
-    Conformance,
-    InterfaceType,
-    RequestTypes,
-    Security,
-    Standard,
-)
-from gurux_dlms.enums.ExceptionServiceError import ExceptionServiceError
-from gurux_dlms.GXDLMSConfirmedServiceError import GXDLMSConfirmedServiceError
-from gurux_dlms.GXDLMSExceptionResponse import GXDLMSExceptionResponse
-from gurux_dlms.secure import GXDLMSSecureClient
+from gurux_dlms import GXByteBuffer, GXDLMSClient
+from gurux_dlms.enums import Conformance, InterfaceType
 
 from ..errors import (
     AuthenticationError,
+    ConnectionStringError,
     InvocationCounterError,
-    MeterConnectionError,
     MeterError,
     MeterProtocolError,
-    MeterTimeoutError,
     ObjectError,
 )
 from . import axdr
+from .client import key_bytes, make_client
 from .connstring import ConnSettings
-from .counters import BLOCK, CounterStore, counter_key
+from .counters import DEFAULT_COUNTER_OBIS, CounterPolicy, CounterStore, count_resync
 from .gurux_compat import ReplyData  # (patches Gurux on import)
-from .media import Media, SerialMedia, TcpMedia
+from .link import REFUSALS, Frames, Link, parse
+from .media import Media, Trace
 
-#: the invocation-counter object read through the public client when a meter rejects our
-#: counter without saying which one it expects (and no -v was given)
-DEFAULT_COUNTER_OBIS = "0.0.43.1.0.255"
-#: how often a session took the meter's counter because ours was behind (another gateway
-#: host used this meter since, or the state was lost); read by the worker for its metric
-RESYNCS = [0]
-_RESYNC_LOCK = threading.Lock()
-
-
-def _count_resync() -> None:
-    with _RESYNC_LOCK:
-        RESYNCS[0] += 1
-
-
-_AUTH = {
-    "None": Authentication.NONE,
-    "Low": Authentication.LOW,
-    "High": Authentication.HIGH,
-    "HighMD5": Authentication.HIGH_MD5,
-    "HighSHA1": Authentication.HIGH_SHA1,
-    "HighGMAC": Authentication.HIGH_GMAC,
-    "HighSHA256": Authentication.HIGH_SHA256,
-}
-_SECURITY = {
-    "None": Security.NONE,
-    "Authentication": Security.AUTHENTICATION,
-    "Encryption": Security.ENCRYPTION,
-    "AuthenticationEncryption": Security.AUTHENTICATION_ENCRYPTION,
-}
-_INTERFACE = {
-    "HDLC": InterfaceType.HDLC,
-    "WRAPPER": InterfaceType.WRAPPER,
-    "HdlcWithModeE": InterfaceType.HDLC_WITH_MODE_E,
-}
-_STANDARD = {
-    "DLMS": Standard.DLMS,
-    "India": Standard.INDIA,
-    "Italy": Standard.ITALY,
-    "SaudiArabia": Standard.SAUDI_ARABIA,
-    "IDIS": Standard.IDIS,
-}
 DATA_ACCESS_RESULTS = {
     1: "hardware-fault",
     2: "temporary-failure",
@@ -107,80 +56,16 @@ DATA_ACCESS_RESULTS = {
 }
 #: results that mean "this (class, OBIS) does not exist here" (the class guess may be wrong)
 NOT_FOUND = {4, 9, 11}
-MAX_REPLY_BYTES = 8 * 1024 * 1024
-#: Gurux exceptions that mean "the meter answered no" (the association is fine)
-_REFUSALS = (GXDLMSExceptionResponse, GXDLMSConfirmedServiceError)
 #: bytes a glo-ciphered APDU adds (tag, length, security control, invocation counter, tag)
 CIPHER_OVERHEAD = 20
 
 
-def gurux_to_native(v: Any) -> Any:
-    """A value decoded by Gurux -> the natives axdr returns (list reads only; small)."""
-    name = type(v).__name__
-    if name == "GXDateTime":
-        dt = v.value
-        return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
-    if name == "GXDate":
-        return v.value.date()
-    if name == "GXTime":
-        return v.value.time()
-    if name == "GXBitString":
-        return str(v)
-    if isinstance(v, (bytes, bytearray)):
-        return bytes(v)
-    if isinstance(v, list):
-        return [gurux_to_native(x) for x in v]
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int):
-        return int(v)
-    if isinstance(v, float):
-        return float(v)
-    return v
-
-
 class DataAccessError(ObjectError):
+    """The meter answered a data-access result other than success; ``code`` says which."""
+
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
-
-
-def obis_bytes(obis: str) -> bytes:
-    return bytes(int(p) for p in obis.split("."))
-
-
-def encode_datetime(dt: datetime) -> bytes:
-    """COSEM date-time in the datetime's own offset (Blue Book: deviation = -offset)."""
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    offset = int(dt.utcoffset().total_seconds() // 60)
-    return struct.pack(
-        ">HBBBBBBBhB",
-        dt.year,
-        dt.month,
-        dt.day,
-        dt.isoweekday(),
-        dt.hour,
-        dt.minute,
-        dt.second,
-        0,
-        -offset,
-        0,
-    )
-
-
-def range_selector(start: datetime, end: datetime) -> bytes:
-    """Selective access by range (1) on the clock column, all columns."""
-    clock = b"\x02\x04\x12\x00\x08\x09\x06" + obis_bytes("0.0.1.0.0.255") + b"\x0f\x02\x12\x00\x00"
-    return (
-        b"\x02\x04"
-        + clock
-        + b"\x09\x0c"
-        + encode_datetime(start)
-        + b"\x09\x0c"
-        + encode_datetime(end)
-        + b"\x01\x00"
-    )
 
 
 class MeterSession:
@@ -191,113 +76,81 @@ class MeterSession:
         settings: ConnSettings,
         frame_timeout: float = 5.0,
         counters: Optional[CounterStore] = None,
-        trace: Optional[Callable[[str, bytes], None]] = None,
+        trace: Optional[Trace] = None,
     ):
         self.settings = settings
-        self.frame_timeout = frame_timeout
         self.counters = counters
-        self.trace = trace
-        self.deadline = time.monotonic() + 3600
-        self.media: Optional[Media] = None
-        self.client: Optional[GXDLMSClient] = None
+        self.link = Link(frame_timeout, trace)
+        self._client: Optional[GXDLMSClient] = None
         self.associated = False
         self.linked = False  # HDLC link up (UA received): DISC it on close
-        self.broken = False
-        self.last_used = time.monotonic()
-        self._counter_key: Optional[str] = None
-        self._reserved = 0
-        self.class_cache: dict = {}  # obis -> class id learnt on this session
+        self._policy: Optional[CounterPolicy] = None
+        #: obis -> class id, ("sn", obis) -> short name, learnt on this association
+        self.class_cache: dict = {}
+
+    # --- what the reader and the pool see ------------------------------------------
+    @property
+    def client(self) -> GXDLMSClient:
+        """The Gurux client of the association (set up by :meth:`open`)."""
+        if self._client is None:
+            raise RuntimeError("the session is not open")
+        return self._client
+
+    @client.setter
+    def client(self, client: GXDLMSClient) -> None:
+        self._client = client
+
+    @property
+    def media(self) -> Optional[Media]:
+        return self.link.media
+
+    @property
+    def last_used(self) -> float:
+        return self.link.last_used
+
+    @property
+    def alive(self) -> bool:
+        return self.associated and not self.link.broken and self.link.media is not None
+
+    def stale(self) -> bool:
+        """The meter closed, or sent unsolicited bytes, while the session was idle."""
+        return self.link.stale()
+
+    def resume(self, deadline: float, trace: Optional[Trace]) -> None:
+        """Take a pooled session up for one more request (its deadline and its trace)."""
+        self.link.deadline = deadline
+        self.link.set_trace(trace)
+
+    def finish(self) -> None:
+        """The request is over: stop tracing to its sink (the session may be pooled)."""
+        self.link.set_trace(None)
+
+    def abandon(self) -> None:
+        """The connection is not to be trusted: close the media without releasing politely."""
+        self.link.broken = True
+        self.close()
+
+    def known_class(self, obis: str) -> Optional[int]:
+        """The class of ``obis`` learnt on this association (object list or a read)."""
+        return self.class_cache.get(obis)
+
+    def learn_class(self, obis: str, class_id: int) -> None:
+        """Remember the class a read proved for ``obis`` (no guess next time)."""
+        self.class_cache[obis] = class_id
+
+    def note(self, text: str) -> None:
+        """A line in the --trace output (no-op without tracing): what the gateway decided."""
+        self.link.note(text)
 
     # --- setup -------------------------------------------------------------------
-    def _server_address(self) -> int:
-        """The address as Gurux's example client builds it (connstring did the -s/-l/-n)."""
-        return self.settings.server_address
-
     def _make_client(self, public: bool = False) -> GXDLMSClient:
-        """A Gurux client set up the way Gurux's example client sets it up from the string.
+        """The Gurux client for this meter's string (``public``: client 16, no security)."""
+        return make_client(self.settings, public)
 
-        Always the secure client, as Gurux's examples use: the High family needs its
-        ciphering object even without -C (the plain client has none).
-        """
-        s = self.settings
-        ln = s.referencing == "LN"
-        itype = _INTERFACE[s.interface]
-        server = self._server_address()
-        if public:
-            client = GXDLMSSecureClient(ln, 16, server, Authentication.NONE, None, itype)
-        else:
-            password = s.password.reveal() if s.password else None
-            if isinstance(password, bytes):
-                password = bytearray(password)
-            client = GXDLMSSecureClient(
-                ln, s.client_address, server, _AUTH[s.authentication], password, itype
-            )
-            c = client.ciphering
-            c.security = _SECURITY[s.security]
-            if s.system_title is not None:
-                c.systemTitle = bytearray(s.system_title)
-            if s.authentication_key is not None:
-                c.authenticationKey = bytearray(s.authentication_key.reveal())
-            if s.block_cipher_key is not None:
-                c.blockCipherKey = bytearray(s.block_cipher_key.reveal())
-            if s.dedicated_key is not None:
-                c.dedicatedKey = bytearray(s.dedicated_key.reveal())
-            # -M is not handed to Gurux as serverSystemTitle (pre-established title): in
-            # gurux-dlms that switches every GET to general-glo-ciphering even where the
-            # meter did not negotiate general-protection, which such meters refuse; it
-            # changes nothing in the SNRM or AARQ.  -M keys the invocation counter instead.
-            if s.propose_general_protection:
-                client.proposedConformance |= Conformance.GENERAL_PROTECTION
-        client.standard = _STANDARD[s.standard]
-        client.useUtc2NormalTime = s.utc_to_normal_time
-        if s.gbt_window_size_given and ln:
-            # -W: Gurux's .NET client proposes general block transfer for LN and sets the
-            # window (the Python example's -W is a no-op through a typo in gurux-dlms)
-            client.settings.gbtWindowSize = s.gbt_window_size
-            client.proposedConformance |= Conformance.GENERAL_BLOCK_TRANSFER
-        if s.gateway is not None:
-            from gurux_dlms.GXDLMSGateway import GXDLMSGateway
-
-            gateway = GXDLMSGateway()
-            gateway.networkId = s.gateway[0]
-            gateway.physicalDeviceAddress = bytearray(s.gateway[1])
-            client.gateway = gateway
-        client.autoIncreaseInvokeID = s.auto_increase_invoke_id
-        if s.manufacturer_id:
-            client.manufacturerId = s.manufacturer_id
-        if s.interface != "WRAPPER":
-            # frames over 255 bytes are framed correctly by gurux_compat's HDLC patch
-            client.hdlcSettings.maxInfoTX = s.hdlc_frame_size
-            client.hdlcSettings.maxInfoRX = s.hdlc_frame_size
-            client.hdlcSettings.windowSizeTX = s.hdlc_window_size
-            client.hdlcSettings.windowSizeRX = s.hdlc_window_size
-        return client
-
-    def _open_media(self) -> Media:
-        s = self.settings
-        timeout = min(self.frame_timeout, self._remaining("connect"))
-        if s.serial_port is None:
-            return TcpMedia(s.host, s.port, timeout, self.trace)
-        baud = 300 if s.interface == "HdlcWithModeE" else s.baud_rate
-        media = SerialMedia(s.serial_port, baud, s.data_bits, s.parity, s.stop_bits, self.trace)
-        if s.interface == "HdlcWithModeE":
-            try:
-                media.mode_e_handshake(timeout, s.data_bits, s.parity, s.stop_bits)
-            except BaseException:
-                media.close()
-                raise
-        return media
-
-    def _remaining(self, step: str) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise MeterTimeoutError(f"timeout during {step} (request deadline reached)")
-        return left
-
-    # --- public API -----------------------------------------------------------------
+    # --- open ------------------------------------------------------------------------
     def open(self, deadline: float) -> None:
         """Connect and associate; on failure everything is released before raising."""
-        self.deadline = deadline
+        self.link.deadline = deadline
         meter_counter = None
         for attempt in (1, 2):
             try:
@@ -305,16 +158,15 @@ class MeterSession:
                     meter_counter = self._read_public_counter()
                 self.client = self._make_client()
                 if self._ciphered() and self._init_counter(meter_counter) and attempt == 1:
-                    _count_resync()  # -v: the meter's counter was above ours
-                self.media = self._open_media()
+                    count_resync()  # -v: the meter's counter was above ours
+                self.link.open(self.settings)
                 self._associate(self.client)
-                if self._counter_key is not None:
+                if self._policy is not None and self._policy.name is not None:
                     self._learn_system_title()
                 return
             except InvocationCounterError as exc:
-                self.broken = True
-                self.close()
-                self.broken = False
+                self.abandon()
+                self.link.broken = False
                 expected = getattr(exc, "expected", None)
                 if attempt == 1 and not expected and not self.settings.invocation_counter_obis:
                     # another owner (host) moved the meter's counter on: ask the meter
@@ -325,7 +177,7 @@ class MeterSession:
                 if attempt == 2 or not expected:
                     raise
                 # the meter told which counter it expects: resynchronise once, upwards only
-                _count_resync()
+                count_resync()
                 meter_counter = max(meter_counter or 0, expected - 1)
             except BaseException:
                 self.close()
@@ -335,21 +187,18 @@ class MeterSession:
         s = self.settings
         return s.security != "None" or s.authentication == "HighGMAC"
 
+    def _request(self, frames: Frames, step: str, raw: bool, results: bool = False) -> ReplyData:
+        return self.link.request(self.client, frames, step, raw, results)
+
     def _associate(self, client: GXDLMSClient) -> None:
         if client.interfaceType in (InterfaceType.HDLC, InterfaceType.HDLC_WITH_MODE_E):
             reply = self._request(client.snrmRequest(), "HDLC connection (SNRM)", raw=False)
-            self._parse("HDLC connection (SNRM)", client.parseUAResponse, reply.data)
+            parse("HDLC connection (SNRM)", client.parseUAResponse, reply.data)
             self.linked = True
         # the AARQ may carry a password in clear, maybe over several frames: mask it all
-        masking = hasattr(self.trace, "masking")
-        if masking:
-            self.trace.masking = True  # type: ignore[union-attr]
-        try:
+        with self.link.masked():
             reply = self._request(client.aarqRequest(), "association", raw=False)
-        finally:
-            if masking:
-                self.trace.masking = False  # type: ignore[union-attr]
-        self._parse("association", client.parseAareResponse, reply.data)
+        parse("association", client.parseAareResponse, reply.data)
         self.associated = True
         if client.getIsAuthenticationRequired():
             self._authenticate(client)
@@ -381,20 +230,14 @@ class MeterSession:
             f"correctly); check {check} and the client address (-c)"
         )
 
-    def _parse(self, step: str, fn, data) -> None:
-        try:
-            fn(data)
-        except MeterError:
-            raise
-        except Exception as exc:
-            raise self._translate(exc, step) from exc
-
+    # --- invocation counter (the policy is counters.CounterPolicy) --------------------
     def _read_public_counter(self, obis: Optional[str] = None) -> int:
-        """Read the invocation counter object through the public client (16)."""
-        obis = obis or self.settings.invocation_counter_obis
+        """Read the invocation counter object through the public client (16): ``obis``,
+        or -v's."""
+        obis = obis or self.settings.invocation_counter_obis or ""
         step = f"reading the invocation counter {obis}"
         self.client = self._make_client(public=True)
-        self.media = self._open_media()
+        self.link.open(self.settings)
         try:
             self._associate(self.client)
             value = axdr.decode_all(self.get_raw(1, obis, 2, step=step))
@@ -403,51 +246,36 @@ class MeterSession:
             return value
         finally:
             self.close()
-            self.broken = False
+            self.link.broken = False
 
     def _init_counter(self, meter_counter: Optional[int]) -> bool:
         """Set the next counter; True when the meter's value was above ours (a resync)."""
         s = self.settings
-        own = s.initial_invocation_counter or 1
-        next_ic = max(meter_counter + 1 if meter_counter is not None else 1, own)
-        if self.counters is not None:
-            meter_id = (
-                s.meter_system_title.hex()
-                if s.meter_system_title
-                else self.counters.alias(s.meter_key) or s.meter_key
-            )
-            self._counter_key = counter_key(meter_id, s.system_title, s.block_cipher_key.reveal())
-            own = max(own, self.counters.load(self._counter_key) + 1)
-            next_ic = max(next_ic, own)
-        self.client.ciphering.invocationCounter = next_ic  # never lowered: max of both
-        self._reserve()
-        return next_ic > own
+        if self._policy is None:
+            if s.system_title is None or s.block_cipher_key is None:
+                raise ConnectionStringError("ciphering needs -T and -B")  # connstring checks
+            key = key_bytes(s.block_cipher_key.reveal())
+            self._policy = CounterPolicy(self.counters, s.meter_key, s.system_title, bytes(key))
+        ciphering = self.client.ciphering
+        policy = self._policy
+        ciphering.invocationCounter = policy.start(
+            meter_counter, s.initial_invocation_counter, s.meter_system_title
+        )
+        if policy.name is not None:  # counters persisted: reserve before every frame
+            self.link.before_send = lambda: policy.reserve(ciphering.invocationCounter)
+        return policy.resynced
 
     def _learn_system_title(self) -> None:
         """Key the counter by the meter's system title from now on (the AARE told it)."""
         title = self.client.settings.sourceSystemTitle
-        if not title or len(title) != 8:
+        if not title or len(title) != 8 or self._policy is None:
             return
-        s = self.settings
-        new_key = counter_key(bytes(title).hex(), s.system_title, s.block_cipher_key.reveal())
-        if new_key != self._counter_key:
-            # counters already used with this meter elsewhere (another address) stay used
-            prior = self.counters.load(new_key)
-            if prior >= self.client.ciphering.invocationCounter:
-                self.client.ciphering.invocationCounter = prior + 1
-            mark = max(self._reserved, self.counters.load(self._counter_key))
-            self._reserved = self.counters.reserve(new_key, mark)
-            self._counter_key = new_key
-        self.counters.set_alias(s.meter_key, bytes(title).hex())
-        self._reserve()
+        ciphering = self.client.ciphering
+        ciphering.invocationCounter = self._policy.learn_title(
+            bytes(title), ciphering.invocationCounter
+        )
 
-    def _reserve(self) -> None:
-        if self.counters is None or self._counter_key is None:
-            return
-        nxt = self.client.ciphering.invocationCounter
-        if nxt + 4 > self._reserved:
-            self._reserved = self.counters.reserve(self._counter_key, nxt + BLOCK)
-
+    # --- reads -------------------------------------------------------------------------
     def get_raw(
         self,
         class_id: int,
@@ -462,7 +290,7 @@ class MeterSession:
         data = None
         if selector:
             data = GXByteBuffer(bytes([selector]) + (params or b""))
-        name = obis
+        name: Any = obis
         if self.settings.referencing == "SN":
             name = self._short_name(obis)
         frames = self.client._read(name, class_id, attr, data)
@@ -543,8 +371,8 @@ class MeterSession:
                 except (MeterProtocolError, ObjectError) as exc:
                     # an exception-response or a confirmed-service-error to the list
                     # request is an answer: the association stays usable
-                    if isinstance(exc.__cause__, _REFUSALS):
-                        self.broken = False
+                    if isinstance(exc.__cause__, REFUSALS):
+                        self.link.broken = False
                     raise
                 if reply.error:
                     # the whole request refused (not per item)
@@ -560,20 +388,14 @@ class MeterSession:
                     f"with {len(results)} results"
                 )
             for i, result in zip(chunk, results):
-                out[i] = (
-                    result if isinstance(result, bytes) else self._access_error(*items[i], result)
-                )
+                if isinstance(result, bytes):
+                    out[i] = result
+                else:
+                    class_id, obis, attr = items[i]
+                    out[i] = self._access_error(class_id, obis, attr, result)
         return out
 
-    def note(self, text: str) -> None:
-        """A line in the --trace output (no-op without tracing): what the gateway decided."""
-        note = getattr(self.trace, "note", None)
-        if note is not None:
-            note(text)
-
     def supports_list_reads(self) -> bool:
-        from gurux_dlms.enums import Conformance
-
         try:
             return bool(self.client.negotiatedConformance & Conformance.MULTIPLE_REFERENCES)
         except (AttributeError, TypeError):
@@ -586,7 +408,7 @@ class MeterSession:
             sn = self.class_cache.get(("sn", obis))
         if sn is None:
             raise ObjectError(f"unknown object {obis}: not in the meter's object list")
-        return sn
+        return int(sn)
 
     def load_object_list(self) -> None:
         """Read the association's object list (class and short name of every object)."""
@@ -605,12 +427,13 @@ class MeterSession:
                 self.class_cache[("sn", ln)] = obj.shortName
         self.class_cache["object list read"] = True
 
+    # --- close -------------------------------------------------------------------------
     def close(self) -> None:
         """Release the association (unless broken) and the media; never raises."""
-        media, client = self.media, self.client
+        link, client = self.link, self._client
         try:
-            if media is not None and client is not None and not self.broken:
-                self.deadline = time.monotonic() + min(self.frame_timeout, 2.0)
+            if link.media is not None and client is not None and not link.broken:
+                link.deadline = time.monotonic() + min(link.frame_timeout, 2.0)
                 if self.associated:
                     try:
                         self._request(client.releaseRequest(), "release", raw=False)
@@ -624,92 +447,4 @@ class MeterSession:
         finally:
             self.associated = False
             self.linked = False
-            self.media = None
-            if media is not None:
-                media.close()
-
-    @property
-    def alive(self) -> bool:
-        return self.associated and not self.broken and self.media is not None
-
-    # --- exchange -----------------------------------------------------------------
-    def _request(self, frames, step: str, raw: bool, results: bool = False) -> ReplyData:
-        """Send the frames, collect every block; ``results``: keep a list reply's raw results."""
-        if frames is None:
-            frames = []
-        elif isinstance(frames, (bytes, bytearray)):
-            frames = [frames]
-        reply = ReplyData()
-        reply.raw_only = raw
-        reply.raw_list = results
-        blocks = 0
-        try:
-            for frame in frames:
-                reply.clear()
-                reply.raw_only = raw
-                reply.raw_list = results
-                self._exchange(frame, reply, step)
-                while reply.isMoreData():
-                    if reply.moreData & RequestTypes.DATABLOCK:
-                        blocks += 1
-                    self._exchange(self.client.receiverReady(reply), reply, step)
-        except MeterError:
-            self.broken = True
-            raise
-        except Exception as exc:
-            self.broken = True
-            raise self._translate(exc, step) from exc
-        self.last_used = time.monotonic()
-        reply.read_blocks = blocks
-        return reply
-
-    def _exchange(self, frame, reply: ReplyData, step: str) -> None:
-        if self.media is None:
-            raise MeterConnectionError(f"no connection to the meter during {step}")
-        if self._counter_key is not None:
-            self._reserve()
-        if frame:  # empty: nothing to send, the meter streams more (GBT window)
-            self.media.send(bytes(frame))
-        buf = GXByteBuffer()
-        received = 0
-        while True:
-            try:
-                timeout = min(self.frame_timeout, self._remaining(step))
-                chunk = self.media.recv(timeout, step)
-            except MeterTimeoutError as exc:
-                if received:
-                    raise MeterProtocolError(
-                        f"the meter's answer is not a valid DLMS frame during {step} "
-                        f"({received} bytes received, no complete frame)"
-                    ) from exc
-                raise
-            received += len(chunk)
-            buf.set(chunk)
-            if self.client.getData(buf, reply, None):
-                return
-            if buf.size > MAX_REPLY_BYTES:
-                raise MeterProtocolError(f"the meter's answer is too long during {step}")
-
-    def _translate(self, exc: Exception, step: str) -> MeterError:
-        if isinstance(exc, GXDLMSExceptionResponse):
-            if exc.exceptionServiceError == ExceptionServiceError.INVOCATION_COUNTER_ERROR:
-                err = InvocationCounterError(
-                    f"invocation counter rejected by the meter during {step} "
-                    f"(the meter expects at least {exc.serviceErrorValue}); "
-                    "read the meter's counter with -v 0.0.43.1.0.255"
-                )
-                err.expected = (
-                    exc.serviceErrorValue if isinstance(exc.serviceErrorValue, int) else None
-                )
-                return err
-            return MeterProtocolError(f"the meter refused the request during {step}: {exc}")
-        if isinstance(exc, GXDLMSException):
-            parts = [p.strip().rstrip(".") for p in str(exc).splitlines() if p.strip()]
-            text = ". ".join(parts) + "." if parts else "Association rejected by the meter."
-            return AuthenticationError(text)
-        if isinstance(exc, GXDLMSConfirmedServiceError):
-            return ObjectError(f"the meter refused the request during {step}: {exc}")
-        text = str(exc)
-        if "authentication" in text.lower() or "invalid password" in text.lower():
-            return AuthenticationError(f"authentication failed during {step}")
-        return MeterProtocolError(f"the meter's answer could not be understood during {step}")
+            link.close()
