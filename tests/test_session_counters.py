@@ -90,3 +90,19 @@ def test_policy_reserves_a_block_at_a_time(tmp_path):
     assert store.load(policy.name) == first
     policy.reserve(first - 2)  # near its end: the next block
     assert store.load(policy.name) == first - 2 + BLOCK
+
+
+def test_policy_says_when_it_took_the_meters_counter(tmp_path):
+    store = CounterStore(tmp_path)
+    policy = CounterPolicy(store, "tcp:10.0.0.2:4059", CLIENT_TITLE, KEY)
+    # Given no -v read: our own counter, no resync
+    assert policy.start(None, 5, None) == 5 and not policy.resynced
+    # Given the meter's counter above -F and the stored mark (another host used the meter)
+    mark = store.load(policy.name)
+    assert policy.start(mark + 100, 5, None) == mark + 101 and policy.resynced
+    # Given the meter's counter below our stored mark: ours wins, no resync
+    assert policy.start(3, None, None) > mark + 101 and not policy.resynced
+    # Without a store: above -F only
+    bare = CounterPolicy(None, "tcp:10.0.0.2:4059", CLIENT_TITLE, KEY)
+    assert bare.start(9, 5, None) == 10 and bare.resynced
+    assert bare.start(2, 5, None) == 5 and not bare.resynced
