@@ -103,6 +103,17 @@ def test_three_daemons_600_requests_one_association_per_meter(
         lab.stop_all()
 
 
+def _partition_story(daemons: list[Any]) -> str:
+    """Who took, released and left which partition, when (to explain a failed hand-over)."""
+    lines = []
+    for i, d in enumerate(daemons):
+        for ev in d.events():
+            if str(ev.get("event", "")).startswith("partition"):
+                fields = {k: ev.get(k) for k in ("partition", "active", "share", "daemons")}
+                lines.append(f"{ev.get('timestamp')} d{i} {ev['event']} {fields}")
+    return "\n".join(sorted(lines))[-6000:]
+
+
 def test_fourth_daemon_takes_partitions_under_load(
     cluster: Cluster, tmp_path: Path, meters: tuple[Any, TcpProxy]
 ) -> None:
@@ -140,7 +151,7 @@ def test_fourth_daemon_takes_partitions_under_load(
         bad = {i: r[0].get("Error") for i, r in got.items() if r[0]["Status"] != "ok"}
         assert not bad, bad
         # the newcomer was given partitions and read some of the requests
-        assert fourth.events("partition_taken"), fourth.output(20)[-3000:]
+        assert fourth.events("partition_taken"), _partition_story(lab.daemons)
         assert fourth.events("request")
         col.stop()
     finally:
