@@ -86,3 +86,58 @@ def test_gbt_meter_window_1_with_streaming_bit(small_pdu, interface, window):
     with running_simulator(1, "--gbt-ack-each", interface=interface) as sim:
         reply = _read_profile(sim, interface, window)
     _check(reply)
+
+
+# --- the acknowledgement rule, block by block (pure logic, bytes in, bytes out) ---------
+def _wrap(apdu: bytes) -> bytes:
+    return bytes((0, 1, 0, 1, 0, 16)) + len(apdu).to_bytes(2, "big") + apdu
+
+
+def _block(bc: int, bn: int, bna: int, data: bytes = bytes(20)) -> bytes:
+    return _wrap(
+        bytes((0xE0, bc))
+        + bn.to_bytes(2, "big")
+        + bna.to_bytes(2, "big")
+        + bytes((len(data),))
+        + data
+    )
+
+
+def _ack_fields(frame: bytes) -> tuple[int, int, int]:
+    """(block control, block number, block number acknowledged) of the client's GBT ack."""
+    apdu = bytes(frame)[8:]
+    assert apdu[0] == 0xE0
+    return apdu[1], int.from_bytes(apdu[2:4], "big"), int.from_bytes(apdu[4:6], "big")
+
+
+def test_gbt_ack_rule_window_lost_block_and_stall():
+    from gurux_dlms import GXByteBuffer, GXDLMSClient
+    from gurux_dlms.enums import InterfaceType
+
+    from dlms2amqp.meter.gurux_compat import ReplyData, gbt_stalled
+
+    c = GXDLMSClient(True, 16, 1, interfaceType=InterfaceType.WRAPPER)
+    c.settings.gbtWindowSize = 3
+    reply = ReplyData()
+
+    def feed(frame: bytes) -> bytes:
+        assert c.getData(GXByteBuffer(frame), reply, None)
+        return bytes(c.receiverReady(reply))
+
+    # block 1 alone (no streaming bit): acknowledged at once, with the client's window 3
+    assert _ack_fields(feed(_block(0x01, 1, 0))) == (0x83, 1, 1)
+    # a streamed window 2, 3, 4: nothing sent until its last block (no streaming bit)
+    assert feed(_block(0x41, 2, 1)) == b""
+    assert feed(_block(0x41, 3, 1)) == b""
+    assert _ack_fields(feed(_block(0x01, 4, 1))) == (0x83, 2, 4)
+    # the next window loses block 6: block 7 is dropped, not answered; when the meter goes
+    # quiet the ack names block 5 (the last in order), so the meter sends 6 again
+    assert feed(_block(0x41, 5, 2)) == b""
+    assert feed(_block(0x01, 7, 2)) == b""
+    bc, bn, bna = _ack_fields(gbt_stalled(c.settings))
+    assert (bn, bna) == (3, 5)
+    # a meter seen stalling is offered its own announced window (1) and acked per block
+    assert bc == 0x81
+    assert _ack_fields(feed(_block(0x41, 6, 3))) == (0x81, 4, 6)
+    # a repeat of a block already received is dropped
+    assert feed(_block(0x41, 6, 3)) == b""
