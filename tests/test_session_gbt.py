@@ -141,3 +141,24 @@ def test_gbt_ack_rule_window_lost_block_and_stall():
     assert _ack_fields(feed(_block(0x41, 6, 3))) == (0x81, 4, 6)
     # a repeat of a block already received is dropped
     assert feed(_block(0x41, 6, 3)) == b""
+
+
+def test_gbt_meter_looping_on_a_block_is_a_clear_error():
+    # Gurux's Java meter, asked for a window over 1, sends its block 1 again and again
+    # without being asked: the reply is given up with a field-engineer message
+    from gurux_dlms import GXByteBuffer, GXDLMSClient
+    from gurux_dlms.enums import InterfaceType
+
+    from dlms2amqp.errors import MeterProtocolError
+    from dlms2amqp.meter.gurux_compat import GBT_MAX_REPEATS, ReplyData
+
+    c = GXDLMSClient(True, 16, 1, interfaceType=InterfaceType.WRAPPER)
+    c.settings.gbtWindowSize = 5
+    reply = ReplyData()
+    for frame in (_block(0x01, 1, 0), _block(0x41, 2, 1)):
+        assert c.getData(GXByteBuffer(frame), reply, None)
+    for _ in range(GBT_MAX_REPEATS):
+        assert c.getData(GXByteBuffer(_block(0x01, 1, 0, bytes(4))), reply, None)
+        assert bytes(c.receiverReady(reply)) == b""  # dropped, not answered
+    with pytest.raises(MeterProtocolError, match="-W 1"):
+        c.getData(GXByteBuffer(_block(0x01, 1, 0, bytes(4))), reply, None)

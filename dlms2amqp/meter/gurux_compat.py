@@ -58,6 +58,8 @@ from gurux_dlms.GXReplyData import GXReplyData
 from gurux_dlms.internal._GXCommon import _GXCommon
 from gurux_dlms.SingleReadResponse import SingleReadResponse
 
+from ..errors import MeterProtocolError
+
 #: the gurux-dlms release these patches were written against (setup.cfg pins it)
 GURUX_DLMS_VERSION = "1.0.203"
 
@@ -267,10 +269,14 @@ if not getattr(GXDLMS, "_dlms2amqp_lists", False):
 # answered, so the next acknowledgement asks for the missing block again.
 
 
+#: GBT blocks out of order in a row before the reply is given up (a meter in a loop)
+GBT_MAX_REPEATS = 32
+
+
 class _GbtWindow:
     """The client's view of the GBT reply being received (kept on the settings)."""
 
-    __slots__ = ("last", "got", "announced", "stalls", "dropped")
+    __slots__ = ("last", "got", "announced", "stalls", "dropped", "repeats")
 
     def __init__(self) -> None:
         self.last = 0  # last block number received in order
@@ -278,6 +284,7 @@ class _GbtWindow:
         self.announced = 1  # window in the meter's last block control
         self.stalls = False  # the meter was seen waiting in the middle of a window
         self.dropped = False  # the last block was out of order or a repeat
+        self.repeats = 0  # blocks dropped in a row
 
 
 def _gbt_state(settings) -> _GbtWindow:
@@ -308,11 +315,19 @@ def _handle_gbt(cls, settings, data):
         buf.size = pos - 1
         data.command = Command.NONE
         st.dropped = True
+        st.repeats += 1
+        if st.repeats > GBT_MAX_REPEATS:
+            raise MeterProtocolError(
+                f"the meter keeps sending general block transfer block {bn} while block "
+                f"{st.last + 1} is due (Gurux's Java meter does so with -W over 1): "
+                "read it with -W 1, or without -W"
+            )
         return None
     data.blockNumber = 0
     result = _orig_handle_gbt(cls, settings, data)
     st.dropped = data.blockNumber != bn  # Gurux dropped it (acknowledges an old block)
     if not st.dropped and getattr(data, "complete", True):
+        st.repeats = 0
         st.last = bn
         st.got += 1
     return result
