@@ -175,7 +175,9 @@ class Sim:
 
 
 def start_simulator(args: argparse.Namespace, tmp: Path, count: int, latency_ms: int = 0) -> Sim:
-    first = free_port_range(count)
+    # 10,000 consecutive ports do not fit 20000..31000 beside RabbitMQ's distribution port
+    # 25672: search everything below the ephemeral range (as sim_bench does)
+    first = free_port_range(count, low=1025, high=32000)
     argv = shlex.split(args.sim_cmd) + ["-p", str(first), "-N", str(count)]
     argv += ["-i", "HDLC" if args.hdlc else "WRAPPER", "-t", "Error"]
     # 0 = auto: a pooling daemon holds one connection per meter besides its listening

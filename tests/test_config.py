@@ -134,3 +134,19 @@ def test_tls_defaults_to_amqps_port(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, '{"Tls": true}')).Port == 5671
     assert load_config(write(tmp_path, '{"Tls": true, "Port": 15671}')).Port == 15671
     assert load_config(write(tmp_path, "{}")).Port == 5672
+
+
+def test_sample_config_sets_every_key_to_its_default() -> None:
+    """etc/dlms2amqp.json documents every key once, with its real default.
+
+    Only the paths of the systemd unit (DebugFile, StateDir) and Workers (whose default
+    is the number of cores) may differ, as the file's header says.
+    """
+    import orjson
+
+    sample = ROOT / "etc" / "dlms2amqp.json"
+    raw = orjson.loads(strip_comments(sample.read_text()))
+    assert sorted(raw) == sorted(k.name for k in KEYS)
+    load_config(sample)  # validates every value
+    differ = {k.name for k in KEYS if raw[k.name] != k.default}
+    assert differ <= {"DebugFile", "StateDir", "Workers"}, differ

@@ -13,7 +13,8 @@ import orjson
 import pytest
 
 from dlms2amqp.meter.connstring import parse_connection_string
-from dlms2amqp.meter.reader import FrameTracer, ReaderOptions, _array_count, execute
+from dlms2amqp.meter.reader import ReaderOptions, _array_count, execute
+from dlms2amqp.meter.trace import FrameTracer
 from dlms2amqp.request import parse_request
 from tests.helpers_sim import running_simulator
 

@@ -128,6 +128,8 @@ def test_broker_unreachable_is_reported_without_password(tmp_path: Path, broker:
         err = res.stderr.decode()
         assert res.returncode == 69, err
         assert "Cannot connect to broker amqp://guest@127.0.0.1" in err
+        assert "connection refused: nothing listens there; check HostName and Port" in err
+        assert "Error" not in err  # no exception class name (AMQPConnectorSocketConnectError)
         assert "BrokerCanary42" not in err + res.stdout.decode()
         assert "Traceback" not in err
 
@@ -186,3 +188,28 @@ def test_dump_follow_prints_new_replies_until_interrupted(
     # And it closed its connection: no consumer left, the printed reply was acked
     assert broker.consumers(cfg["OutQueue"]) == 0
     assert broker.count(cfg["OutQueue"]) == 0
+
+
+def test_broker_errors_in_words_not_exception_names() -> None:
+    """An unresolvable name and a refused port say what to check, not pika's class names."""
+    import socket
+
+    import pika.exceptions as pex
+    from pika.adapters.utils.connection_workflow import AMQPConnectorSocketConnectError
+
+    from dlms2amqp.config import build_config
+    from dlms2amqp.daemon.amqp import broker_error
+
+    cfg = build_config({"HostName": "meters-broker.invalid", "Password": "BrokerCanary42"})
+    dns = broker_error(cfg, socket.gaierror(-2, "Name or service not known")).message
+    assert dns == (
+        "Cannot connect to broker amqp://guest@meters-broker.invalid:5672/: host name "
+        "meters-broker.invalid does not resolve (Name or service not known); check HostName"
+    )
+    wrapped = pex.AMQPConnectionError(
+        AMQPConnectorSocketConnectError(ConnectionRefusedError(111, "Connection refused"))
+    )
+    refused = broker_error(cfg, wrapped).message
+    assert refused.endswith("connection refused: nothing listens there; check HostName and Port")
+    for text in (dns, refused):
+        assert "Error" not in text and "BrokerCanary42" not in text

@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer read-write-denied for an unknown object or a wrong class",
     )  # fmt: skip
     p.add_argument(
+        "--gbt-ack-each", action="store_true",
+        help="general block transfer as Gurux's Java meter: streaming bit and window 1 "
+        "in every block but the last, one block per acknowledgement",
+    )  # fmt: skip
+    p.add_argument(
         "-r",
         "--referencing",
         type=str.upper,
@@ -223,6 +228,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         hdlc_limits=(args.hdlc_window, args.hdlc_max_info),
         trailing_bytes=args.trailing_bytes,
         deny_wrong_class=args.deny_wrong_class,
+        gbt_ack_each=args.gbt_ack_each,
     )
     opts.sn_blocks = args.sn_blocks
     try:

@@ -11,6 +11,7 @@ here, with messages that name the broker and never the password.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from typing import Any, Generic, Optional, TypeVar
 
@@ -95,8 +96,27 @@ def broker_error(cfg: Config, e: BaseException) -> BrokerError:
         inner = e.args[0] if e.args else e
         if isinstance(inner, BaseException) and "CERTIFICATE" in str(inner).upper():
             return BrokerError(f"TLS certificate of broker {where} not accepted: {inner}")
-        return BrokerError(f"Cannot connect to broker {where}: {type(inner).__name__} {inner}")
+        # pika wraps the socket error of a bring-up phase (AMQPConnectorSocketConnectError,
+        # whose str is empty) in its .exception
+        cause = getattr(inner, "exception", inner)
+        return BrokerError(f"Cannot connect to broker {where}: {_socket_reason(cfg, cause)}")
+    if isinstance(e, OSError):
+        return BrokerError(f"Cannot connect to broker {where}: {_socket_reason(cfg, e)}")
     return BrokerError(f"Broker {where}: {type(e).__name__} {e}")
+
+
+def _socket_reason(cfg: Config, e: object) -> str:
+    """Why a connection to the broker failed, in words (no exception class names)."""
+    if isinstance(e, socket.gaierror):
+        return f"host name {cfg.HostName} does not resolve ({e.strerror}); check HostName"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused: nothing listens there; check HostName and Port"
+    if isinstance(e, (TimeoutError, socket.timeout)):
+        return "no answer (timeout); check HostName, Port and the network"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    return text if text else type(e).__name__
 
 
 def connect(

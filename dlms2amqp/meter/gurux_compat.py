@@ -32,7 +32,9 @@ another version fails loudly here instead of misbehaving somewhere else.
   plain by Gurux and ciphered here, as Gurux's LN path does.
 - general block transfer (client): the acknowledgement of a GBT block referred to
   a settings attribute that does not exist; it is built as Gurux's .NET client
-  builds it, and nothing is sent while the meter streams a window.
+  builds it, sent at a block without the streaming bit or when the window is full
+  (also when a meter that streams one block per window goes quiet, as Gurux's Java
+  meter does); out-of-order blocks are dropped and asked for again.
 - HDLC receive window over 1: Gurux's client acknowledges one frame per RR and
   drops the middle frames of a window; with a negotiated window over 1 the receive
   sequence is kept here (window 1 is left to Gurux).
@@ -55,6 +57,8 @@ from gurux_dlms.GXDLMSSNParameters import GXDLMSSNParameters
 from gurux_dlms.GXReplyData import GXReplyData
 from gurux_dlms.internal._GXCommon import _GXCommon
 from gurux_dlms.SingleReadResponse import SingleReadResponse
+
+from ..errors import MeterProtocolError
 
 #: the gurux-dlms release these patches were written against (setup.cfg pins it)
 GURUX_DLMS_VERSION = "1.0.203"
@@ -252,25 +256,123 @@ if not getattr(GXDLMS, "_dlms2amqp_lists", False):
 # ``GXDLMS.receiverReady`` acknowledges a GBT block with ``settings.blockNumber``, which
 # GXDLMSSettings does not have (AttributeError on the first block of every GBT reply).
 # Gurux's .NET client acknowledges with its own next block number (``settings.blockIndex``,
-# stepped by getLnMessages) and the block received, with the client's GBT window.  While
-# the meter streams a window (streaming bit set on every block but the window's last) the
-# client must not answer: an empty request means "keep reading".
+# stepped by getLnMessages) and the block received, with the client's GBT window.
+#
+# When to acknowledge (IEC 62056-5-3 as Gurux's meters behave): at a block without the
+# streaming bit, or when the blocks received in this window reach the client's window.
+# Gurux's Java meter sets the streaming bit on every block yet sends one block per
+# acknowledgement (its block control announces window 1): waiting for more hung.  A
+# meter that stops mid-window is learnt once per session (``gbt_stalled``, called by
+# the link when a streamed window goes quiet) and from then on the smaller of the two
+# windows closes a window.  The acknowledgement names the last block received in order;
+# a block out of order (lost one before it) or already received is dropped and not
+# answered, so the next acknowledgement asks for the missing block again.
+
+
+#: GBT blocks out of order in a row before the reply is given up (a meter in a loop)
+GBT_MAX_REPEATS = 32
+
+
+class _GbtWindow:
+    """The client's view of the GBT reply being received (kept on the settings)."""
+
+    __slots__ = ("last", "got", "announced", "stalls", "dropped", "repeats")
+
+    def __init__(self) -> None:
+        self.last = 0  # last block number received in order
+        self.got = 0  # blocks received in order in the current window
+        self.announced = 1  # window in the meter's last block control
+        self.stalls = False  # the meter was seen waiting in the middle of a window
+        self.dropped = False  # the last block was out of order or a repeat
+        self.repeats = 0  # blocks dropped in a row
+
+
+def _gbt_state(settings) -> _GbtWindow:
+    st = getattr(settings, "_dlms2amqp_gbt", None)
+    if st is None:
+        st = settings._dlms2amqp_gbt = _GbtWindow()
+    return st
+
+
+_orig_handle_gbt = GXDLMS.handleGbt.__func__
+
+
+def _handle_gbt(cls, settings, data):
+    buf = data.data
+    pos = buf.position
+    if data.xml or buf.size - pos < 5:
+        return _orig_handle_gbt(cls, settings, data)
+    raw = buf.array() if hasattr(buf, "array") else buf._data
+    bc = raw[pos]
+    bn = int.from_bytes(bytes(raw[pos + 1 : pos + 3]), "big")
+    st = _gbt_state(settings)
+    if bn == 1 and not data.moreData & RequestTypes.GBT:
+        st.last, st.got = 0, 0  # a new reply (a block 1 inside a reply is a repeat)
+    st.announced = (bc & 0x3F) or 1
+    if bn != st.last + 1:
+        # out of order or a repeat: drop it as Gurux drops a repeat (keep what came before)
+        data.streaming = (bc & 0x40) != 0
+        buf.size = pos - 1
+        data.command = Command.NONE
+        st.dropped = True
+        st.repeats += 1
+        if st.repeats > GBT_MAX_REPEATS:
+            raise MeterProtocolError(
+                f"the meter keeps sending general block transfer block {bn} while block "
+                f"{st.last + 1} is due (Gurux's Java meter does so with -W over 1): "
+                "read it with -W 1, or without -W"
+            )
+        return None
+    data.blockNumber = 0
+    result = _orig_handle_gbt(cls, settings, data)
+    st.dropped = data.blockNumber != bn  # Gurux dropped it (acknowledges an old block)
+    if not st.dropped and getattr(data, "complete", True):
+        st.repeats = 0
+        st.last = bn
+        st.got += 1
+    return result
+
+
+def _window(settings, st: _GbtWindow) -> int:
+    """Blocks in a window: the client's, or the smaller one of a meter that stalls."""
+    window = max(1, settings.gbtWindowSize)
+    return min(window, st.announced) if st.stalls else window
+
+
+def gbt_stalled(settings) -> bytes:
+    """The meter went quiet inside a streamed window: acknowledge now, and learn it."""
+    st = _gbt_state(settings)
+    st.stalls = True
+    return _gbt_ack(settings, st)
+
+
+def _gbt_ack(settings, st: _GbtWindow) -> bytes:
+    p = GXDLMSLNParameters(settings, 0, Command.GENERAL_BLOCK_TRANSFER, 0, None, None, 0xFF)
+    # a meter seen stopping mid-window is offered its own window (Gurux's Java meter
+    # streams as many blocks as the client's window, then sends a broken block)
+    p.gbtWindowSize = _window(settings, st)
+    p.blockNumberAck = st.last
+    st.got = 0
+    return GXDLMS.getLnMessages(p)[0]
+
+
 _orig_receiver_ready = GXDLMS.receiverReady.__func__
 
 
 def _receiver_ready(cls, settings, reply):
     if isinstance(reply, GXReplyData) and reply.moreData == RequestTypes.GBT:
-        if reply.streaming:
-            return b""
-        p = GXDLMSLNParameters(settings, 0, Command.GENERAL_BLOCK_TRANSFER, 0, None, None, 0xFF)
-        p.gbtWindowSize = settings.gbtWindowSize
-        p.blockNumberAck = reply.blockNumber
-        return GXDLMS.getLnMessages(p)[0]
+        st = _gbt_state(settings)
+        if st.dropped:
+            return b""  # not answered: the window's end (or its silence) asks again
+        if reply.streaming and st.got < _window(settings, st):
+            return b""  # empty request: keep reading, the meter streams this window
+        return _gbt_ack(settings, st)
     return _orig_receiver_ready(cls, settings, reply)
 
 
 if not getattr(GXDLMS, "_dlms2amqp_gbt_ack", False):
     GXDLMS.receiverReady = classmethod(_receiver_ready)
+    GXDLMS.handleGbt = classmethod(_handle_gbt)
     GXDLMS._dlms2amqp_gbt_ack = True
 
 

@@ -34,10 +34,13 @@ from ..errors import (
     ObjectError,
 )
 from .connstring import ConnSettings
-from .gurux_compat import ReplyData  # (patches Gurux on import)
+from .gurux_compat import ReplyData, gbt_stalled  # (patches Gurux on import)
 from .media import Media, SerialMedia, TcpMedia, Trace
 
 MAX_REPLY_BYTES = 8 * 1024 * 1024
+#: seconds of silence inside a streamed GBT window after which the client acknowledges:
+#: the meter waits for it (Gurux's Java meter streams one block per acknowledgement)
+GBT_STALL = 1.0
 #: Gurux exceptions that mean "the meter answered no" (the association is fine)
 REFUSALS = (GXDLMSExceptionResponse, GXDLMSConfirmedServiceError)
 #: what Gurux hands out as a request: one frame, a list of frames, or nothing to send
@@ -164,11 +167,19 @@ class Link:
             media.send(bytes(frame))
         buf = GXByteBuffer()
         received = 0
+        streamed = not frame and bool(reply.moreData & RequestTypes.GBT)
         while True:
             try:
                 timeout = min(self.frame_timeout, self.remaining(step))
+                if streamed and not received:
+                    timeout = min(timeout, GBT_STALL)
                 chunk = media.recv(timeout, step)
             except MeterTimeoutError as exc:
+                if streamed and not received and self.remaining(step) > 0:
+                    # a GBT window went quiet: the meter waits for our acknowledgement
+                    streamed = False
+                    media.send(bytes(gbt_stalled(client.settings)))
+                    continue
                 if received:
                     raise MeterProtocolError(
                         f"the meter's answer is not a valid DLMS frame during {step} "

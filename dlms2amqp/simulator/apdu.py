@@ -159,6 +159,9 @@ class SimOptions:
     trailing_bytes: int = 0
     #: answer read-write-denied (3) for an unknown object or a wrong class
     deny_wrong_class: bool = False
+    #: GBT as Gurux's Java meter sends it: every block but the last with the streaming
+    #: bit and window 1 (0x41), one block per client acknowledgement
+    gbt_ack_each: bool = False
 
     #: SN READ blocks: "list" (the encoded result list) or "data" (the bare Data), see sn.py
     sn_blocks: str = "list"
@@ -720,6 +723,8 @@ class Session:
         chunk = self.gbt[self.gbt_sent]
         self.gbt_sent += 1
         last = self.gbt_sent == len(self.gbt)
+        if self.opts.gbt_ack_each:
+            streaming = not last and self.gbt_sent > 1  # 0x41 after block 1 (Java meter)
         bc = 0x80 if last else (0x40 if streaming else 0)
         bc |= 1  # the window the meter would accept from the client
         out = (
@@ -751,7 +756,7 @@ class Session:
             self.gbt = []
             return b"\xd8\x01\x01"
         self.gbt_sent = acked  # resend what the client did not confirm
-        if self.opts.interface != "WRAPPER":
+        if self.opts.interface != "WRAPPER" or self.opts.gbt_ack_each:
             window = 1  # HDLC carries one APDU per turn: no streaming
         return self._gbt_window(min(window, MAX_GBT_WINDOW))
 
