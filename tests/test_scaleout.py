@@ -103,61 +103,6 @@ def test_three_daemons_600_requests_one_association_per_meter(
         lab.stop_all()
 
 
-def _partition_story(daemons: list[Any]) -> str:
-    """Who took, released and left which partition, when (to explain a failed hand-over)."""
-    lines = []
-    for i, d in enumerate(daemons):
-        for ev in d.events():
-            if str(ev.get("event", "")).startswith("partition"):
-                fields = {k: ev.get(k) for k in ("partition", "active", "share", "daemons")}
-                lines.append(f"{ev.get('timestamp')} d{i} {ev['event']} {fields}")
-    return "\n".join(sorted(lines))[-6000:]
-
-
-def test_fourth_daemon_takes_partitions_under_load(
-    cluster: Cluster, tmp_path: Path, meters: tuple[Any, TcpProxy]
-) -> None:
-    sim, proxy = meters
-    # 4 partitions: 20 meters leave none of them empty (an empty partition does not count
-    # as served, so with 12 the newcomer could find the others exactly at their share)
-    lab = ScaleLab(cluster, tmp_path, proxy, partitions=4)
-    try:
-        for _ in range(3):
-            lab.start_daemon()
-        lab.wait_subscribed(3)
-        col = lab.collector()
-        assert col.ready.wait(30)
-        reqs = _requests(lab, sim, 600, "four")
-        ids = {m for m, _ in reqs}
-        lab.publish(reqs)
-        deadline = time.monotonic() + 60
-        while len(col.snapshot()) < 100 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        fourth = lab.start_daemon()
-        # keep the load on until the newcomer has been handed a partition
-        deadline, batch = time.monotonic() + 60, 0
-        while not fourth.events("partition_taken") and time.monotonic() < deadline:
-            more = _requests(lab, sim, 40, f"four{batch}")
-            batch += 1
-            ids |= {m for m, _ in more}
-            lab.publish(more)
-            time.sleep(1.0)
-        more = _requests(lab, sim, 80, "four-after")  # and some after it took over
-        ids |= {m for m, _ in more}
-        lab.publish(more)
-        assert col.wait_ids(ids, timeout=180), col.error
-        got = _check_outcome(lab, col, ids, proxy)
-        got.pop("_div")
-        bad = {i: r[0].get("Error") for i, r in got.items() if r[0]["Status"] != "ok"}
-        assert not bad, bad
-        # the newcomer was given partitions and read some of the requests
-        assert fourth.events("partition_taken"), _partition_story(lab.daemons)
-        assert fourth.events("request")
-        col.stop()
-    finally:
-        lab.stop_all()
-
-
 @pytest.mark.faults
 def test_daemon_killed_and_broker_node_stopped_under_load(
     cluster: Cluster, tmp_path: Path, meters: tuple[Any, TcpProxy]
