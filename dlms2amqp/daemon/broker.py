@@ -21,6 +21,11 @@ the back-off starts again at 0.5 s only after the connection has served for
 refuses) is retried ever more slowly; a channel closed for a message over the broker's
 ``max_message_size`` teaches the daemon that limit; a queue a reply came back unroutable
 from can be declared again (``declare_again``).
+
+Over 500 lines because the channel's life is one state machine (connect, declare, confirm,
+consume, cancel, close, reconnect) whose callbacks share one generation counter; split
+across modules, each callback would need the others' state.  Scale-out's part of it lives
+in ``partitions``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,11 @@ result wakes the loop at once, and publisher confirms are pipelined (a blocking 
 that waits for its own confirm managed ~580 replies/s here).  The only other threads
 are one sender per worker (see ``workers``).  Signal handlers only queue the signal; the
 tick handles it (gunicorn style).
+
+Over 500 lines because the reply path (store, size check, parts, publish, ack, dead-letter
+the request when a reply cannot be routed) and the stop sequence share the job table;
+the pure decisions are already out (``intake``, ``replysize``), next to move out is the
+reply path (with the commands beyond READ).
 """
 
 from __future__ import annotations
