@@ -132,6 +132,11 @@ def queue_arguments(cfg: Config) -> dict[str, Any]:
     """InQueue arguments: none for classic (the seed's queues), poison-safe for quorum."""
     if cfg.QueueType != "quorum":
         return {}
+    return quorum_arguments(cfg)
+
+
+def quorum_arguments(cfg: Config) -> dict[str, Any]:
+    """A replicated request queue: x-delivery-limit and at-least-once dead-lettering."""
     return {
         "x-queue-type": "quorum",
         "x-delivery-limit": cfg.DeliveryLimit,

@@ -93,14 +93,7 @@ def partition_queues(cfg: Config) -> list[str]:
 
 def partition_arguments(cfg: Config) -> dict[str, Any]:
     """Quorum (replicated, x-delivery-limit, safe dead-lettering), single active consumer."""
-    return {
-        "x-queue-type": "quorum",
-        "x-single-active-consumer": True,
-        "x-delivery-limit": cfg.DeliveryLimit,
-        "x-dead-letter-exchange": cfg.dead_letter_exchange,
-        "x-dead-letter-strategy": "at-least-once",
-        "x-overflow": "reject-publish",
-    }
+    return {**amqp.quorum_arguments(cfg), "x-single-active-consumer": True}
 
 
 # --- serial ports: one host each ------------------------------------------------------------
