@@ -30,6 +30,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from dlms2amqp.simulator.cosem import MECH_HIGH, MECH_HIGH_MD5, MECH_HIGH_SHA1, MECH_HIGH_SHA256
+
 __all__ = [
     "DecryptError",
     "SC_AUTHENTICATION",
@@ -239,12 +241,7 @@ def _ctr(block_key: bytes, iv: bytes, data: bytes) -> bytes:
     return enc.update(bytes(data)) + enc.finalize()
 
 
-# --- HLS pass 3/4 for mechanisms 2, 3, 4 and 6 ----------------------------------------
-MECH_HIGH = 2
-MECH_HIGH_MD5 = 3
-MECH_HIGH_SHA1 = 4
-MECH_HIGH_GMAC = 5
-MECH_HIGH_SHA256 = 6
+# --- HLS pass 3/4 for mechanisms 2, 3, 4 and 6 (numbers: cosem.MECH_*) ----------------
 
 
 def _aes_ecb(key: bytes, data: bytes) -> bytes:
