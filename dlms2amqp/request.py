@@ -29,6 +29,8 @@ MAX_FIELD_CHARS = {
 
 #: dates a request may give: after every meter's epoch, and far enough from datetime's
 #: limits that a day or an offset more or less cannot overflow
+#: the optional request field asking for a reply over MaxReplyBytes in numbered parts
+SPLIT_FIELD = "SplitReply"
 DATE_MIN = datetime(1970, 1, 1, tzinfo=timezone.utc)
 DATE_MAX = datetime(9999, 12, 30, 23, 59, 59, tzinfo=timezone.utc)
 
@@ -148,9 +150,9 @@ def request_from(data: dict) -> ReadRequest:
         naive = naive or was_naive
         dates.append(value)
     dt_from, dt_to = dates
-    split = data.get("SplitReply")
+    split = data.get(SPLIT_FIELD)
     if split is not None and not isinstance(split, bool):
-        raise RequestError("request field SplitReply must be true or false")
+        raise RequestError(f"request field {SPLIT_FIELD} must be true or false")
     if dt_from is not None and dt_to is not None and dt_from > dt_to:
         raise RequestError("dtFrom is later than dtTo")
     return ReadRequest(

@@ -34,8 +34,7 @@ import orjson
 from .. import reply as replymod
 from ..errors import GatewayError
 from ..meter.connstring import ConnSettings, parse_connection_string
-from ..request import ReadRequest, msg_id_of, request_from
-from .replysize import SPLIT_FIELD
+from ..request import SPLIT_FIELD, ReadRequest, msg_id_of, request_from
 
 
 class Replies(Protocol):

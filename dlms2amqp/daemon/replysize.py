@@ -26,9 +26,9 @@ from typing import Any
 import orjson
 
 from .. import reply as replymod
+from ..request import SPLIT_FIELD
 
 #: name of the optional request field asking for a split reply
-SPLIT_FIELD = "SplitReply"
 _NS = uuid.UUID("6f1f3b1e-8f5d-4d6e-9a55-2d1a6c0e5b11")  # our namespace for derived MsgIDs
 
 
