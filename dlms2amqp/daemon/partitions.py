@@ -5,16 +5,18 @@ With ``Partitions`` N > 0 the daemon declares a consistent-hash exchange
 ``<InQueue>.partitions`` and N durable quorum queues ``<InQueue>.p<i>`` bound to it, each
 with ``x-single-active-consumer``: the broker delivers a partition to one consumer at a
 time, whichever daemon subscribed first, and hands it to the next subscriber when that
-daemon's channel goes away.  A request's routing key is its normalised meter key, so one
-meter always lands in one partition, hence in one daemon, whose master sends it always to
-one worker, which runs one session per meter at a time.
+daemon's channel goes away.  A request's routing key is its meter key with a host name
+resolved, so one meter always lands in one partition, hence in one daemon, whose master
+sends it always to one worker, which runs one session per meter at a time.
 
 The pieces here, called from small hooks in ``broker`` and ``master``:
 
 - ``topology``/``describe``: what is declared (also shown by ``--check-config``);
-- ``routing_key``/``route_of``: the partition key of a request (``dlms2amqp-send`` too);
+- ``key_of``/``route_of``/``routing_key``: the partition key of a request, the meter key
+  its worker will use (a host name keyed by its resolved address);
 - ``Mover``: a delivery from InQueue is published to the exchange with a confirm, then
-  acked (at-least-once; the reply store absorbs a duplicate);
+  acked (at-least-once; the reply store absorbs a duplicate); a host name is resolved
+  (the master's resolver, off the loop) before the publish;
 - ``Balancer``: single-active-consumer never moves a partition from a living consumer,
   so a daemon that holds more than its share (N / consumers, rounded up) gives partitions
   away one at a time: it stops starting jobs from it, waits for its jobs in flight, closes
@@ -234,7 +236,8 @@ def describe(cfg: Config) -> dict[str, Any]:
             "name": exchange_name(cfg),
             "type": EXCHANGE_TYPE,
             "plugin": PLUGIN + " (enable it on every broker node)",
-            "routing_key": "normalised meter key, e.g. tcp:10.0.0.5:4059 or serial:/dev/ttyUSB0",
+            "routing_key": "meter key, host names resolved first, e.g. tcp:10.0.0.5:4059 "
+            "or serial:/dev/ttyUSB0",
         }
         out["PresenceQueue"] = {
             "name": presence_queue(cfg),
