@@ -146,12 +146,20 @@ class ScaleLab:
     def meter_port(self, sim_port: int) -> int:
         return self.proxy.port_of[sim_port] if self.proxy is not None else sim_port
 
-    def request(self, msg_id: str, sim_port: int, conn: str, obis: str = "1.0.1.8.0.255") -> bytes:
+    def request(
+        self,
+        msg_id: str,
+        sim_port: int,
+        conn: str,
+        obis: str = "1.0.1.8.0.255",
+        host: str = "127.0.0.1",
+    ) -> bytes:
+        """A READ of the meter behind ``sim_port`` (``host``: how -h spells the proxy)."""
         body = {
             "MsgID": msg_id,
             "Cmd": "READ",
             "ObisCode": obis,
-            "ConnectionString": f"-h 127.0.0.1 -p {self.meter_port(sim_port)} {conn}",
+            "ConnectionString": f"-h {host} -p {self.meter_port(sim_port)} {conn}",
         }
         return json.dumps(body).encode()
 

@@ -103,6 +103,46 @@ def test_three_daemons_600_requests_one_association_per_meter(
         lab.stop_all()
 
 
+def test_one_meter_spelt_localhost_and_127_0_0_1_gets_one_association(
+    cluster: Cluster, tmp_path: Path, meters: tuple[Any, TcpProxy]
+) -> None:
+    """Requests for one meter as ``-h localhost`` and ``-h 127.0.0.1``, interleaved: the
+    daemons route them by the resolved address, so one partition (one daemon) serves the
+    meter and the proxy never sees two associations to it.  Routed by the name as given,
+    the two spellings of a meter land in two partitions, mostly of two daemons, whose
+    pooled sessions overlap."""
+    sim, proxy = meters
+    lab = ScaleLab(cluster, tmp_path, proxy, partitions=12)
+    try:
+        daemons = [lab.start_daemon() for _ in range(3)]
+        lab.wait_subscribed(3)
+        col = lab.collector()
+        assert col.ready.wait(30)
+        reqs = []
+        for k in range(160):  # 8 per meter, the spelling alternating per meter
+            m = k % 20
+            host = ("localhost", "127.0.0.1")[(k // 20 + m) % 2]
+            mid = f"spell-{k}-{host}"
+            reqs.append((mid, lab.request(mid, sim.port + m, GMAC if m < 10 else LOW, host=host)))
+        ids = {m for m, _ in reqs}
+        lab.publish(reqs)
+        assert col.wait_ids(ids, timeout=180), col.error
+        got = _check_outcome(lab, col, ids, proxy)  # asserts one association per meter
+        got.pop("_div")
+        bad = {i: r[0].get("Error") for i, r in got.items() if r[0]["Status"] != "ok"}
+        assert not bad, bad
+        assert all(proxy.stats[sim.port + m].max_open == 1 for m in range(20)), proxy.stats
+        # both spellings were read, as given (the endpoint is -h as the request spelt it)
+        endpoints = {
+            e.get("endpoint", "").split(":")[0] for d in daemons for e in d.events("request")
+        }
+        assert {"localhost", "127.0.0.1"} <= endpoints, endpoints
+        assert sum(d.metric("dlms2amqp_requests_moved_total") for d in daemons) >= 160
+        col.stop()
+    finally:
+        lab.stop_all()
+
+
 @pytest.mark.faults
 def test_daemon_killed_and_broker_node_stopped_under_load(
     cluster: Cluster, tmp_path: Path, meters: tuple[Any, TcpProxy]

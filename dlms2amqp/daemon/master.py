@@ -121,7 +121,10 @@ class Master:
         self.balancer: Optional[partitions.Balancer] = None
         self.inqueue_watch: Optional[partitions.InQueueWatch] = None
         if cfg.Partitions > 0:
-            self.mover = partitions.Mover(cfg, self.broker, self.log, self.metrics)
+            # keyed by the resolved address: one meter, one partition, however it is spelt
+            self.mover = partitions.Mover(
+                cfg, self.broker, self.log, self.metrics, self.resolver.lookup, self._on_error
+            )
             self.balancer = partitions.Balancer(
                 cfg,
                 self.broker,

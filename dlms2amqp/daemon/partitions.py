@@ -5,16 +5,18 @@ With ``Partitions`` N > 0 the daemon declares a consistent-hash exchange
 ``<InQueue>.partitions`` and N durable quorum queues ``<InQueue>.p<i>`` bound to it, each
 with ``x-single-active-consumer``: the broker delivers a partition to one consumer at a
 time, whichever daemon subscribed first, and hands it to the next subscriber when that
-daemon's channel goes away.  A request's routing key is its normalised meter key, so one
-meter always lands in one partition, hence in one daemon, whose master sends it always to
-one worker, which runs one session per meter at a time.
+daemon's channel goes away.  A request's routing key is its meter key with a host name
+resolved, so one meter always lands in one partition, hence in one daemon, whose master
+sends it always to one worker, which runs one session per meter at a time.
 
 The pieces here, called from small hooks in ``broker`` and ``master``:
 
 - ``topology``/``describe``: what is declared (also shown by ``--check-config``);
-- ``routing_key``/``route_of``: the partition key of a request (``dlms2amqp-send`` too);
+- ``key_of``/``route_of``/``routing_key``: the partition key of a request, the meter key
+  its worker will use (a host name keyed by its resolved address);
 - ``Mover``: a delivery from InQueue is published to the exchange with a confirm, then
-  acked (at-least-once; the reply store absorbs a duplicate);
+  acked (at-least-once; the reply store absorbs a duplicate); a host name is resolved
+  (the master's resolver, off the loop) before the publish;
 - ``Balancer``: single-active-consumer never moves a partition from a living consumer,
   so a daemon that holds more than its share (N / consumers, rounded up) gives partitions
   away one at a time: it stops starting jobs from it, waits for its jobs in flight, closes
@@ -36,18 +38,20 @@ obvious next cut.)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import orjson
 import pika
 
 from ..config import Config
 from ..errors import ConfigError, GatewayError
-from ..meter.connstring import parse_connection_string
+from ..meter import targets
+from ..meter.connstring import ConnSettings, parse_connection_string
 from . import amqp
 
 WEIGHT = "20"  # points on the hash ring per partition queue: an even spread for small N
@@ -232,7 +236,8 @@ def describe(cfg: Config) -> dict[str, Any]:
             "name": exchange_name(cfg),
             "type": EXCHANGE_TYPE,
             "plugin": PLUGIN + " (enable it on every broker node)",
-            "routing_key": "normalised meter key, e.g. tcp:10.0.0.5:4059 or serial:/dev/ttyUSB0",
+            "routing_key": "meter key, host names resolved first, e.g. tcp:10.0.0.5:4059 "
+            "or serial:/dev/ttyUSB0",
         }
         out["PresenceQueue"] = {
             "name": presence_queue(cfg),
@@ -280,8 +285,8 @@ def routing_key(meter_key: str) -> str:
     return "sha256:" + hashlib.sha256(meter_key.encode()).hexdigest()
 
 
-def route_of(body: bytes, max_bytes: int) -> str:
-    """The routing key of a request body; any key for a body that is no valid request.
+def target_of(body: bytes, max_bytes: int) -> Union[ConnSettings, str]:
+    """The parsed target of a request body, or the routing key of a body that is no request.
 
     An invalid request still goes to a partition: the intake there answers it (or
     dead-letters it) exactly as with one daemon.
@@ -292,10 +297,29 @@ def route_of(body: bytes, max_bytes: int) -> str:
         data = orjson.loads(body)
         cs = data.get("ConnectionString") if isinstance(data, dict) else None
         if isinstance(cs, str):
-            return routing_key(parse_connection_string(cs).meter_key)
+            return parse_connection_string(cs)
     except (orjson.JSONDecodeError, GatewayError, ValueError, TypeError):
         pass
     return "invalid:" + hashlib.sha256(body).hexdigest()[:16]
+
+
+def key_of(settings: ConnSettings, address: Optional[str] = None) -> str:
+    """The routing key of a target: the meter key its worker will use.
+
+    An IP literal is normalised by the parser already (``127.000.000.001``,
+    ``::ffff:127.0.0.1`` -> ``127.0.0.1``); a host name is keyed by ``address``, its
+    resolved address, when given (``localhost`` -> ``tcp:127.0.0.1:4059``), else by the
+    name itself.  Serial ports keep their path as given (their exchange routes by name).
+    """
+    if address is not None and targets.needs_lookup(settings):
+        settings = dataclasses.replace(settings, address=address)
+    return routing_key(settings.meter_key)
+
+
+def route_of(body: bytes, max_bytes: int, address: Optional[str] = None) -> str:
+    """The routing key of a request body (``address``: its host name resolved)."""
+    target = target_of(body, max_bytes)
+    return target if isinstance(target, str) else key_of(target, address)
 
 
 def moved_properties(props: Any) -> pika.BasicProperties:
@@ -510,17 +534,62 @@ class InQueueWatch:
 
 
 class Mover:
-    """InQueue -> partition exchange: publish with a confirm, then ack the original."""
+    """InQueue -> partition exchange: publish with a confirm, then ack the original.
 
-    def __init__(self, cfg: Config, broker: Any, log: Any, metrics: Any):
+    A request for a host name is moved once ``lookup`` (the master's ``AsyncResolver``,
+    off the loop, through its cache) resolved it, with the resolved address in the key,
+    so ``-h localhost`` and ``-h 127.0.0.1`` go to one partition.  A name that does not
+    resolve is moved with its name as key: the owner of that partition resolves it again
+    and answers notok as one daemon does.  ``AllowedHosts`` is not checked here either:
+    the daemon that would connect refuses.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        broker: Any,
+        log: Any,
+        metrics: Any,
+        lookup: Optional[Callable[[str, int, Callable[[Any], None]], None]] = None,
+        on_error: Optional[Callable[[BaseException], None]] = None,
+    ):
         self.cfg = cfg
         self.broker = broker
         self.log = log
         self.metrics = metrics
         self.exchange = exchange_name(cfg)
+        self.lookup = lookup
+        self.on_error = on_error
 
     def move(self, d: Any, props: Any, body: bytes) -> None:
-        key = route_of(body, self.cfg.MaxBodyBytes)
+        target = target_of(body, self.cfg.MaxBodyBytes)
+        if isinstance(target, str):
+            self._publish(d, props, body, target)
+        elif self.lookup is not None and targets.needs_lookup(target):
+            assert target.host is not None and target.port is not None
+            self.lookup(
+                target.host,
+                target.port,
+                lambda answer: self._resolved(d, props, body, target, answer),
+            )
+        else:
+            self._publish(d, props, body, key_of(target))
+
+    def _resolved(self, d: Any, props: Any, body: bytes, target: ConnSettings, answer: Any) -> None:
+        """The resolver's answer (on the loop thread): an address, or an error."""
+        try:
+            address = answer if isinstance(answer, str) else None
+            if address is None:
+                # the owner's intake resolves again and answers notok (the reason is its)
+                self.log.info("move_unresolved", host=target.host)
+            if self.broker.current(d):  # else void: the broker redelivers the request
+                self._publish(d, props, body, key_of(target, address))
+        except Exception as e:  # noqa: BLE001 - a callback must not stop the loop
+            if self.on_error is None:
+                raise
+            self.on_error(e)
+
+    def _publish(self, d: Any, props: Any, body: bytes, key: str) -> None:
         exchange = serial_exchange(self.cfg) if key.startswith("serial:") else self.exchange
         out = moved_properties(props)
         if out.message_id is None:
