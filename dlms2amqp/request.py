@@ -9,7 +9,7 @@ request becomes a ``notok`` reply rather than a crash in a worker.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from typing import Optional
 
@@ -59,6 +59,13 @@ class ReadRequest:
             f"ReadRequest(msg_id={self.msg_id!r}, cmd={self.cmd!r}, obis={self.obis!r}, "
             f"connection_string=<hidden>, dt_from={self.dt_from!r}, dt_to={self.dt_to!r})"
         )
+
+    def __reduce__(self) -> tuple:
+        # crosses the master -> worker pipe with every job: positional values, not a dict
+        return (ReadRequest, tuple([getattr(self, name) for name in _REQUEST_FIELDS]))
+
+
+_REQUEST_FIELDS = tuple(f.name for f in fields(ReadRequest))
 
 
 def parse_datetime(text: str, field: str = "date") -> tuple[datetime, bool]:

@@ -3,6 +3,8 @@
 
 import pytest
 from gurux_dlms import GXDLMSClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dlms2amqp.errors import ConnectionStringError
 from dlms2amqp.meter.connstring import parse_connection_string, tokenize
@@ -258,3 +260,45 @@ def test_options_without_effect_still_check_their_value(tail, words):
     with pytest.raises(ConnectionStringError) as info:
         parse_connection_string(f"-h x -p 1 {tail}")
     assert words in str(info.value)
+
+
+# --- the fast paths of the parser (no quotes; printable values) and of the pipe ----------
+_WORDS = st.text(alphabet=st.characters(blacklist_characters="'\""), max_size=40)
+
+
+def _shlex_words(text: str) -> list:
+    import shlex
+
+    lexer = shlex.shlex(text, posix=True)
+    lexer.whitespace_split = True
+    lexer.escape = ""
+    lexer.commenters = ""
+    return list(lexer)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_WORDS)
+def test_tokenize_without_quotes_splits_exactly_like_shlex(text: str) -> None:
+    # Unicode spaces other than shlex's four, controls, backslashes, '#': all kept in words
+    assert tokenize(text) == _shlex_words(text)
+
+
+@pytest.mark.parametrize("text", ["-h\x0b127.0.0.1", "-P a\u00a0b", "-h\u2028x"])
+def test_controls_and_odd_spaces_are_refused_after_the_fast_split(text: str) -> None:
+    with pytest.raises(ConnectionStringError):
+        parse_connection_string(text)
+
+
+def test_settings_cross_the_pipe_whole_and_secrets_stay_hidden() -> None:
+    import pickle
+
+    s = parse_connection_string(
+        f"-h 10.0.0.7 -p 4059 -c 48 -a High -P 'pass word' -C AuthenticationEncryption "
+        f"-T 4D4D4D0000BC614E -A {KEY_A} -B {KEY_B} -g 0.0.43.1.0.255:2 -i WRAPPER"
+    )
+    s.target_checked = True
+    back = pickle.loads(pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL))
+    assert back == s and back.meter_key == s.meter_key
+    assert isinstance(back.password, Secret) and back.password.reveal() == "pass word"
+    assert back.block_cipher_key.reveal() == bytes.fromhex(KEY_B)
+    assert "pass word" not in repr(back)

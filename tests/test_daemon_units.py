@@ -135,3 +135,27 @@ def test_worker_pool_is_bounded_by_the_open_files_limit() -> None:
     assert soft == 300
     assert max_sessions == 300 - 16 - 64
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] != 200
+
+
+def test_ipc_messages_pickle_as_values_and_come_back_equal() -> None:
+    import pickle
+
+    from dlms2amqp.daemon import ipc
+    from dlms2amqp.meter.connstring import parse_connection_string
+    from dlms2amqp.request import parse_request
+
+    body = (
+        b'{"MsgID":"m1","Cmd":"READ","ObisCode":"1.0.99.1.0.255","SplitReply":true,'
+        b'"ConnectionString":"-h 127.0.0.1 -p 4059 -a Low -P 12345678",'
+        b'"dtFrom":"2026-11-29T00:00:00+03:00","dtTo":"2026-11-30T00:00:00"}'
+    )
+    req = parse_request(body)
+    job = ipc.Job(7, req, parse_connection_string(req.connection_string))
+    done = ipc.Done(7, "r1", b"{}", "notok", "why", 0, 0.25, ipc.PoolStats(3.0, 1.0, 2.0))
+    for msg in (job, done, ipc.Started(7), ipc.Heartbeat(ipc.PoolStats(1.0)), ipc.Stop()):
+        raw = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        assert pickle.loads(raw) == msg
+    back = pickle.loads(pickle.dumps(job))
+    assert back.request.dt_from == req.dt_from and back.request.naive_dates is True
+    assert back.request.split_reply is True
+    assert b"12345678" not in repr(back).encode()

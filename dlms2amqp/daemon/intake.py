@@ -44,7 +44,9 @@ class Replies(Protocol):
 
     def get(self, key: str) -> Optional[tuple[str, bytes]]: ...
 
-    def count_attempt(self, key: str) -> int: ...
+    def count_attempt(self, key: str) -> int:
+        """Record one more redelivery of a request (or store answer); returns the count."""
+        ...
 
     def forget_attempts(self, key: str) -> None: ...
 
@@ -148,11 +150,14 @@ class Intake:
             return Stored(key, msg_id, stored[0], stored[1], data.get(SPLIT_FIELD) is True, answers)
         if key in running:
             return Attach(key)
-        attempts = self.replies.count_attempt(key)
-        if not redelivered and attempts > 1:
-            # a new message with a body seen before: earlier attempts were not this one's
+        if redelivered:
+            # the first delivery is not written down (nearly every request has only that
+            # one; a write per request was the master's dearest step): it is the "+ 1"
+            attempts = self.replies.count_attempt(key) + 1
+        else:
+            # a new message, even with a body seen before: earlier attempts were not its own
             self.replies.forget_attempts(key)
-            attempts = self.replies.count_attempt(key)
+            attempts = 1
         count = (headers or {}).get("x-delivery-count") if self.quorum and redelivered else None
         if isinstance(count, bool) or not isinstance(count, int):
             count = None

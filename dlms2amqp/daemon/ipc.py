@@ -15,7 +15,7 @@ This module imports neither pika nor Gurux: both sides use it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
 
@@ -59,9 +59,24 @@ class WorkerSettings:
         )
 
 
+class _Positional:
+    """Pickled as its values in field order: a message per job each way, so the default
+    (a dict keyed by field names, rebuilt through ``__setstate__``) is worth avoiding."""
+
+    def __reduce__(self) -> tuple:
+        cls = type(self)
+        names = _FIELD_NAMES.get(cls)
+        if names is None:
+            names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(self))  # type: ignore[arg-type]
+        return (cls, tuple([getattr(self, name) for name in names]))
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 # --- master -> worker -------------------------------------------------------------------
 @dataclass(frozen=True)
-class Job:
+class Job(_Positional):
     """Read this meter; ``settings.meter_key`` picks the per-meter queue."""
 
     job_id: int
@@ -91,7 +106,7 @@ ToWorker = Union[Job, Reopen, ClosePool, Stop]
 
 # --- worker -> master -------------------------------------------------------------------
 @dataclass(frozen=True)
-class PoolStats:
+class PoolStats(_Positional):
     """Session-pool counters: reuses so far and idle sessions held."""
 
     hits: float = 0.0
@@ -110,14 +125,14 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
-class Started:
+class Started(_Positional):
     """A session thread began this job (the hang clock starts here, not at dispatch)."""
 
     job_id: int
 
 
 @dataclass(frozen=True)
-class Done:
+class Done(_Positional):
     """The reply of one job, with what the master logs and counts (no second decode)."""
 
     job_id: int

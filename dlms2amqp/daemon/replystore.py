@@ -266,7 +266,9 @@ class ReplyStore:
         return int(row[0])
 
     def forget_attempts(self, key: str) -> None:
-        self._db.execute("DELETE FROM attempts WHERE key=?", (key,))
+        # called for every first delivery, which has nothing to forget: read before writing
+        if self._db.execute("SELECT 1 FROM attempts WHERE key=?", (key,)).fetchone():
+            self._db.execute("DELETE FROM attempts WHERE key=?", (key,))
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0])

@@ -65,6 +65,10 @@ def ip_literal(text: str) -> Optional[IPAddress]:
         mapped = v6.ipv4_mapped
         return mapped if mapped is not None else v6
     try:
+        return ipaddress.IPv4Address(text)  # the usual dotted quad: means what it says
+    except ValueError:
+        pass  # 127.1, 0x7f.1, 010.0.0.1 ...: as the resolver reads them
+    try:
         info = socket.getaddrinfo(
             text, 1, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST
         )
