@@ -396,19 +396,23 @@ class Balancer:
             p.held.append(d)
             return True
         now = time.monotonic()
-        if not p.active and method is not None and method.redelivered:
-            p.grace_until = now + TAKEOVER_GRACE_SECONDS
-            self.log.info(
-                "partition_takeover_grace", partition=queue, seconds=TAKEOVER_GRACE_SECONDS
-            )
-        if now < p.grace_until and self.redeliver is not None:
-            p.active = True
-            p.waiting.append((d, method, props, body))
-            return True
         if not p.active:
+            # the first delivery since we subscribed: the broker made us its consumer.
+            # Taken whether or not it waits out the grace below: the first delivery of
+            # a partition handed over by a daemon that requeued what it held is such a
+            # redelivery, and a newcomer taking it must show it in its log and metric
+            redelivered = bool(method is not None and method.redelivered)
+            if redelivered:
+                p.grace_until = now + TAKEOVER_GRACE_SECONDS
+                self.log.info(
+                    "partition_takeover_grace", partition=queue, seconds=TAKEOVER_GRACE_SECONDS
+                )
             p.active = True
             self.metrics.partitions_active.set(len(self.active()))
-            self.log.info("partition_taken", partition=queue)
+            self.log.info("partition_taken", partition=queue, redelivered=redelivered)
+        if now < p.grace_until and self.redeliver is not None:
+            p.waiting.append((d, method, props, body))
+            return True
         return False
 
     def note(self, queue: str, meter_key: str) -> None:
