@@ -384,6 +384,7 @@ def run_daemon_scenario(
             raise BenchError(collector.error)
         groups = [
             ProcGroup("daemon", daemon.pid),
+            ProcGroup("master", daemon.pid, tree=False),  # the daemon's share on its loop
             ProcGroup("simulator", sim.child.pid),
             ProcGroup("rabbitmq", loadlib.find_listener_pid(loadlib.BROKER_PORT)),
         ]

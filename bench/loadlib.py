@@ -133,9 +133,10 @@ class ProcGroup:
     tree (keyed by pid and start time, so a recycled pid is a new process).
     """
 
-    def __init__(self, name: str, root: Optional[int]):
+    def __init__(self, name: str, root: Optional[int], tree: bool = True):
         self.name = name
         self.root = root
+        self.tree = tree  # False: the root process alone (the daemon's master)
         self._cpu: dict[tuple[int, int], float] = {}
         self.peak_rss = 0
         self.last_rss = 0
@@ -144,7 +145,7 @@ class ProcGroup:
         if self.root is None:
             return
         rss = 0
-        for pid in process_tree(self.root):
+        for pid in process_tree(self.root) if self.tree else [self.root]:
             st = _read_stat(pid)
             if st is None:
                 continue
