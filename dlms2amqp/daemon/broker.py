@@ -14,6 +14,12 @@ up by a slow or silent broker.
 Delivery tags belong to one channel: each new channel starts a new *generation*, and a
 ``Delivery`` of an older one is void (the broker redelivers it; the reply store answers).
 
+With ``Partitions`` > 0 a second channel, in transaction mode, consumes the queues whose
+requests are read here (partitions, serial ports, expired serial requests): a reply and
+the ack of its request are one ``tx_commit`` (``publish_ack``), so a kill or a lost
+connection never leaves a reply out with its request redelivered to another daemon.
+Both channels share one generation: either one closing closes the connection.
+
 Broker-side surprises: a consumer cancelled by the broker (InQueue deleted) is handled
 like a lost channel (logged, counted, topology declared again, with the same back-off);
 the back-off starts again at 0.5 s only after the connection has served for
@@ -23,9 +29,10 @@ refuses) is retried ever more slowly; a channel closed for a message over the br
 from can be declared again (``declare_again``).
 
 Over 500 lines because the channel's life is one state machine (connect, declare, confirm,
-consume, cancel, close, reconnect) whose callbacks share one generation counter; split
-across modules, each callback would need the others' state.  Scale-out's part of it lives
-in ``partitions``.
+consume, cancel, close, reconnect), for the confirm channel and the transactional one,
+whose callbacks share one generation counter; split across modules, each callback would
+need the others' state (the commit bookkeeping itself is ``amqp.TxTracker``).
+Scale-out's part of it lives in ``partitions``.
 """
 
 from __future__ import annotations
