@@ -32,6 +32,7 @@ class ScriptedBroker:
         self.declared: list[str] = []
         self.max_message_size: Optional[int] = None
         self.later: list[Callable[[], None]] = []
+        self.commits = 0
 
     def current(self, d: Delivery) -> bool:
         return True
@@ -44,6 +45,24 @@ class ScriptedBroker:
         result = self.outcome(n, target)
         self.later.append(on_ok if result == "ok" else (lambda: on_fail(result)))
         return True
+
+    def publish_ack(
+        self, d: Delivery, _x: str, target: str, messages: list[tuple[bytes, Any]], on_done: Any
+    ) -> bool:
+        """The tx channel: every message and the ack in one commit; returns come with it."""
+        returned = set()
+        for body, props in messages:
+            n = len(self.published)
+            self.published.append((target, body))
+            if self.outcome(n, target) == "returned":
+                returned.add(props.message_id)
+        self.acked.append(d.tag)
+        self.commits += 1
+        self.later.append(lambda: on_done(returned))
+        return True
+
+    def dead_letter_body(self, body: bytes, reason: str, kind: str) -> None:
+        self.dead.append((body, reason, kind))
 
     def declare_again(self, queue: str, then: Callable[[], None]) -> bool:
         self.declared.append(queue)
@@ -85,10 +104,15 @@ def big_reply(rows: int = 200) -> bytes:
 
 
 def answer(
-    master: Any, broker: ScriptedBroker, body: bytes, split: bool, reply_to: str = ""
+    master: Any,
+    broker: ScriptedBroker,
+    body: bytes,
+    split: bool,
+    reply_to: str = "",
+    tx: bool = False,
 ) -> Delivery:
     master.broker = broker
-    d = Delivery(1, 7, reply_to or None, REQUEST)
+    d = Delivery(1, 7, reply_to or None, REQUEST, tx=tx)
     master.answer(master.store.key_for("r1", REQUEST), "r1", "reply-1", body, [d], split=split)
     broker.run()
     return d
@@ -154,3 +178,65 @@ def test_the_broker_limit_once_known_wins_when_lower(master: Any) -> None:
     assert master.reply_limit() == (2048, "the broker's max_message_size")
     b.max_message_size = 1 << 30
     assert master.reply_limit() == (4096, "MaxReplyBytes")
+
+
+# --- partitions: the delivery came on the tx channel (reply and ack in one commit) ---------
+def test_tx_parts_and_ack_are_one_commit(master: Any) -> None:
+    b = ScriptedBroker(lambda _n, _t: "ok")
+    answer(master, b, big_reply(), True, tx=True)
+    assert len(b.published) > 2 and b.commits == 1
+    assert b.acked == [7] and not b.requeued and not b.dead and not b.declared
+
+
+def test_tx_reply_returned_from_out_queue_is_published_again_after_declaring(
+    master: Any,
+) -> None:
+    b = ScriptedBroker(lambda n, _t: "returned" if n == 0 else "ok")
+    answer(master, b, replymod.dumps(replymod.error_reply("r1", "x")), False, tx=True)
+    assert b.declared == [master.cfg.OutQueue]
+    assert [t for t, _ in b.published] == [master.cfg.OutQueue] * 2
+    assert b.published[0][1] == b.published[1][1]
+    assert b.acked == [7] and b.commits == 1 and not b.dead and not b.requeued
+
+
+def test_tx_reply_returned_again_dead_letters_the_request(master: Any) -> None:
+    b = ScriptedBroker(lambda _n, _t: "returned")
+    answer(master, b, replymod.dumps(replymod.error_reply("r1", "x")), False, tx=True)
+    assert b.declared == [master.cfg.OutQueue]
+    [(body, reason, kind)] = b.dead
+    assert body == REQUEST and kind == "unroutable" and "again" in reason
+    assert b.acked == [7]  # by the commit, once
+
+
+def test_tx_reply_to_missing_dead_letters_the_request(master: Any) -> None:
+    b = ScriptedBroker(lambda _n, _t: "returned")
+    answer(
+        master, b, replymod.dumps(replymod.error_reply("r1", "x")), False, "client.q", tx=True
+    )
+    assert b.declared == [] and len(b.published) == 1
+    assert b.dead == [(REQUEST, "reply queue client.q (reply_to) does not exist", "unroutable")]
+
+
+def test_tx_tracker_one_commit_at_a_time_backlog_returns() -> None:
+    from dlms2amqp.daemon.amqp import TxTracker
+
+    t = TxTracker()
+    seen: list[set[str]] = []
+    assert not t.begin()  # nothing sent: no commit
+    t.add(["a", "b"], seen.append)
+    t.dirty = True
+    assert t.begin() and t.busy()
+    t.dirty = True  # something more sent meanwhile would be refused by RabbitMQ...
+    assert not t.begin()  # ... so no second commit while one is in flight
+    t.add(["c"], seen.append)
+    t.on_return("b")
+    [(cb, back)] = t.committed()
+    cb(back)
+    assert seen == [{"b"}]
+    assert t.begin()  # the next transaction: what came up meanwhile
+    [(cb, back)] = t.committed()
+    cb(back)
+    assert seen == [{"b"}, set()] and not t.busy()
+    t.add(["d"], seen.append)
+    t.backlog.append(lambda: None)
+    assert t.reset() == 2 and not t.busy()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from typing import Any, Generic, Optional, TypeVar
+from typing import Any, Callable, Generic, Optional, TypeVar
 
 import pika
 import pika.exceptions as pex
@@ -304,6 +304,64 @@ class ConfirmTracker(Generic[T]):
         self.pending.clear()
         self.returned.clear()
         return left
+
+
+class TxTracker:
+    """Commits of one channel in transaction mode (tx_select), one at a time.
+
+    Whatever the channel sends (publish, ack, nack) before a ``tx_commit`` belongs to that
+    transaction.  While a commit is in flight RabbitMQ accepts no other command on the
+    channel (it closes the connection: 504 "unexpected command while processing
+    'tx.commit'"), so what comes up meanwhile waits in ``backlog`` and goes out after the
+    commit-ok, in the next transaction (a group commit).  ``add`` registers a callback for
+    the operations just sent; ``committed`` (on the commit-ok) hands back the callbacks
+    of that commit with the message ids returned unroutable (the broker sends those
+    returns before the commit-ok).
+    """
+
+    def __init__(self) -> None:
+        self.open: list[tuple[list[Optional[str]], Callable[[set[str]], None]]] = []
+        self.committing: Optional[list[tuple[list[Optional[str]], Callable[[set[str]], None]]]]
+        self.committing = None
+        self.dirty = False  # something sent since the last commit went out
+        self.backlog: list[Callable[[], None]] = []  # to send after the commit in flight
+        self.flushing = False  # sending the backlog: one commit for all of it, afterwards
+        self.returned: set[str] = set()
+
+    def add(self, message_ids: list[Optional[str]], on_done: Callable[[set[str]], None]) -> None:
+        self.open.append((message_ids, on_done))
+
+    def on_return(self, message_id: Optional[str]) -> None:
+        if message_id:
+            self.returned.add(message_id)
+
+    def begin(self) -> bool:
+        """True when a commit is to go out now: something was sent, none in flight."""
+        if self.committing is not None or not self.dirty or self.flushing:
+            return False
+        self.committing, self.open, self.dirty = self.open, [], False
+        return True
+
+    def committed(self) -> list[tuple[Callable[[set[str]], None], set[str]]]:
+        """The commit in flight is ok: its callbacks, each with its returned message ids."""
+        batch, self.committing = self.committing or [], None
+        out = []
+        for mids, on_done in batch:
+            back = {m for m in mids if m is not None and m in self.returned}
+            self.returned -= back
+            out.append((on_done, back))
+        return out
+
+    def busy(self) -> bool:
+        return self.committing is not None or self.dirty or bool(self.backlog)
+
+    def reset(self) -> int:
+        """The channel is gone: forget everything; returns how many operations were pending."""
+        n = len(self.open) + len(self.committing or []) + len(self.backlog)
+        self.open, self.committing, self.dirty = [], None, False
+        self.backlog, self.flushing = [], False
+        self.returned.clear()
+        return n
 
 
 class PipelinedPublisher:

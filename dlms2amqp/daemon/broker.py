@@ -14,6 +14,12 @@ up by a slow or silent broker.
 Delivery tags belong to one channel: each new channel starts a new *generation*, and a
 ``Delivery`` of an older one is void (the broker redelivers it; the reply store answers).
 
+With ``Partitions`` > 0 a second channel, in transaction mode, consumes the queues whose
+requests are read here (partitions, serial ports, expired serial requests): a reply and
+the ack of its request are one ``tx_commit`` (``publish_ack``), so a kill or a lost
+connection never leaves a reply out with its request redelivered to another daemon.
+Both channels share one generation: either one closing closes the connection.
+
 Broker-side surprises: a consumer cancelled by the broker (InQueue deleted) is handled
 like a lost channel (logged, counted, topology declared again, with the same back-off);
 the back-off starts again at 0.5 s only after the connection has served for
@@ -23,9 +29,10 @@ refuses) is retried ever more slowly; a channel closed for a message over the br
 from can be declared again (``declare_again``).
 
 Over 500 lines because the channel's life is one state machine (connect, declare, confirm,
-consume, cancel, close, reconnect) whose callbacks share one generation counter; split
-across modules, each callback would need the others' state.  Scale-out's part of it lives
-in ``partitions``.
+consume, cancel, close, reconnect), for the confirm channel and the transactional one,
+whose callbacks share one generation counter; split across modules, each callback would
+need the others' state (the commit bookkeeping itself is ``amqp.TxTracker``).
+Scale-out's part of it lives in ``partitions``.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Optional
 
 import pika
@@ -63,6 +71,7 @@ class Delivery:
     reply_to: Optional[str]
     body: bytes = b""  # the request as delivered (dead-lettered as it came)
     queue: str = ""  # the queue it came from (InQueue or a partition)
+    tx: bool = False  # came on the transactional channel (partitions): acked in a commit
 
 
 class Broker:
@@ -100,6 +109,11 @@ class Broker:
         self.redeclaring: dict[str, list[Callable[[], None]]] = {}
         self.reconnect_timer: Any = None
         self.confirms: amqp.ConfirmTracker[tuple[OnOk, OnFail]] = amqp.ConfirmTracker()
+        # partitions: a second channel in transaction mode (tx_select) consumes the queues
+        # whose requests are read here; a reply and the ack of its request are one commit
+        self.txch: Any = None
+        self.tx = amqp.TxTracker()
+        self.consumers_made = 0  # for consumer tags of our own on the tx channel
         self.declaring: Optional[tuple[str, str, Optional[dict]]] = None
         self.channel_error: Optional[BaseException] = None
         self.stopping = False  # no (re)connects, no consuming
@@ -148,7 +162,9 @@ class Broker:
                 self.guard(self._on_confirm),
                 callback=lambda _f: ch.basic_qos(
                     prefetch_count=partitions.consumer_prefetch(self.cfg),
-                    callback=self.guard(self._consume),
+                    callback=self.guard(
+                        self._open_tx_channel if self.cfg.Partitions > 0 else self._consume
+                    ),
                 ),
             )
             return
@@ -183,10 +199,58 @@ class Broker:
         else:
             ch.queue_declare(name, durable=True, arguments=arguments or None, callback=then)
 
+    def _open_tx_channel(self, _frame: Any = None) -> None:
+        """Partitions: the channel that consumes what is read here, in transaction mode.
+
+        Replies and the ack of their request go out on it and are committed together
+        (``publish_ack``): a kill or a lost connection before the commit rolls both back
+        (the request is redelivered, nobody saw a reply), after it both hold.  Confirms
+        and transactions exclude each other on one channel, so the InQueue mover keeps
+        the confirm channel.
+        """
+        if self.conn is None or not self.conn.is_open or self.stopping:
+            return
+        self.conn.channel(on_open_callback=self.guard(self._on_tx_channel))
+
+    def _on_tx_channel(self, ch: Any) -> None:
+        self.txch = ch
+        ch.add_on_close_callback(self._on_tx_channel_closed)
+        ch.add_on_return_callback(lambda _c, _m, props, _b: self.tx.on_return(props.message_id))
+        ch.add_on_cancel_callback(self.guard(self._on_cancelled))
+        ch.tx_select(
+            callback=self.guard(
+                lambda _f: ch.basic_qos(
+                    prefetch_count=partitions.consumer_prefetch(self.cfg),
+                    callback=self.guard(self._consume),
+                )
+            )
+        )
+
+    def _on_tx_channel_closed(self, ch: Any, reason: BaseException) -> None:
+        if ch is not self.txch:
+            return
+        self.txch = None
+        if isinstance(reason, pex.ChannelClosedByBroker) and reason.reply_code == 406:
+            self._learn_size_limit(str(reason.reply_text))
+        if self.conn is not None and self.conn.is_open and not self.closing:
+            self.log.warning("broker_channel_closed", error=str(reason), channel="tx")
+            self.channel_error = reason
+            self.conn.close()  # reconnect through _on_connection_closed
+
+    def _channel_for(self, queue: str) -> Any:
+        """The channel a queue is consumed on: partitions' reads on the tx channel."""
+        if self.txch is not None and queue not in (
+            self.cfg.InQueue,
+            partitions.presence_queue(self.cfg),
+        ):
+            return self.txch
+        return self.ch
+
     def _consume(self, _frame: Any = None) -> None:
         if self.ch is None or self.stopping:
             return
         self.confirms.reset()
+        self.tx.reset()
         self.gen += 1
         self.tags = {}
         self.consumer_tag = self.ch.basic_consume(
@@ -201,8 +265,19 @@ class Broker:
         """Subscribe to one more queue on the current channel (a partition)."""
         if self.ch is None or self.stopping or queue in self.tags.values():
             return
-        tag = self.ch.basic_consume(queue, self.guard(self._on_message))
+        ch = self._channel_for(queue)
+        if ch is not self.txch:
+            tag = ch.basic_consume(queue, self.guard(self._on_message))
+            self.tags[tag] = queue
+            return
+        self.consumers_made += 1
+        tag = f"tx{self.gen}.{self.consumers_made}"  # ours: the consume may wait for a commit
         self.tags[tag] = queue
+        gen = self.gen
+        self._on_tx(
+            lambda: gen == self.gen
+            and ch.basic_consume(queue, self.guard(self._on_message), consumer_tag=tag)
+        )
 
     def cancel_queue(self, queue: str, on_ok: Callable[[], None]) -> None:
         """Cancel our consumer on ``queue``; ``on_ok`` once the broker confirmed it."""
@@ -216,7 +291,11 @@ class Broker:
             if gen == self.gen:
                 on_ok()
 
-        self.ch.basic_cancel(tag, callback=self.guard(done))
+        ch = self._channel_for(queue)
+        if ch is self.txch:
+            self._on_tx(lambda: gen == self.gen and ch.basic_cancel(tag, callback=self.guard(done)))
+        else:
+            ch.basic_cancel(tag, callback=self.guard(done))
 
     def count_consumers(self, queue: str, on_count: Callable[[int], None]) -> None:
         """Passive declare: the consumer count of ``queue`` (ours included)."""
@@ -332,6 +411,7 @@ class Broker:
         delay = min(self.cfg.ReconnectMaxDelay, 0.5 * 2 ** min(self.failures - 1, 16))
         self.log.warning("broker_connection_lost", error=str(err), retry_in=round(delay, 2))
         conn, self.conn, self.ch, self.consumer_tag = self.conn, None, None, None
+        self.txch = None
         self.tags = {}
         if conn is not None and conn.is_open:
             try:
@@ -343,8 +423,11 @@ class Broker:
         self.redeclaring.clear()  # their deliveries are void now
         self.gen += 1
         left = self.confirms.reset()
-        if left:
-            self.metrics.publish_failures.labels(kind="connection_lost").inc(len(left))
+        uncommitted = self.tx.reset()  # rolled back by the broker, or committed unseen
+        if left or uncommitted:
+            self.metrics.publish_failures.labels(kind="connection_lost").inc(
+                len(left) + uncommitted
+            )
         self.metrics.broker_connected.set(0)
         self.unacked = 0
         self.metrics.in_flight.set(0)
@@ -394,7 +477,7 @@ class Broker:
             )
 
     # --- deliveries ----------------------------------------------------------------------
-    def _on_message(self, _ch: Any, method: Any, props: Any, body: bytes) -> None:
+    def _on_message(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
         self.unacked += 1
         self.metrics.in_flight.set(self.unacked)
         d = Delivery(
@@ -403,24 +486,106 @@ class Broker:
             props.reply_to or None,
             body,
             self.tags.get(method.consumer_tag, self.cfg.InQueue),
+            tx=ch is not None and ch is self.txch,
         )
         self.on_delivery(d, method, props, body)
 
     def current(self, d: Delivery) -> bool:
         """The delivery's tag is valid (same channel)."""
-        return d.gen == self.gen and self.ch is not None
+        return d.gen == self.gen and (self.txch if d.tx else self.ch) is not None
 
     def ack(self, d: Delivery) -> None:
         if self.current(d):
-            self.ch.basic_ack(d.tag)
+            if d.tx:
+                self._on_tx(lambda: self._tx_send(d, lambda ch: ch.basic_ack(d.tag)))
+            else:
+                self.ch.basic_ack(d.tag)
             self.unacked -= 1
             self.metrics.in_flight.set(self.unacked)
 
     def requeue(self, d: Delivery) -> None:
         if self.current(d):
-            self.ch.basic_nack(d.tag, requeue=True)
+            if d.tx:  # transactional too
+                self._on_tx(
+                    lambda: self._tx_send(d, lambda ch: ch.basic_nack(d.tag, requeue=True))
+                )
+            else:
+                self.ch.basic_nack(d.tag, requeue=True)
             self.unacked -= 1
             self.metrics.in_flight.set(self.unacked)
+
+    # --- transactions (partitions) -------------------------------------------------------
+    def publish_ack(
+        self,
+        d: Delivery,
+        exchange: str,
+        routing_key: str,
+        messages: list[tuple[bytes, pika.BasicProperties]],
+        on_done: Callable[[set[str]], None],
+    ) -> bool:
+        """Publish ``messages`` and ack ``d`` in one transaction of the tx channel.
+
+        ``on_done(returned)`` runs once the broker committed them, with the message ids
+        that came back unroutable (the broker returns them before the commit-ok; the ack
+        is committed then all the same).  Never called when the channel is lost first:
+        the broker then rolled back (the request is redelivered) or committed without
+        telling us (the request is answered and gone).  False when the tag is void.
+        """
+        if not d.tx or not self.current(d):
+            return False
+        self.unacked -= 1
+        self.metrics.in_flight.set(self.unacked)
+
+        def send(ch: Any) -> None:
+            for body, props in messages:
+                ch.basic_publish(exchange, routing_key, body, props, mandatory=True)
+            ch.basic_ack(d.tag)
+            self.tx.add([p.message_id for _b, p in messages], on_done)
+
+        self._on_tx(lambda: self._tx_send(d, send))
+        return True
+
+    def _on_tx(self, op: Callable[[], Any]) -> None:
+        """Run an operation of the tx channel now, or after the commit in flight."""
+        if self.tx.committing is not None:
+            self.tx.backlog.append(op)
+        else:
+            op()
+
+    def _tx_send(self, d: Delivery, send: Callable[[Any], None]) -> None:
+        """Send one delivery's operations on the tx channel (if its tag is still valid)."""
+        if not self.current(d):
+            return  # void: the broker rolled back or redelivers
+        send(self.txch)
+        self.tx.dirty = True
+        self._commit()
+
+    def _commit(self) -> None:
+        """Commit what was sent on the tx channel, unless a commit is in flight."""
+        ch = self.txch
+        if ch is None or not self.tx.begin():
+            return
+        gen = self.gen
+        ch.tx_commit(callback=self.guard(lambda _f: self._on_commit_ok(gen)))
+
+    def _on_commit_ok(self, gen: int) -> None:
+        if gen != self.gen:
+            return
+        for on_done, returned in self.tx.committed():
+            on_done(returned)
+        # what came up during the commit goes out now, in one transaction
+        backlog, self.tx.backlog = self.tx.backlog, []
+        self.tx.flushing = True
+        try:
+            for op in backlog:
+                op()
+        finally:
+            self.tx.flushing = False
+        self._commit()
+
+    def unsettled(self) -> bool:
+        """Publishes waiting for their confirm, or operations waiting for their commit."""
+        return bool(self.confirms) or self.tx.busy()
 
     # --- publishing ----------------------------------------------------------------------
     def publish(
@@ -493,16 +658,57 @@ class Broker:
             else:
                 on_fail(outcome)
 
-    def dead_letter(self, d: Delivery, body: bytes, reason: str, kind: str) -> None:
-        """Publish the request to the dead-letter exchange with its reason, then ack it."""
-        if not self.current(d):
-            return
-        props = pika.BasicProperties(
+    def _dead_props(self, reason: str) -> pika.BasicProperties:
+        return pika.BasicProperties(
             delivery_mode=amqp.PERSISTENT,
             content_type="application/octet-stream",
             message_id="dead-" + replymod.new_msg_id(),
             headers={REASON_HEADER: reason},
         )
+
+    def dead_letter_body(self, body: bytes, reason: str, kind: str, again: bool = False) -> None:
+        """Dead-letter a request that is acked already (a reply returned after its commit).
+
+        Published with a confirm on the confirm channel; the dead-letter queue is declared
+        again once if it is gone.  Nothing left to requeue when this fails: logged.
+        """
+        props = self._dead_props(reason)
+
+        def ok() -> None:
+            self.metrics.dead_lettered.labels(reason=kind).inc()
+
+        def failed(why: str) -> None:
+            if why == "returned" and not again:
+                resend = lambda: self.dead_letter_body(body, reason, kind, True)  # noqa: E731
+                if self.declare_again(self.cfg.dead_letter_queue, resend, bind=True):
+                    return
+            self.log.error("dead_letter_failed", kind=why, acked=True, bytes=len(body))
+
+        if self.publish(self.cfg.dead_letter_exchange, "", body, props, ok, failed):
+            self.log.warning("dead_lettered", reason=reason, bytes=len(body))
+        else:
+            self.log.error("dead_letter_failed", kind="connection_lost", acked=True)
+
+    def dead_letter(self, d: Delivery, body: bytes, reason: str, kind: str) -> None:
+        """Publish the request to the dead-letter exchange with its reason, then ack it.
+
+        On the tx channel both are one commit; a return (dead-letter queue deleted) comes
+        after the ack is committed, so the body is published again by ``dead_letter_body``.
+        """
+        if not self.current(d):
+            return
+        props = self._dead_props(reason)
+        if d.tx:
+
+            def done(returned: set[str]) -> None:
+                if returned:
+                    self.dead_letter_body(body, reason, kind)
+                else:
+                    self.metrics.dead_lettered.labels(reason=kind).inc()
+
+            if self.publish_ack(d, self.cfg.dead_letter_exchange, "", [(body, props)], done):
+                self.log.warning("dead_lettered", reason=reason, bytes=len(body))
+            return
 
         def ok() -> None:
             self.ack(d)
@@ -535,8 +741,15 @@ class Broker:
             self.ioloop.remove_timeout(self.reconnect_timer)
             self.reconnect_timer = None
         if self.ch is not None:
-            for tag in list(self.tags) or ([self.consumer_tag] if self.consumer_tag else []):
-                self.ch.basic_cancel(tag)
+            if self.tags:
+                for tag, queue in list(self.tags.items()):
+                    ch = self._channel_for(queue)
+                    if ch is self.txch:
+                        self._on_tx(partial(ch.basic_cancel, tag))
+                    else:
+                        ch.basic_cancel(tag)
+            elif self.consumer_tag:
+                self.ch.basic_cancel(self.consumer_tag)
 
     def close(self, requeue: list[Delivery]) -> None:
         """Requeue what is left, close the connection; the loop stops once it is closed."""

@@ -330,6 +330,9 @@ class Master:
         or from a reply_to queue that does not exist, the *request* is dead-lettered.
         """
         target = d.reply_to or self.cfg.OutQueue
+        if d.tx:
+            self._send_tx(d, target, in_msg_id, messages, on_acked)
+            return
         left = [len(messages)]
         settled = [False]
 
@@ -381,6 +384,65 @@ class Master:
 
         for mid, body in messages:
             publish(mid, body)
+
+    def _send_tx(
+        self,
+        d: Delivery,
+        target: str,
+        in_msg_id: str,
+        messages: list[tuple[str, bytes]],
+        on_acked: Optional[Any] = None,
+    ) -> None:
+        """Partitions: publish the reply's messages and ack the request in one commit.
+
+        Before the commit nothing is seen: a kill or a lost connection rolls both back and
+        the next owner of the partition gets the request with no reply out.  A message
+        returned unroutable comes back after the ack was committed: returned from OutQueue
+        (deleted under us), OutQueue is declared again and the message published again
+        with a confirm; returned again, or from a missing ``reply_to`` queue, the request
+        body is dead-lettered (``dead_letter_body``).
+        """
+
+        def done(returned: set[str]) -> None:
+            if not returned:
+                if on_acked is not None:
+                    on_acked()
+                return
+            self.metrics.publish_failures.labels(kind="returned").inc(len(returned))
+            back = [(mid, body) for mid, body in messages if mid in returned]
+            if target != self.cfg.OutQueue:
+                self.broker.dead_letter_body(
+                    d.body, f"reply queue {target} (reply_to) does not exist", "unroutable"
+                )
+                return
+            unroutable = (
+                f"the reply came back unroutable from OutQueue {target}, even after "
+                "declaring the queue again"
+            )
+            failed_once = [False]
+
+            def failed(kind: str) -> None:
+                if failed_once[0]:
+                    return
+                failed_once[0] = True
+                self.metrics.publish_failures.labels(kind=kind).inc()
+                if kind == "returned":
+                    self.broker.dead_letter_body(d.body, unroutable, "unroutable")
+                else:  # the request is acked: nothing is redelivered
+                    self.log.error("reply_lost", msg_id=in_msg_id, kind=kind)
+
+            def again() -> None:
+                for mid, body in back:
+                    if not self.broker.publish(
+                        "", target, body, amqp.properties(mid, in_msg_id), _noop, failed
+                    ):
+                        failed("connection_lost")
+
+            if not self.broker.declare_again(target, again):
+                failed("connection_lost")
+
+        messages_out = [(body, amqp.properties(mid, in_msg_id)) for mid, body in messages]
+        self.broker.publish_ack(d, "", target, messages_out, done)
 
     def on_connection_lost(self) -> None:
         """The broker will redeliver: the waiting deliveries' tags are void."""
@@ -550,7 +612,7 @@ class Master:
                 )
                 self.broker.connect()
             if self.stopping and (
-                (not self.jobs and not self.broker.confirms) or now >= self.stop_deadline
+                (not self.jobs and not self.broker.unsettled()) or now >= self.stop_deadline
             ):
                 self.finish_stop()
         except amqp.CONNECTION_ERRORS as e:
@@ -580,6 +642,10 @@ class Master:
             raise self.fatal
         self.log.info("stopped")
         return 0
+
+
+def _noop() -> None:
+    pass
 
 
 def _ms(t0: float) -> float:
