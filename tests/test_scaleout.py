@@ -293,7 +293,7 @@ def test_daemon_killed_and_broker_node_stopped_under_load(
         time.sleep(3)
         node.start_app()
         cluster.wait_members(timeout=60)
-        if not col.wait_ids(ids, timeout=90):
+        if not col.wait_ids(ids, timeout=180):
             stats = {q: cluster.queue_stats(q) for q in [lab.in_queue, *lab.partition_queues()]}
             raise AssertionError(f"{len(col.snapshot())} of {len(ids)} answered; {stats}")
         got = _check_outcome(lab, col, ids, proxy)
