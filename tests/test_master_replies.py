@@ -210,9 +210,7 @@ def test_tx_reply_returned_again_dead_letters_the_request(master: Any) -> None:
 
 def test_tx_reply_to_missing_dead_letters_the_request(master: Any) -> None:
     b = ScriptedBroker(lambda _n, _t: "returned")
-    answer(
-        master, b, replymod.dumps(replymod.error_reply("r1", "x")), False, "client.q", tx=True
-    )
+    answer(master, b, replymod.dumps(replymod.error_reply("r1", "x")), False, "client.q", tx=True)
     assert b.declared == [] and len(b.published) == 1
     assert b.dead == [(REQUEST, "reply queue client.q (reply_to) does not exist", "unroutable")]
 
@@ -223,13 +221,13 @@ def test_tx_tracker_one_commit_at_a_time_backlog_returns() -> None:
     t = TxTracker()
     seen: list[set[str]] = []
     assert not t.begin()  # nothing sent: no commit
-    t.add(["a", "b"], seen.append)
+    t.add([("a", "OUT"), ("b", "OUT")], seen.append)
     t.dirty = True
     assert t.begin() and t.busy()
     t.dirty = True  # something more sent meanwhile would be refused by RabbitMQ...
     assert not t.begin()  # ... so no second commit while one is in flight
-    t.add(["c"], seen.append)
-    t.on_return("b")
+    t.add([("c", "OUT")], seen.append)
+    t.on_return("b", "OUT")
     [(cb, back)] = t.committed()
     cb(back)
     assert seen == [{"b"}]
@@ -237,6 +235,26 @@ def test_tx_tracker_one_commit_at_a_time_backlog_returns() -> None:
     [(cb, back)] = t.committed()
     cb(back)
     assert seen == [{"b"}, set()] and not t.busy()
-    t.add(["d"], seen.append)
+    t.add([("d", "OUT")], seen.append)
     t.backlog.append(lambda: None)
     assert t.reset() == 2 and not t.busy()
+
+
+def test_tx_tracker_a_return_counts_for_one_delivery_of_its_queue() -> None:
+    from dlms2amqp.daemon.amqp import TxTracker
+
+    # Given one reply (one message id) published for two deliveries of one request in one
+    # transaction, to OutQueue and to a reply_to queue that does not exist
+    t = TxTracker()
+    seen: list[tuple[str, set[str]]] = []
+    t.add([("r1", "OUT")], lambda back: seen.append(("out", back)))
+    t.add([("r1", "gone.q")], lambda back: seen.append(("gone", back)))
+    t.dirty = True
+    assert t.begin()
+    # When the broker returns the one sent to the missing queue
+    t.on_return("r1", "gone.q")
+    for cb, back in t.committed():
+        cb(back)
+    # Then only that delivery learns its reply came back
+    assert seen == [("out", set()), ("gone", {"r1"})]
+    assert not t.returned

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections import Counter
 from typing import Any, Callable, Generic, Optional, TypeVar
 
 import pika
@@ -314,26 +315,31 @@ class TxTracker:
     channel (it closes the connection: 504 "unexpected command while processing
     'tx.commit'"), so what comes up meanwhile waits in ``backlog`` and goes out after the
     commit-ok, in the next transaction (a group commit).  ``add`` registers a callback for
-    the operations just sent; ``committed`` (on the commit-ok) hands back the callbacks
-    of that commit with the message ids returned unroutable (the broker sends those
-    returns before the commit-ok).
+    the messages just sent, as (message id, routing key) pairs; ``committed`` (on the
+    commit-ok) hands back the callbacks of that commit, each with the message ids of its
+    own that came back unroutable (the broker sends those returns before the commit-ok).
+    Returns are counted per (message id, routing key): two deliveries of one request, one
+    answered to a missing ``reply_to``, get one return between them, not both or none.
     """
 
     def __init__(self) -> None:
-        self.open: list[tuple[list[Optional[str]], Callable[[set[str]], None]]] = []
-        self.committing: Optional[list[tuple[list[Optional[str]], Callable[[set[str]], None]]]]
-        self.committing = None
+        self.open: list[tuple[list[tuple[Optional[str], str]], Callable[[set[str]], None]]] = []
+        self.committing: Optional[
+            list[tuple[list[tuple[Optional[str], str]], Callable[[set[str]], None]]]
+        ] = None
         self.dirty = False  # something sent since the last commit went out
         self.backlog: list[Callable[[], None]] = []  # to send after the commit in flight
         self.flushing = False  # sending the backlog: one commit for all of it, afterwards
-        self.returned: set[str] = set()
+        self.returned: Counter[tuple[str, str]] = Counter()
 
-    def add(self, message_ids: list[Optional[str]], on_done: Callable[[set[str]], None]) -> None:
-        self.open.append((message_ids, on_done))
+    def add(
+        self, messages: list[tuple[Optional[str], str]], on_done: Callable[[set[str]], None]
+    ) -> None:
+        self.open.append((messages, on_done))
 
-    def on_return(self, message_id: Optional[str]) -> None:
+    def on_return(self, message_id: Optional[str], routing_key: str = "") -> None:
         if message_id:
-            self.returned.add(message_id)
+            self.returned[(message_id, routing_key)] += 1
 
     def begin(self) -> bool:
         """True when a commit is to go out now: something was sent, none in flight."""
@@ -346,10 +352,14 @@ class TxTracker:
         """The commit in flight is ok: its callbacks, each with its returned message ids."""
         batch, self.committing = self.committing or [], None
         out = []
-        for mids, on_done in batch:
-            back = {m for m in mids if m is not None and m in self.returned}
-            self.returned -= back
+        for messages, on_done in batch:
+            back = set()
+            for mid, key in messages:
+                if mid is not None and self.returned[(mid, key)] > 0:
+                    self.returned[(mid, key)] -= 1
+                    back.add(mid)
             out.append((on_done, back))
+        self.returned = +self.returned  # drop the zeros
         return out
 
     def busy(self) -> bool:

@@ -214,8 +214,27 @@ class Broker:
 
     def _on_tx_channel(self, ch: Any) -> None:
         self.txch = ch
+        # pika rejects a delivery that reaches a consumer it cancelled by itself
+        # (Channel._on_deliver -> self.basic_reject): on this channel that reject must wait
+        # for the commit in flight like every other command, or the broker closes the
+        # connection (504), and it must be committed, or the request stays unacked here
+        raw_reject = ch.basic_reject
+        gen = self.gen
+
+        def reject_in_tx(delivery_tag: int = 0, requeue: bool = True) -> None:
+            def op() -> None:
+                if gen == self.gen and self.txch is ch:
+                    raw_reject(delivery_tag, requeue=requeue)
+                    self.tx.dirty = True
+                    self._commit()
+
+            self._on_tx(op)
+
+        ch.basic_reject = reject_in_tx
         ch.add_on_close_callback(self._on_tx_channel_closed)
-        ch.add_on_return_callback(lambda _c, _m, props, _b: self.tx.on_return(props.message_id))
+        ch.add_on_return_callback(
+            lambda _c, m, props, _b: self.tx.on_return(props.message_id, m.routing_key)
+        )
         ch.add_on_cancel_callback(self.guard(self._on_cancelled))
         ch.tx_select(
             callback=self.guard(
@@ -275,8 +294,10 @@ class Broker:
         self.tags[tag] = queue
         gen = self.gen
         self._on_tx(
-            lambda: gen == self.gen
-            and ch.basic_consume(queue, self.guard(self._on_message), consumer_tag=tag)
+            lambda: (
+                gen == self.gen
+                and ch.basic_consume(queue, self.guard(self._on_message), consumer_tag=tag)
+            )
         )
 
     def cancel_queue(self, queue: str, on_ok: Callable[[], None]) -> None:
@@ -506,9 +527,7 @@ class Broker:
     def requeue(self, d: Delivery) -> None:
         if self.current(d):
             if d.tx:  # transactional too
-                self._on_tx(
-                    lambda: self._tx_send(d, lambda ch: ch.basic_nack(d.tag, requeue=True))
-                )
+                self._on_tx(lambda: self._tx_send(d, lambda ch: ch.basic_nack(d.tag, requeue=True)))
             else:
                 self.ch.basic_nack(d.tag, requeue=True)
             self.unacked -= 1
@@ -540,7 +559,7 @@ class Broker:
             for body, props in messages:
                 ch.basic_publish(exchange, routing_key, body, props, mandatory=True)
             ch.basic_ack(d.tag)
-            self.tx.add([p.message_id for _b, p in messages], on_done)
+            self.tx.add([(p.message_id, routing_key) for _b, p in messages], on_done)
 
         self._on_tx(lambda: self._tx_send(d, send))
         return True
@@ -571,14 +590,21 @@ class Broker:
     def _on_commit_ok(self, gen: int) -> None:
         if gen != self.gen:
             return
-        for on_done, returned in self.tx.committed():
-            on_done(returned)
-        # what came up during the commit goes out now, in one transaction
+        done = self.tx.committed()
+        # what came up during the commit goes out now, then what the callbacks send, all
+        # in the next transaction: nothing may commit while this is being sent
         backlog, self.tx.backlog = self.tx.backlog, []
         self.tx.flushing = True
         try:
             for op in backlog:
                 op()
+            for on_done, returned in done:
+                try:
+                    on_done(returned)
+                except amqp.CONNECTION_ERRORS:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the others' callbacks still run
+                    self.log.exception("commit_callback_failed", error=type(e).__name__)
         finally:
             self.tx.flushing = False
         self._commit()
@@ -757,7 +783,8 @@ class Broker:
         if self.conn is not None and self.conn.is_open:
             try:
                 for d in requeue:
-                    self.requeue(d)
+                    if not d.tx:  # the tx channel's close requeues its deliveries itself
+                        self.requeue(d)
                 self.conn.close()
             except amqp.CONNECTION_ERRORS:
                 self.ioloop.stop()

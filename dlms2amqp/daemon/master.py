@@ -170,13 +170,13 @@ class Master:
         if self.mover is not None and d.queue == partitions.expired_name(self.cfg):
             self.serial_expired(d, props, body)
             return
-        if self.mover is not None and d.queue == self.cfg.InQueue:
-            self.mover.move(d, props, body)  # to its partition; read when it comes back
-            return
         if self.balancer is not None and self.balancer.on_delivery(d.queue, d, method, props, body):
             return  # held: this partition is being given to another daemon
         t0 = time.monotonic()
         try:
+            if self.mover is not None and d.queue == self.cfg.InQueue:
+                self.mover.move(d, props, body)  # to its partition; read when it comes back
+                return
             decision = self.intake.decide(
                 body, props.headers, self.by_key, bool(method.redelivered)
             )

@@ -588,10 +588,17 @@ class Mover:
                 self.log.info("move_unresolved", host=target.host)
             if self.broker.current(d):  # else void: the broker redelivers the request
                 self._publish(d, props, body, key_of(target, address))
+        except amqp.CONNECTION_ERRORS:
+            raise
         except Exception as e:  # noqa: BLE001 - a callback must not stop the loop
             if self.on_error is None:
                 raise
             self.on_error(e)
+            # settled, or it would hold a prefetch slot of InQueue until the next reconnect
+            if self.broker.current(d):
+                self.broker.dead_letter(
+                    d, body, f"internal error in the gateway ({type(e).__name__})", "internal"
+                )
 
     def _publish(self, d: Any, props: Any, body: bytes, key: str) -> None:
         exchange = serial_exchange(self.cfg) if key.startswith("serial:") else self.exchange
