@@ -115,6 +115,11 @@ class Metrics:
             "Invocation counters taken from the meter because ours was behind",
             registry=r,
         )
+        self.replies_replayed = Counter(
+            p + "replies_replayed",
+            "Replies published again because the connection closed during their commit",
+            registry=r,
+        )
         self.build_info = Gauge(p + "build_info", "Version of dlms2amqp", ["version"], registry=r)
         self.build_info.labels(version=__version__).set(1)
 

@@ -258,3 +258,26 @@ def test_tx_tracker_a_return_counts_for_one_delivery_of_its_queue() -> None:
     # Then only that delivery learns its reply came back
     assert seen == [("out", set()), ("gone", {"r1"})]
     assert not t.returned
+
+
+def test_tx_tracker_keeps_the_messages_of_a_commit_in_doubt() -> None:
+    from dlms2amqp.daemon.amqp import TxTracker
+
+    # Given two replies committed together, and a third sent after the commit went out
+    t = TxTracker()
+    t.add([("r1", "OUT")], lambda back: None, [("", "OUT", b"one", "p1")])
+    t.add([("r2", "OUT")], lambda back: None, [("", "OUT", b"two", "p2")])
+    t.dirty = True
+    assert t.begin()
+    t.add([("r3", "OUT")], lambda back: None, [("", "OUT", b"three", "p3")])
+    # When the connection closes before the commit-ok: the commit's messages are in doubt
+    # (the broker may have settled the acks and lost the publishes), the third never left
+    assert t.in_doubt() == [("", "OUT", b"one", "p1"), ("", "OUT", b"two", "p2")]
+    t.reset()
+    assert t.in_doubt() == [] and not t.replays
+    # and a commit that came back ok leaves nothing in doubt
+    t.add([("r4", "OUT")], lambda back: None, [("", "OUT", b"four", "p4")])
+    t.dirty = True
+    assert t.begin()
+    t.committed()
+    assert t.in_doubt() == [] and not t.replays

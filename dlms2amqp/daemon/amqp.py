@@ -331,11 +331,30 @@ class TxTracker:
         self.backlog: list[Callable[[], None]] = []  # to send after the commit in flight
         self.flushing = False  # sending the backlog: one commit for all of it, afterwards
         self.returned: Counter[tuple[str, str]] = Counter()
+        #: what each callback's commit published (exchange, routing key, body, properties)
+        self.replays: dict[int, list[tuple[str, str, bytes, Any]]] = {}
 
     def add(
-        self, messages: list[tuple[Optional[str], str]], on_done: Callable[[set[str]], None]
+        self,
+        messages: list[tuple[Optional[str], str]],
+        on_done: Callable[[set[str]], None],
+        replay: Optional[list[tuple[str, str, bytes, Any]]] = None,
     ) -> None:
         self.open.append((messages, on_done))
+        if replay:
+            self.replays[id(on_done)] = replay
+
+    def in_doubt(self) -> list[tuple[str, str, bytes, Any]]:
+        """The messages of the commit in flight: the channel went away before its commit-ok.
+
+        RabbitMQ's commit is not atomic across queues (a broker node stopping during it can
+        settle the ack and lose the publish), so its outcome is unknown: the caller
+        publishes these again (from the reply store's bytes, so a copy is identical).
+        """
+        out: list[tuple[str, str, bytes, Any]] = []
+        for _messages, on_done in self.committing or []:
+            out.extend(self.replays.get(id(on_done), []))
+        return out
 
     def on_return(self, message_id: Optional[str], routing_key: str = "") -> None:
         if message_id:
@@ -359,6 +378,7 @@ class TxTracker:
                     self.returned[(mid, key)] -= 1
                     back.add(mid)
             out.append((on_done, back))
+            self.replays.pop(id(on_done), None)
         self.returned = +self.returned  # drop the zeros
         return out
 
@@ -371,6 +391,7 @@ class TxTracker:
         self.open, self.committing, self.dirty = [], None, False
         self.backlog, self.flushing = [], False
         self.returned.clear()
+        self.replays.clear()
         return n
 
 

@@ -113,6 +113,8 @@ class Broker:
         # whose requests are read here; a reply and the ack of its request are one commit
         self.txch: Any = None
         self.tx = amqp.TxTracker()
+        #: messages of commits in doubt, published again on the next connection
+        self.replay: list[tuple[str, str, bytes, Any]] = []
         self.consumers_made = 0  # for consumer tags of our own on the tx channel
         self.declaring: Optional[tuple[str, str, Optional[dict]]] = None
         self.channel_error: Optional[BaseException] = None
@@ -318,6 +320,24 @@ class Broker:
         else:
             ch.basic_cancel(tag, callback=self.guard(done))
 
+    def _replay(self) -> None:
+        """Publish again, with confirms, what a commit in doubt published (connection_lost)."""
+        pending, self.replay = self.replay, []
+        for item in pending:
+            exchange, key, body, props = item
+
+            def failed(kind: str, item: tuple = item) -> None:
+                if kind == "returned":  # its queue is gone: nobody can take it
+                    self.log.error("replay_returned", message_id=item[3].message_id)
+                else:
+                    self.replay.append(item)  # the next connection tries again
+
+            if not self.publish(exchange, key, body, props, lambda: None, failed):
+                self.replay.append(item)
+        if pending:
+            self.metrics.replies_replayed.inc(len(pending))
+            self.log.warning("commit_in_doubt_published_again", messages=len(pending))
+
     def count_consumers(self, queue: str, on_count: Callable[[int], None]) -> None:
         """Passive declare: the consumer count of ``queue`` (ours included)."""
         if self.ch is None or not self.ready:
@@ -330,6 +350,7 @@ class Broker:
 
     def _on_consume_ok(self, _frame: Any) -> None:
         self.ready = True
+        self._replay()
         if self.failures:
             self.metrics.broker_reconnects.inc()
         # the back-off is not reset here: see watch() (HEALTHY_SECONDS)
@@ -444,6 +465,12 @@ class Broker:
         self.redeclaring.clear()  # their deliveries are void now
         self.gen += 1
         left = self.confirms.reset()
+        doubt = self.tx.in_doubt()
+        if doubt:
+            # the commit may have settled the acks and lost the publishes: send those again
+            # once connected (identical bytes: a duplicate at worst, never a lost reply)
+            self.replay.extend(doubt)
+            self.log.warning("commit_in_doubt", messages=len(doubt))
         uncommitted = self.tx.reset()  # rolled back by the broker, or committed unseen
         if left or uncommitted:
             self.metrics.publish_failures.labels(kind="connection_lost").inc(
@@ -559,7 +586,11 @@ class Broker:
             for body, props in messages:
                 ch.basic_publish(exchange, routing_key, body, props, mandatory=True)
             ch.basic_ack(d.tag)
-            self.tx.add([(p.message_id, routing_key) for _b, p in messages], on_done)
+            self.tx.add(
+                [(p.message_id, routing_key) for _b, p in messages],
+                on_done,
+                [(exchange, routing_key, b, p) for b, p in messages],
+            )
 
         self._on_tx(lambda: self._tx_send(d, send))
         return True
