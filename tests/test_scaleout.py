@@ -53,6 +53,24 @@ def _requests(lab: ScaleLab, sim: Any, n: int, prefix: str) -> list[tuple[str, b
     return out
 
 
+def _three_daemons_under_load(
+    lab: ScaleLab, sim: Any, n: int, prefix: str, replies_first: int
+) -> tuple[list[Any], Any, set[str]]:
+    """3 daemons subscribed, a collector, ``n`` requests published; returns once
+    ``replies_first`` replies are in (at most 60 s): (daemons, collector, request ids)."""
+    daemons = [lab.start_daemon() for _ in range(3)]
+    lab.wait_subscribed(3)
+    col = lab.collector()
+    assert col.ready.wait(30)
+    reqs = _requests(lab, sim, n, prefix)
+    ids = {m for m, _ in reqs}
+    lab.publish(reqs)
+    deadline = time.monotonic() + 60
+    while len(col.snapshot()) < replies_first and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return daemons, col, ids
+
+
 def _check_outcome(lab: ScaleLab, col: Any, ids: set[str], proxy: TcpProxy) -> dict:
     """Every id answered (or dead-lettered with a reason), one association per meter at any
     time, duplicates identical; returns the replies by id."""
@@ -219,17 +237,7 @@ def test_fourth_daemon_takes_partitions_under_load(
     # must be handed one of the 4 busy partitions
     lab, proxy, spare = _lab_without_empty_partition(cluster, tmp_path, sim, proxy, 4)
     try:
-        for _ in range(3):
-            lab.start_daemon()
-        lab.wait_subscribed(3)
-        col = lab.collector()
-        assert col.ready.wait(30)
-        reqs = _requests(lab, sim, 600, "four")
-        ids = {m for m, _ in reqs}
-        lab.publish(reqs)
-        deadline = time.monotonic() + 60
-        while len(col.snapshot()) < 100 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _daemons, col, ids = _three_daemons_under_load(lab, sim, 600, "four", 100)
         fourth = lab.start_daemon()
         t0 = time.monotonic()
         # keep the load on until the newcomer has been handed a partition (typically
@@ -269,16 +277,7 @@ def test_daemon_killed_and_broker_node_stopped_under_load(
     sim, proxy = meters
     lab = ScaleLab(cluster, tmp_path, proxy, partitions=12)
     try:
-        daemons = [lab.start_daemon() for _ in range(3)]
-        lab.wait_subscribed(3)
-        col = lab.collector()
-        assert col.ready.wait(30)
-        reqs = _requests(lab, sim, 600, "fault")
-        ids = {m for m, _ in reqs}
-        lab.publish(reqs)
-        deadline = time.monotonic() + 60
-        while len(col.snapshot()) < 300 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        daemons, col, ids = _three_daemons_under_load(lab, sim, 600, "fault", 300)
         # kill -9 the daemon serving the most partitions
         victim = max(daemons, key=lambda d: d.metric("dlms2amqp_partitions_active"))
         assert victim.metric("dlms2amqp_partitions_active") > 0
