@@ -221,11 +221,12 @@ class Broker:
         # for the commit in flight like every other command, or the broker closes the
         # connection (504), and it must be committed, or the request stays unacked here
         raw_reject = ch.basic_reject
-        gen = self.gen
 
         def reject_in_tx(delivery_tag: int = 0, requeue: bool = True) -> None:
             def op() -> None:
-                if gen == self.gen and self.txch is ch:
+                # this channel still (a tag is void on another); not self.gen: _consume
+                # starts the generation after this channel opened
+                if self.txch is ch and ch.is_open:
                     raw_reject(delivery_tag, requeue=requeue)
                     self.tx.dirty = True
                     self._commit()
