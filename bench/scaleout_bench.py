@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from testing.cluster import Cluster  # noqa: E402
 from testing.daemon import children_of  # noqa: E402
+from testing.ports import free_port_range  # noqa: E402
 from testing.scaleout import LOW, ScaleLab, replies_by_id  # noqa: E402
 from testing.simulator import running_simulator  # noqa: E402
 
@@ -103,7 +104,12 @@ def main() -> int:
     print(f"cluster started in {time.monotonic() - t0:.1f} s", flush=True)
     results: dict[str, dict] = {}
     try:
-        with running_simulator(args.N, "--procs", str(args.procs), timeout=300) as sim:
+        # 10,000 ports do not fit the harness's default 20000..31000 beside the cluster's
+        # ports (and RabbitMQ's 25672): search below the ephemeral range, as bench/load.py
+        first = free_port_range(args.N, low=1025, high=32000)
+        with running_simulator(
+            args.N, "--procs", str(args.procs), port=first, timeout=300
+        ) as sim:
             plan = [("direct", 1, 0), ("1 daemon", 1, args.P), ("2 daemons", 2, args.P)]
             for name, daemons, parts in plan:
                 results[name] = r = run(cluster, sim, args.N, daemons, parts, work / name)
