@@ -100,13 +100,7 @@ def test_three_daemons_600_requests_one_association_per_meter(
     sim, proxy = meters
     lab = ScaleLab(cluster, tmp_path, proxy, partitions=12)
     try:
-        daemons = [lab.start_daemon() for _ in range(3)]
-        lab.wait_subscribed(3)
-        col = lab.collector()
-        assert col.ready.wait(30)
-        reqs = _requests(lab, sim, 600, "three")
-        ids = {m for m, _ in reqs}
-        lab.publish(reqs)
+        daemons, col, ids = _three_daemons_under_load(lab, sim, 600, "three", 0)
         assert col.wait_ids(ids, timeout=180), col.error
         got = _check_outcome(lab, col, ids, proxy)
         bad = {i: r[0].get("Error") for i, r in got.items() if r[0]["Status"] != "ok"}
