@@ -117,7 +117,15 @@ class Metrics:
         )
         self.replies_replayed = Counter(
             p + "replies_replayed",
-            "Replies published again because the connection closed during their commit",
+            "Replies whose commit was in doubt (connection closed during it), sent back to "
+            "their partition for its owner to settle",
+            registry=r,
+        )
+        self.in_doubt = Counter(
+            p + "in_doubt_settled",
+            "Commits in doubt settled here: published, dropped (request answered or being "
+            "read here), refused (not a daemon's)",
+            ["outcome"],
             registry=r,
         )
         self.build_info = Gauge(p + "build_info", "Version of dlms2amqp", ["version"], registry=r)

@@ -275,9 +275,7 @@ def gurux_settings(utc_normal: bool) -> GXDLMSSettings:
 def test_deviation_sign_switch_decodes_as_gurux(deviation, utc_normal):
     # Given a date-time whose deviation is read with or without Gurux's UseUtc2NormalTime
     raw = struct.pack(">HBBBBBBBhB", 2026, 3, 1, 7, 12, 0, 0, 0, deviation, 0)
-    gx = _GXCommon.getData(
-        gurux_settings(utc_normal), GXByteBuffer(b"\x19" + raw), _GXDataInfo()
-    )
+    gx = _GXCommon.getData(gurux_settings(utc_normal), GXByteBuffer(b"\x19" + raw), _GXDataInfo())
     # Then ours gives the instant Gurux gives, as octet string and as tag 25
     assert axdr.to_datetime(raw, utc_normal=utc_normal) == gx.value
     assert axdr.to_datetime(raw, utc_normal=utc_normal).utcoffset() == gx.value.utcoffset()

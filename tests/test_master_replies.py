@@ -33,6 +33,7 @@ class ScriptedBroker:
         self.max_message_size: Optional[int] = None
         self.later: list[Callable[[], None]] = []
         self.commits = 0
+        self.in_doubt: list[Any] = []  # what each commit would leave to settle if in doubt
 
     def current(self, d: Delivery) -> bool:
         return True
@@ -47,9 +48,16 @@ class ScriptedBroker:
         return True
 
     def publish_ack(
-        self, d: Delivery, _x: str, target: str, messages: list[tuple[bytes, Any]], on_done: Any
+        self,
+        d: Delivery,
+        _x: str,
+        target: str,
+        messages: list[tuple[bytes, Any]],
+        on_done: Any,
+        in_doubt: Optional[list[Any]] = None,
     ) -> bool:
         """The tx channel: every message and the ack in one commit; returns come with it."""
+        self.in_doubt.append(in_doubt)
         returned = set()
         for body, props in messages:
             n = len(self.published)
@@ -213,6 +221,130 @@ def test_tx_reply_to_missing_dead_letters_the_request(master: Any) -> None:
     answer(master, b, replymod.dumps(replymod.error_reply("r1", "x")), False, "client.q", tx=True)
     assert b.declared == [] and len(b.published) == 1
     assert b.dead == [(REQUEST, "reply queue client.q (reply_to) does not exist", "unroutable")]
+
+
+# --- commits in doubt (daemon/indoubt.py) ----------------------------------------------
+def test_tx_commit_in_doubt_leaves_request_and_reply_for_the_partition(master: Any) -> None:
+    from dlms2amqp.daemon import indoubt
+
+    # Given a reply in parts to a request that came from partition p03
+    b = ScriptedBroker(lambda _n, _t: "ok")
+    master.broker = b
+    d = Delivery(1, 7, "client.q", REQUEST, queue="in.p03", tx=True)
+    key = master.store.key_for("r1", REQUEST)
+    body = big_reply()
+    master.answer(key, "r1", "reply-1", body, [d], split=True)
+    b.run()
+    # Then if that commit ends in doubt, one message goes back into p03: request + the
+    # whole stored reply (not its parts), from our broker user, for p03's owner
+    [[(exchange, queue, msg, props)]] = b.in_doubt
+    assert (exchange, queue) == ("", "in.p03") and msg == REQUEST + body
+    assert props.user_id == master.cfg.UserName and props.reply_to == "client.q"
+    assert props.headers == {indoubt.HEADER: "reply-1", indoubt.LENGTH_HEADER: len(REQUEST)}
+    assert props.delivery_mode == 2
+    # and the commit that came back ok marks the request answered here
+    assert key in master.committed
+
+
+def in_doubt_delivery(
+    master: Any, reply: bytes, user: Optional[str] = None, tag: int = 9
+) -> tuple[Delivery, Any, bytes]:
+    from dlms2amqp.daemon import indoubt
+
+    _x, queue, body, props = indoubt.message(
+        master.cfg.UserName if user is None else user,
+        "in.p03",
+        "client.q",
+        REQUEST,
+        "reply-1",
+        reply,
+    )
+    return Delivery(1, tag, props.reply_to, body, queue=queue, tx=True), props, body
+
+
+def test_in_doubt_unknown_here_is_published_stored_and_acked_in_one_commit(master: Any) -> None:
+    # Given a commit in doubt of another daemon, for a request this daemon never saw
+    b = ScriptedBroker(lambda _n, _t: "ok")
+    master.broker = b
+    reply = replymod.dumps(replymod.error_reply("r1", "x"))
+    d, props, body = in_doubt_delivery(master, reply)
+    master.settle_in_doubt(d, props, body)
+    b.run()
+    # Then its reply goes to the request's reply_to with the ack, and is stored: a
+    # redelivery of the request itself is answered with the same bytes
+    assert b.published == [("client.q", reply)] and b.acked == [9] and b.commits == 1
+    key = master.store.key_for("r1", REQUEST)
+    assert master.store.get(key) == ("reply-1", reply)
+    assert key in master.committed and not b.dead
+
+
+def test_in_doubt_answered_or_being_read_here_is_dropped(master: Any) -> None:
+    # Given a request whose reply this daemon committed (it got the redelivery first)
+    b = ScriptedBroker(lambda _n, _t: "ok")
+    master.broker = b
+    key = master.store.key_for("r1", REQUEST)
+    mine = replymod.dumps(replymod.error_reply("r1", "read here"))
+    master.answer(key, "r1", "reply-2", mine, [Delivery(1, 7, "client.q", REQUEST, tx=True)])
+    b.run()
+    assert b.published == [("client.q", mine)]
+    # When another daemon's reply in doubt for it arrives
+    d, props, body = in_doubt_delivery(master, replymod.dumps(replymod.error_reply("r1", "x")))
+    master.settle_in_doubt(d, props, body)
+    b.run()
+    # Then it is acked and dropped: one reply for the request, ours
+    assert b.published == [("client.q", mine)] and b.acked == [7, 9]
+    # And while the request is being read here, the same
+    master.committed.clear()
+    master.by_key[key] = 1
+    d, props, body = in_doubt_delivery(master, b"{}", tag=10)
+    master.settle_in_doubt(d, props, body)
+    assert b.published == [("client.q", mine)] and b.acked == [7, 9, 10] and not b.dead
+
+
+def test_in_doubt_stored_but_not_committed_here_is_published(master: Any) -> None:
+    # Given our own reply whose commit ended in doubt (stored here, no commit-ok)
+    key = master.store.key_for("r1", REQUEST)
+    reply = replymod.dumps(replymod.error_reply("r1", "x"))
+    master.store.put(key, "reply-1", reply)
+    # When its in-doubt message comes back to us (we still own the partition)
+    b = ScriptedBroker(lambda _n, _t: "ok")
+    master.broker = b
+    d, props, body = in_doubt_delivery(master, reply)
+    master.settle_in_doubt(d, props, body)
+    b.run()
+    # Then it is published: the broker may have settled the ack and lost the reply
+    assert b.published == [("client.q", reply)] and b.acked == [9]
+
+
+@pytest.mark.parametrize("user", ["mallory", ""])
+def test_in_doubt_from_another_user_is_dead_lettered_never_published(
+    master: Any, user: str
+) -> None:
+    b = ScriptedBroker(lambda _n, _t: "ok")
+    master.broker = b
+    forged = replymod.dumps(replymod.ok_reply("r1", []))
+    d, props, body = in_doubt_delivery(master, forged, user=user or None)
+    if not user:
+        props.user_id = None
+    master.settle_in_doubt(d, props, body)
+    assert b.published == []
+    [(dead_body, reason, kind)] = b.dead
+    assert dead_body == body and kind == "in_doubt_refused" and "not ours" in reason
+    assert master.store.get(master.store.key_for("r1", REQUEST)) is None
+
+
+def test_in_doubt_headers_are_not_moved_from_inqueue() -> None:
+    import pika
+
+    from dlms2amqp.daemon import indoubt, partitions
+
+    # A client puts the in-doubt headers on a request: the mover drops them
+    props = pika.BasicProperties(
+        headers={indoubt.HEADER: "x", indoubt.LENGTH_HEADER: 3, "mine": 1}, user_id="guest"
+    )
+    out = partitions.moved_properties(props)
+    assert out.headers == {"mine": 1} and out.user_id is None
+    assert not indoubt.is_in_doubt(out)
 
 
 def test_tx_tracker_one_commit_at_a_time_backlog_returns() -> None:

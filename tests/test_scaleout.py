@@ -21,6 +21,7 @@ import pytest
 
 from dlms2amqp.config import build_config
 from dlms2amqp.daemon import partitions as parts
+from testing.amqpcut import AmqpCut
 from testing.cluster import Cluster
 from testing.oracle import dead_letter_reason, reply_in_id
 from testing.proxy import TcpProxy
@@ -296,6 +297,67 @@ def test_daemon_killed_and_broker_node_stopped_under_load(
         col.stop()
     finally:
         lab.stop_all()
+
+
+@pytest.mark.parametrize("cut", ["before", "after"])
+def test_commit_in_doubt_is_settled_by_the_partition_owner(
+    cluster: Cluster, tmp_path: Path, meters: tuple[Any, TcpProxy], cut: str
+) -> None:
+    """The connection closes while the reply's commit is in flight (a relay cuts it at the
+    tx.commit, or at its commit-ok): whichever way the broker went, the client gets
+    replies that are all the same bytes - one read's reply, never two different ones -
+    and at least one."""
+    sim, proxy = meters
+    lab = ScaleLab(cluster, tmp_path, proxy, partitions=1)  # one partition: no hand-over
+    relay = AmqpCut(cluster.nodes[0].port)
+    try:
+        # d0 owns the partition and reaches the broker through the relay; d1 stands by
+        first = lab.start_daemon(Port=relay.port, ClusterHosts=[])
+        [partition] = lab.partition_queues()
+        deadline = time.monotonic() + 30
+        while lab.consumers(partition) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)  # subscribed first: the broker's single active consumer
+        assert lab.consumers(partition) == 1
+        second = lab.start_daemon()
+        lab.wait_subscribed(2)
+        col = lab.collector()
+        assert col.ready.wait(30)
+        relay.arm(cut)
+        lab.publish([("doubt-1", lab.request("doubt-1", sim.port, LOW))])
+        assert col.wait_ids({"doubt-1"}, timeout=60), col.error
+        # the in-doubt message reaches the partition's owner, who settles it
+        deadline = time.monotonic() + 60
+        settled: list[dict] = []
+        while not settled and time.monotonic() < deadline:
+            settled = [
+                e
+                for d in lab.daemons
+                for e in d.events()
+                if e.get("event") in ("in_doubt_dropped", "in_doubt_published")
+            ]
+            time.sleep(0.3)
+        time.sleep(2)  # a reply published by the settling commit reaches the collector
+        assert relay.cuts == [cut]
+        assert first.events("commit_in_doubt") and first.events("commit_in_doubt_sent")
+        assert settled, _partition_story(lab.daemons)
+        replies = replies_by_id(col.snapshot(), lab.out_queue)["doubt-1"]
+        assert len({json.dumps(r, sort_keys=True) for r in replies}) == 1, replies
+        assert replies[0]["Status"] == "ok"
+        readers = [d for d in lab.daemons if d.events("request")]
+        if cut == "before":
+            # rolled back: the request went to d1 (next in line) and was read again there;
+            # d0's copy, in doubt, arrived after it and was dropped
+            assert second in readers and len(replies) == 1
+            assert [e["event"] for e in settled] == ["in_doubt_dropped"]
+        else:
+            # committed: nobody reads it again; the copy in doubt is published by the
+            # partition's next owner - the same bytes, a duplicate at most
+            assert readers == [first]
+            assert [e["event"] for e in settled] == ["in_doubt_published"]
+        col.stop()
+    finally:
+        lab.stop_all()
+        relay.close()
 
 
 def test_check_config_shows_topology(tmp_path: Path) -> None:

@@ -331,7 +331,8 @@ class TxTracker:
         self.backlog: list[Callable[[], None]] = []  # to send after the commit in flight
         self.flushing = False  # sending the backlog: one commit for all of it, afterwards
         self.returned: Counter[tuple[str, str]] = Counter()
-        #: what each callback's commit published (exchange, routing key, body, properties)
+        #: what to publish for each callback if its commit ends in doubt
+        #: (exchange, routing key, body, properties)
         self.replays: dict[int, list[tuple[str, str, bytes, Any]]] = {}
 
     def add(
@@ -349,7 +350,8 @@ class TxTracker:
 
         RabbitMQ's commit is not atomic across queues (a broker node stopping during it can
         settle the ack and lose the publish), so its outcome is unknown: the caller
-        publishes these again (from the reply store's bytes, so a copy is identical).
+        publishes what each ``add`` gave for that case (a reply: its settling message for
+        the partition's owner, daemon/indoubt.py).
         """
         out: list[tuple[str, str, bytes, Any]] = []
         for _messages, on_done in self.committing or []:

@@ -322,7 +322,7 @@ class Broker:
             ch.basic_cancel(tag, callback=self.guard(done))
 
     def _replay(self) -> None:
-        """Publish again, with confirms, what a commit in doubt published (connection_lost)."""
+        """Publish, with confirms, what settles the commits in doubt (connection_lost)."""
         pending, self.replay = self.replay, []
         for item in pending:
             exchange, key, body, props = item
@@ -337,7 +337,7 @@ class Broker:
                 self.replay.append(item)
         if pending:
             self.metrics.replies_replayed.inc(len(pending))
-            self.log.warning("commit_in_doubt_published_again", messages=len(pending))
+            self.log.warning("commit_in_doubt_sent", messages=len(pending))
 
     def count_consumers(self, queue: str, on_count: Callable[[int], None]) -> None:
         """Passive declare: the consumer count of ``queue`` (ours included)."""
@@ -468,8 +468,8 @@ class Broker:
         left = self.confirms.reset()
         doubt = self.tx.in_doubt()
         if doubt:
-            # the commit may have settled the acks and lost the publishes: send those again
-            # once connected (identical bytes: a duplicate at worst, never a lost reply)
+            # the commit may have settled the acks and lost the publishes, or rolled both
+            # back: once connected, its replies go to their partitions' owners to settle
             self.replay.extend(doubt)
             self.log.warning("commit_in_doubt", messages=len(doubt))
         uncommitted = self.tx.reset()  # rolled back by the broker, or committed unseen
@@ -569,8 +569,13 @@ class Broker:
         routing_key: str,
         messages: list[tuple[bytes, pika.BasicProperties]],
         on_done: Callable[[set[str]], None],
+        in_doubt: Optional[list[tuple[str, str, bytes, Any]]] = None,
     ) -> bool:
         """Publish ``messages`` and ack ``d`` in one transaction of the tx channel.
+
+        ``in_doubt``: what to publish, with confirms, on the next connection if this one
+        closes while the commit is in flight (default: ``messages`` again; a reply gives
+        its settling message for the partition, daemon/indoubt.py).
 
         ``on_done(returned)`` runs once the broker committed them, with the message ids
         that came back unroutable (the broker returns them before the commit-ok; the ack
@@ -590,7 +595,7 @@ class Broker:
             self.tx.add(
                 [(p.message_id, routing_key) for _b, p in messages],
                 on_done,
-                [(exchange, routing_key, b, p) for b, p in messages],
+                in_doubt or [(exchange, routing_key, b, p) for b, p in messages],
             )
 
         self._on_tx(lambda: self._tx_send(d, send))

@@ -29,8 +29,10 @@ import os
 import signal
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
+
+import orjson
 
 from .. import logsetup
 from .. import reply as replymod
@@ -39,8 +41,8 @@ from ..errors import GatewayError
 from ..meter import targets
 from ..meter.connstring import ConnSettings
 from ..metrics import Metrics
-from ..request import ReadRequest, extract_msg_id
-from . import amqp, ipc, partitions, replysize
+from ..request import SPLIT_FIELD, ReadRequest, extract_msg_id, msg_id_of
+from . import amqp, indoubt, ipc, partitions, replysize
 from .broker import Broker, Delivery, IOLoop
 from .intake import Answer, Attach, DeadLetter, Dispatch, Intake, Stored
 from .replystore import ReplyStore
@@ -66,6 +68,11 @@ class Job:
 
     def message(self) -> ipc.Job:
         return ipc.Job(self.job_id, self.request, self.settings)
+
+
+#: how many committed request keys a daemon remembers to settle commits in doubt: one
+#: lands within seconds (the reconnect) of its reply's commit
+COMMITTED_KEPT = 100_000
 
 
 class Master:
@@ -108,6 +115,9 @@ class Master:
         )
         self.jobs: dict[int, Job] = {}
         self.by_key: dict[str, int] = {}  # request key -> job id
+        # partitions: request keys whose reply we committed lately (oldest first), to
+        # settle the commits in doubt of other daemons (daemon/indoubt.py)
+        self.committed: dict[str, None] = {}
         self.next_job = 1
         self.signals: list[int] = []
         self.started_consuming = False
@@ -177,6 +187,9 @@ class Master:
             if self.mover is not None and d.queue == self.cfg.InQueue:
                 self.mover.move(d, props, body)  # to its partition; read when it comes back
                 return
+            if d.tx and indoubt.is_in_doubt(props):
+                self.settle_in_doubt(d, props, body)
+                return
             decision = self.intake.decide(
                 body, props.headers, self.by_key, bool(method.redelivered)
             )
@@ -228,6 +241,37 @@ class Master:
             self.broker.dead_letter(
                 d, body, f"internal error in the gateway ({type(e).__name__})", "internal"
             )
+
+    def settle_in_doubt(self, d: Delivery, props: Any, body: bytes) -> None:
+        """A reply whose commit ended in doubt at some daemon (daemon/indoubt.py): drop it
+        if its request is read or answered here, else publish it (and keep it)."""
+        doubt, why = indoubt.parse(self.cfg.UserName, props, body)
+        if doubt is None:
+            self.metrics.in_doubt.labels(outcome="refused").inc()
+            self.broker.dead_letter(d, body, why, "in_doubt_refused")
+            return
+        try:
+            data = orjson.loads(doubt.request)
+        except orjson.JSONDecodeError:
+            data = None
+        msg_id = msg_id_of(data) if isinstance(data, dict) else None
+        if data is None or msg_id is None:
+            self.metrics.in_doubt.labels(outcome="refused").inc()
+            self.broker.dead_letter(d, body, "an in-doubt reply without MsgID", "in_doubt_refused")
+            return
+        key = self.store.key_for(msg_id, doubt.request)
+        if key in self.by_key or key in self.committed:
+            outcome = "being_read" if key in self.by_key else "answered"
+            self.metrics.in_doubt.labels(outcome=outcome).inc()
+            self.log.info("in_doubt_dropped", msg_id=msg_id, reply_id=doubt.reply_id, why=outcome)
+            self.broker.ack(d)
+            return
+        self.metrics.in_doubt.labels(outcome="published").inc()
+        self.log.warning("in_doubt_published", msg_id=msg_id, reply_id=doubt.reply_id)
+        reply_id, reply = self.store.put(key, doubt.reply_id, doubt.reply)
+        request_d = replace(d, body=doubt.request)  # a copy in doubt: the request
+        split = data.get(SPLIT_FIELD) is True
+        self.answer(key, msg_id, reply_id, reply, [request_d], split=split, stored=True)
 
     def dispatch(self, dec: Dispatch, d: Delivery, t0: float) -> None:
         """Fix the target (a host name is resolved first, off the loop), then route it."""
@@ -294,11 +338,12 @@ class Master:
         """
         limit, limit_name = self.reply_limit()
         fitted = replysize.fit(in_msg_id, reply_id, body, limit, split, limit_name)
+        kept = (reply_id, body)  # what the store holds: a commit in doubt sends that
         if not stored:
             keep = fitted.messages[0] if fitted.kind == "refused" else (reply_id, body)
-            got = self.store.put(key, *keep)
-            if got != keep:  # a reply was stored first: that one goes out
-                fitted = replysize.fit(in_msg_id, got[0], got[1], limit, split, limit_name)
+            kept = self.store.put(key, *keep)
+            if kept != keep:  # a reply was stored first: that one goes out
+                fitted = replysize.fit(in_msg_id, kept[0], kept[1], limit, split, limit_name)
         if fitted.kind != "whole":
             self.metrics.replies_oversize.labels(outcome=fitted.kind).inc()
             self.log.warning(
@@ -312,15 +357,17 @@ class Master:
             )
         for d in deliveries:
             if self.broker.current(d):  # else void: the redelivery is answered from the store
-                self._send(d, in_msg_id, fitted.messages, on_acked)
+                self._send(d, key, in_msg_id, fitted.messages, on_acked, kept)
         return fitted.kind
 
     def _send(
         self,
         d: Delivery,
+        key: str,
         in_msg_id: str,
         messages: list[tuple[str, bytes]],
         on_acked: Optional[Any] = None,
+        kept: Optional[tuple[str, bytes]] = None,
     ) -> None:
         """Publish a reply's messages for one delivery; ack it once all are confirmed.
 
@@ -331,7 +378,7 @@ class Master:
         """
         target = d.reply_to or self.cfg.OutQueue
         if d.tx:
-            self._send_tx(d, target, in_msg_id, messages, on_acked)
+            self._send_tx(d, key, target, in_msg_id, messages, on_acked, kept)
             return
         left = [len(messages)]
         settled = [False]
@@ -388,10 +435,12 @@ class Master:
     def _send_tx(
         self,
         d: Delivery,
+        key: str,
         target: str,
         in_msg_id: str,
         messages: list[tuple[str, bytes]],
         on_acked: Optional[Any] = None,
+        kept: Optional[tuple[str, bytes]] = None,
     ) -> None:
         """Partitions: publish the reply's messages and ack the request in one commit.
 
@@ -400,10 +449,13 @@ class Master:
         returned unroutable comes back after the ack was committed: returned from OutQueue
         (deleted under us), OutQueue is declared again and the message published again
         with a confirm; returned again, or from a missing ``reply_to`` queue, the request
-        body is dead-lettered (``dead_letter_body``).
+        body is dead-lettered (``dead_letter_body``).  If the connection closes during the
+        commit, the stored reply ``kept`` goes back to the request's partition, for its
+        owner to settle (daemon/indoubt.py).
         """
 
         def done(returned: set[str]) -> None:
+            self._committed(key)
             if not returned:
                 if on_acked is not None:
                     on_acked()
@@ -442,7 +494,16 @@ class Master:
                 failed("connection_lost")
 
         messages_out = [(body, amqp.properties(mid, in_msg_id)) for mid, body in messages]
-        self.broker.publish_ack(d, "", target, messages_out, done)
+        settle = None
+        if kept is not None:
+            settle = [indoubt.message(self.cfg.UserName, d.queue, d.reply_to, d.body, *kept)]
+        self.broker.publish_ack(d, "", target, messages_out, done, settle)
+
+    def _committed(self, key: str) -> None:
+        """A reply of ours is committed: a commit in doubt of its request is settled here."""
+        self.committed[key] = None
+        if len(self.committed) > COMMITTED_KEPT:
+            del self.committed[next(iter(self.committed))]
 
     def on_connection_lost(self) -> None:
         """The broker will redeliver: the waiting deliveries' tags are void."""

@@ -52,7 +52,7 @@ from ..config import Config
 from ..errors import ConfigError, GatewayError
 from ..meter import targets
 from ..meter.connstring import ConnSettings, parse_connection_string
-from . import amqp
+from . import amqp, indoubt
 
 WEIGHT = "20"  # points on the hash ring per partition queue: an even spread for small N
 EXCHANGE_TYPE = "x-consistent-hash"
@@ -65,6 +65,7 @@ QUEUE_HEADERS = (
     "x-first-death-queue",
     "x-first-death-reason",
 )
+_NOT_MOVED = frozenset((*QUEUE_HEADERS, indoubt.HEADER, indoubt.LENGTH_HEADER))
 WATCH_SECONDS = 30.0
 BALANCE_SECONDS = 2.0
 POOL_CLOSE_SECONDS = 1.5
@@ -323,8 +324,9 @@ def route_of(body: bytes, max_bytes: int, address: Optional[str] = None) -> str:
 
 
 def moved_properties(props: Any) -> pika.BasicProperties:
-    """The request's properties, persistent, without InQueue's own headers."""
-    headers = {k: v for k, v in (props.headers or {}).items() if k not in QUEUE_HEADERS}
+    """The request's properties, persistent, without InQueue's own headers, nor those of
+    a commit in doubt (daemon/indoubt.py: only a daemon may send one, into a partition)."""
+    headers = {k: v for k, v in (props.headers or {}).items() if k not in _NOT_MOVED}
     return pika.BasicProperties(
         content_type=props.content_type,
         delivery_mode=amqp.PERSISTENT,
