@@ -237,7 +237,8 @@ def test_tx_commit_in_doubt_leaves_request_and_reply_for_the_partition(master: A
     b.run()
     # Then if that commit ends in doubt, one message goes back into p03: request + the
     # whole stored reply (not its parts), from our broker user, for p03's owner
-    [[(exchange, queue, msg, props)]] = b.in_doubt
+    [make] = b.in_doubt
+    [(exchange, queue, msg, props)] = make()
     assert (exchange, queue) == ("", "in.p03") and msg == REQUEST + body
     assert props.user_id == master.cfg.UserName and props.reply_to == "client.q"
     assert props.headers == {indoubt.HEADER: "reply-1", indoubt.LENGTH_HEADER: len(REQUEST)}
@@ -397,18 +398,18 @@ def test_tx_tracker_keeps_the_messages_of_a_commit_in_doubt() -> None:
 
     # Given two replies committed together, and a third sent after the commit went out
     t = TxTracker()
-    t.add([("r1", "OUT")], lambda back: None, [("", "OUT", b"one", "p1")])
-    t.add([("r2", "OUT")], lambda back: None, [("", "OUT", b"two", "p2")])
+    t.add([("r1", "OUT")], lambda back: None, lambda: [("", "OUT", b"one", "p1")])
+    t.add([("r2", "OUT")], lambda back: None, lambda: [("", "OUT", b"two", "p2")])
     t.dirty = True
     assert t.begin()
-    t.add([("r3", "OUT")], lambda back: None, [("", "OUT", b"three", "p3")])
+    t.add([("r3", "OUT")], lambda back: None, lambda: [("", "OUT", b"three", "p3")])
     # When the connection closes before the commit-ok: the commit's messages are in doubt
     # (the broker may have settled the acks and lost the publishes), the third never left
     assert t.in_doubt() == [("", "OUT", b"one", "p1"), ("", "OUT", b"two", "p2")]
     t.reset()
     assert t.in_doubt() == [] and not t.replays
     # and a commit that came back ok leaves nothing in doubt
-    t.add([("r4", "OUT")], lambda back: None, [("", "OUT", b"four", "p4")])
+    t.add([("r4", "OUT")], lambda back: None, lambda: [("", "OUT", b"four", "p4")])
     t.dirty = True
     assert t.begin()
     t.committed()

@@ -331,15 +331,15 @@ class TxTracker:
         self.backlog: list[Callable[[], None]] = []  # to send after the commit in flight
         self.flushing = False  # sending the backlog: one commit for all of it, afterwards
         self.returned: Counter[tuple[str, str]] = Counter()
-        #: what to publish for each callback if its commit ends in doubt
-        #: (exchange, routing key, body, properties)
-        self.replays: dict[int, list[tuple[str, str, bytes, Any]]] = {}
+        #: for each callback, what makes the messages to publish if its commit ends in
+        #: doubt: [(exchange, routing key, body, properties)]
+        self.replays: dict[int, Callable[[], list[tuple[str, str, bytes, Any]]]] = {}
 
     def add(
         self,
         messages: list[tuple[Optional[str], str]],
         on_done: Callable[[set[str]], None],
-        replay: Optional[list[tuple[str, str, bytes, Any]]] = None,
+        replay: Optional[Callable[[], list[tuple[str, str, bytes, Any]]]] = None,
     ) -> None:
         self.open.append((messages, on_done))
         if replay:
@@ -355,7 +355,9 @@ class TxTracker:
         """
         out: list[tuple[str, str, bytes, Any]] = []
         for _messages, on_done in self.committing or []:
-            out.extend(self.replays.get(id(on_done), []))
+            make = self.replays.get(id(on_done))
+            if make is not None:
+                out.extend(make())
         return out
 
     def on_return(self, message_id: Optional[str], routing_key: str = "") -> None:

@@ -569,13 +569,13 @@ class Broker:
         routing_key: str,
         messages: list[tuple[bytes, pika.BasicProperties]],
         on_done: Callable[[set[str]], None],
-        in_doubt: Optional[list[tuple[str, str, bytes, Any]]] = None,
+        in_doubt: Optional[Callable[[], list[tuple[str, str, bytes, Any]]]] = None,
     ) -> bool:
         """Publish ``messages`` and ack ``d`` in one transaction of the tx channel.
 
-        ``in_doubt``: what to publish, with confirms, on the next connection if this one
-        closes while the commit is in flight (default: ``messages`` again; a reply gives
-        its settling message for the partition, daemon/indoubt.py).
+        ``in_doubt``: makes what to publish, with confirms, on the next connection if this
+        one closes while the commit is in flight (default: ``messages`` again; a reply
+        gives its settling message for the partition, daemon/indoubt.py).
 
         ``on_done(returned)`` runs once the broker committed them, with the message ids
         that came back unroutable (the broker returns them before the commit-ok; the ack
@@ -592,11 +592,8 @@ class Broker:
             for body, props in messages:
                 ch.basic_publish(exchange, routing_key, body, props, mandatory=True)
             ch.basic_ack(d.tag)
-            self.tx.add(
-                [(p.message_id, routing_key) for _b, p in messages],
-                on_done,
-                in_doubt or [(exchange, routing_key, b, p) for b, p in messages],
-            )
+            again = in_doubt or (lambda: [(exchange, routing_key, b, p) for b, p in messages])
+            self.tx.add([(p.message_id, routing_key) for _b, p in messages], on_done, again)
 
         self._on_tx(lambda: self._tx_send(d, send))
         return True

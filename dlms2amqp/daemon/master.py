@@ -495,8 +495,12 @@ class Master:
 
         messages_out = [(body, amqp.properties(mid, in_msg_id)) for mid, body in messages]
         settle = None
-        if kept is not None:
-            settle = [indoubt.message(self.cfg.UserName, d.queue, d.reply_to, d.body, *kept)]
+        if kept is not None:  # built only if the commit ends in doubt (rare)
+            user, reply_id, reply = self.cfg.UserName, kept[0], kept[1]
+
+            def settle() -> list[tuple[str, str, bytes, Any]]:
+                return [indoubt.message(user, d.queue, d.reply_to, d.body, reply_id, reply)]
+
         self.broker.publish_ack(d, "", target, messages_out, done, settle)
 
     def _committed(self, key: str) -> None:
