@@ -118,6 +118,11 @@ class Worker:
             sink = lambda line: tlog.info("frame", frame=line)  # noqa: E731
             self.options = dataclasses.replace(self.options, trace_sink=sink)
         self.pool = _make_pool(settings)
+        # Gurux loads here, before the worker reports ready, not in the first request:
+        # that one would pay ~80 ms of imports (and the master has no use for them)
+        from ..meter.reader import execute
+
+        self.execute = execute
         self.executor = ThreadPoolExecutor(settings.sessions, thread_name_prefix="session")
         self.lock = threading.Lock()
         self.waiting: dict[str, collections.deque] = {}  # meter key -> queued jobs
@@ -154,8 +159,7 @@ class Worker:
             job = self._next(first.settings.meter_key)
 
     def _execute(self, job: Job) -> None:
-        from ..meter.reader import execute
-
+        execute = self.execute
         request = job.request
         self.out.send(Started(job.job_id))
         t0 = time.monotonic()
