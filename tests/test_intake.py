@@ -92,6 +92,32 @@ def test_good_request_is_dispatched_parsed_once(intake: Intake) -> None:
     assert d.settings.password is not None and d.settings.password.reveal() == "00000000"
 
 
+def test_settings_parsed_by_the_mover_are_used_not_parsed_again(
+    intake: Intake, tmp_path: Path
+) -> None:
+    from dlms2amqp.config import build_config
+    from dlms2amqp.daemon.partitions import PARSED_KEPT, Mover
+
+    # Given a request moved to its partition by this daemon (the mover parsed it)
+    cfg = build_config({"StateDir": str(tmp_path / "s"), "Partitions": 4, "MetricsPort": 0})
+    mover = Mover(cfg, broker=None, log=None, metrics=None)
+    mover._publish = lambda *a: None  # type: ignore[method-assign]  # no broker here
+    raw = body()
+    mover.move(None, None, raw)
+    # When the partition brings it back: the intake dispatches the mover's settings
+    parsed = mover.parsed_for(raw)
+    assert parsed is not None and parsed.meter_key == "tcp:127.0.0.1:4061"
+    d = intake.decide(raw, None, set(), False, parsed)
+    assert isinstance(d, Dispatch) and d.settings is parsed
+    # once: a second delivery of the same body is parsed afresh
+    assert mover.parsed_for(raw) is None
+    # and requests moved to partitions other daemons own do not pile up
+    for i in range(PARSED_KEPT + 10):
+        mover.move(None, None, body(MsgID=f"m{i}"))
+    assert len(mover.parsed) == PARSED_KEPT
+    assert mover.parsed_for(body(MsgID="m0")) is None  # the oldest went first
+
+
 def test_numeric_msgid_is_a_string(intake: Intake) -> None:
     d = intake.decide(body(MsgID=1443), None, set())
     assert isinstance(d, Dispatch) and d.msg_id == "1443" and d.request.msg_id == "1443"

@@ -114,10 +114,12 @@ class Intake:
         headers: Optional[Mapping[str, Any]],
         running: Container[str],
         redelivered: bool = False,
+        parsed: Optional[ConnSettings] = None,
     ) -> Decision:
         """What to do with one delivery; ``running`` holds the keys being read now.
 
-        ``redelivered`` is the broker's flag on the delivery.
+        ``redelivered`` is the broker's flag on the delivery; ``parsed``: the connection
+        settings of this very body, parsed already (by the partition mover), unused since.
         """
         if len(body) > self.max_body_bytes:
             return DeadLetter(
@@ -179,6 +181,8 @@ class Intake:
                 request.cmd,
                 f"Unknown command {request.cmd[:32]}; only READ is supported",
             )
+        if parsed is not None:
+            return Dispatch(key, msg_id, request, parsed)
         try:
             settings = parse_connection_string(request.connection_string)
         except GatewayError as e:

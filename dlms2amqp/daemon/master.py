@@ -190,8 +190,9 @@ class Master:
             if d.tx and indoubt.is_in_doubt(props):
                 self.settle_in_doubt(d, props, body)
                 return
+            parsed = self.mover.parsed_for(body) if self.mover is not None else None
             decision = self.intake.decide(
-                body, props.headers, self.by_key, bool(method.redelivered)
+                body, props.headers, self.by_key, bool(method.redelivered), parsed
             )
             if isinstance(decision, Dispatch):
                 self.dispatch(decision, d, t0)

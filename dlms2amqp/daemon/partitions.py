@@ -73,6 +73,7 @@ POOL_CLOSE_SECONDS = 1.5
 #: (a stopped broker node tells the other nodes before its own clients); wait this long
 #: before reading, so that the old owner has dropped its sessions (Master.drop_jobs)
 TAKEOVER_GRACE_SECONDS = 2.0  # workers handle ClosePool within one heartbeat (1 s)
+PARSED_KEPT = 4096  # Mover.parsed: requests moved and not yet back (prefetch-bounded)
 
 Step = tuple[str, str, Optional[dict]]
 
@@ -566,12 +567,25 @@ class Mover:
         self.exchange = exchange_name(cfg)
         self.lookup = lookup
         self.on_error = on_error
+        #: body -> its connection settings as parsed here, for this daemon's intake when
+        #: the partition brings the request back to us (``parsed``): one parse, not two
+        self.parsed: dict[bytes, ConnSettings] = {}
+
+    def parsed_for(self, body: bytes) -> Optional[ConnSettings]:
+        """The settings parsed when ``body`` was moved (once: the entry is taken)."""
+        return self.parsed.pop(body, None) if self.parsed else None
 
     def move(self, d: Any, props: Any, body: bytes) -> None:
         target = target_of(body, self.cfg.MaxBodyBytes)
         if isinstance(target, str):
             self._publish(d, props, body, target)
-        elif self.lookup is not None and targets.needs_lookup(target):
+            return
+        # the same object: the move is published before the partition can bring it back,
+        # and only then does the target check write into it (targets.prepare)
+        self.parsed[body] = target
+        if len(self.parsed) > PARSED_KEPT:  # moved to partitions other daemons own
+            del self.parsed[next(iter(self.parsed))]
+        if self.lookup is not None and targets.needs_lookup(target):
             assert target.host is not None and target.port is not None
             self.lookup(
                 target.host,
