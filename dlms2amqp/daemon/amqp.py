@@ -21,6 +21,7 @@ import pika.exceptions as pex
 
 from ..config import Config
 from ..errors import BrokerError, ConfigError
+from . import pika_compat  # noqa: F401 - one send per loop turn (installed at import)
 
 PERSISTENT = pika.DeliveryMode.Persistent
 JSON = "application/json"
