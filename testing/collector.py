@@ -31,9 +31,13 @@ class AmqpClient:
     def connect(self) -> pika.BlockingConnection:
         return pika.BlockingConnection(self.params_factory())
 
-    def publish(self, queue: str, bodies: list[tuple[str, bytes]], reply_to: str = "") -> None:
-        """Publish persistent, mandatory, confirmed messages; raises if one is not confirmed."""
-        publish(self.params_factory(), queue, bodies, reply_to=reply_to or None)
+    def publish(
+        self, queue: str, bodies: list[tuple[str, bytes]], reply_to: str = "", rate: float = 0.0
+    ) -> None:
+        """Publish persistent, mandatory, confirmed messages; raises if one is not confirmed.
+
+        ``rate``: messages per second (0: as fast as the confirms come back)."""
+        publish(self.params_factory(), queue, bodies, reply_to=reply_to or None, rate=rate)
 
     def queue_depth(self, queue: str) -> tuple[int, int] | None:
         """(messages ready, consumers) of ``queue`` or None if it does not exist."""

@@ -52,6 +52,7 @@ class Publisher:
         self._conn: Any = None
         self._ch: Any = None
         self._t0 = 0.0
+        self._timer = False
         self.thread = threading.Thread(target=self._run, name="publisher", daemon=True)
 
     # pika callbacks (all in the publisher thread)
@@ -101,7 +102,11 @@ class Publisher:
             if self.rate > 0:
                 due = self._t0 + self.next / self.rate
                 if time.monotonic() < due:
-                    self._conn.ioloop.call_later(max(0.0, due - time.monotonic()), self._pump)
+                    if not self._timer:  # one wake-up pending, not one per confirm
+                        self._timer = True
+                        self._conn.ioloop.call_later(
+                            max(0.0, due - time.monotonic()), self._on_timer
+                        )
                     return
             mid, body = self.messages[self.next]
             self.next += 1
@@ -127,7 +132,12 @@ class Publisher:
                 self._conn.ioloop.call_later(0, self._pump)
                 return
         if self.next >= len(self.messages) and not self.confirms:
-            self._conn.close()
+            if not (self._conn.is_closing or self._conn.is_closed):
+                self._conn.close()
+
+    def _on_timer(self) -> None:
+        self._timer = False
+        self._pump()
 
     # the caller's side
     def start(self) -> Publisher:
@@ -152,9 +162,14 @@ def publish(
     reply_to: Optional[str] = None,
     headers: Optional[dict[str, Any]] = None,
     timeout: float = 120.0,
+    rate: float = 0.0,
 ) -> None:
-    """Publish and wait until the broker confirmed every message; raises RuntimeError if not."""
-    p = Publisher(params, queue, messages, reply_to=reply_to, headers=headers).start()
+    """Publish and wait until the broker confirmed every message; raises RuntimeError if not.
+
+    ``rate``: messages per second (0: as fast as the confirms come back)."""
+    if rate > 0:
+        timeout += len(messages) / rate
+    p = Publisher(params, queue, messages, reply_to=reply_to, headers=headers, rate=rate).start()
     p.thread.join(timeout)
     if p.thread.is_alive():
         p.abort()

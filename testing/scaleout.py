@@ -167,8 +167,8 @@ class ScaleLab:
         c = Collector(self.client, [self.out_queue, self.in_queue + ".dead"]).start()
         return c
 
-    def publish(self, bodies: list[tuple[str, bytes]]) -> None:
-        self.client.publish(self.in_queue, bodies)
+    def publish(self, bodies: list[tuple[str, bytes]], rate: float = 0.0) -> None:
+        self.client.publish(self.in_queue, bodies, rate=rate)
 
 
 def replies_by_id(items: list[Any], out_queue: str) -> dict[str, list[dict]]:
