@@ -121,6 +121,17 @@ class Metrics:
             "their partition for its owner to settle",
             registry=r,
         )
+        self.tx_commits = Counter(
+            p + "tx_commits",
+            "Transactions committed on the partitions' channel (replies with their acks, "
+            "grouped while a commit is in flight)",
+            registry=r,
+        )
+        self.tx_deliveries = Counter(
+            p + "tx_committed_deliveries",
+            "Replies and dead-letters (each with the ack of its delivery) in those commits",
+            registry=r,
+        )
         self.in_doubt = Counter(
             p + "in_doubt_settled",
             "Commits in doubt settled here: published, dropped (request answered or being "

@@ -625,6 +625,8 @@ class Broker:
         if gen != self.gen:
             return
         done = self.tx.committed()
+        self.metrics.tx_commits.inc()
+        self.metrics.tx_deliveries.inc(len(done))
         # what came up during the commit goes out now, then what the callbacks send, all
         # in the next transaction: nothing may commit while this is being sent
         backlog, self.tx.backlog = self.tx.backlog, []
