@@ -96,7 +96,7 @@ def test_settings_parsed_by_the_mover_are_used_not_parsed_again(
     intake: Intake, tmp_path: Path
 ) -> None:
     from dlms2amqp.config import build_config
-    from dlms2amqp.daemon.partitions import PARSED_KEPT, Mover
+    from dlms2amqp.daemon.partitions import PARSED_BYTES, PARSED_KEPT, Mover
 
     # Given a request moved to its partition by this daemon (the mover parsed it)
     cfg = build_config({"StateDir": str(tmp_path / "s"), "Partitions": 4, "MetricsPort": 0})
@@ -115,7 +115,12 @@ def test_settings_parsed_by_the_mover_are_used_not_parsed_again(
     for i in range(PARSED_KEPT + 10):
         mover.move(None, None, body(MsgID=f"m{i}"))
     assert len(mover.parsed) == PARSED_KEPT
+    assert mover.parsed_bytes == sum(map(len, mover.parsed))
     assert mover.parsed_for(body(MsgID="m0")) is None  # the oldest went first
+    # nor do large bodies: bounded in bytes too
+    for i in range(100):
+        mover.move(None, None, body(MsgID=f"big{i}", ObisCode="1.0.99.1.0.255" + " " * 60000))
+    assert mover.parsed_bytes <= PARSED_BYTES and mover.parsed_bytes == sum(map(len, mover.parsed))
 
 
 def test_numeric_msgid_is_a_string(intake: Intake) -> None:

@@ -414,3 +414,70 @@ def test_tx_tracker_keeps_the_messages_of_a_commit_in_doubt() -> None:
     assert t.begin()
     t.committed()
     assert t.in_doubt() == [] and not t.replays
+
+
+def test_in_doubt_known_here_is_dropped_even_while_stopping(master: Any) -> None:
+    from types import SimpleNamespace
+
+    # Given a stopping daemon that committed a reply to the request
+    b = ScriptedBroker(lambda _n, _t: "ok")
+    master.broker = b
+    key = master.store.key_for("r1", REQUEST)
+    master._committed(key)
+    master.stopping = True
+    method = SimpleNamespace(redelivered=False)
+    # When another daemon's reply in doubt for it arrives: acked and dropped, not
+    # requeued (the next owner would not know the request was answered)
+    d, props, body = in_doubt_delivery(master, replymod.dumps(replymod.error_reply("r1", "x")))
+    master.on_delivery(d, method, props, body)
+    assert b.acked == [9] and not b.requeued and not b.published
+    # and one for a request unknown here goes back to the queue for the next owner
+    other = b'{"MsgID": "r2", "Cmd": "READ"}'
+    _x, queue, body2, props2 = indoubt_message(master, other)
+    d2 = Delivery(1, 10, "client.q", body2, queue=queue, tx=True)
+    master.on_delivery(d2, method, props2, body2)
+    assert b.requeued == [10] and b.acked == [9]
+
+
+def indoubt_message(master: Any, request: bytes) -> tuple:
+    from dlms2amqp.daemon import indoubt
+
+    reply = replymod.dumps(replymod.error_reply("r2", "x"))
+    return indoubt.message(master.cfg.UserName, "in.p03", "client.q", request, "reply-2", reply)
+
+
+def test_in_doubt_while_our_own_reply_is_being_committed_is_dropped(master: Any) -> None:
+    # Given our reply to the request sent in a commit not yet ok (the broker answers later)
+    b = ScriptedBroker(lambda _n, _t: "ok")
+    master.broker = b
+    key = master.store.key_for("r1", REQUEST)
+    mine = replymod.dumps(replymod.error_reply("r1", "read here"))
+    master.answer(key, "r1", "reply-2", mine, [Delivery(1, 7, "client.q", REQUEST, tx=True)])
+    assert master.committing[key] == 1 and key not in master.committed
+    # When another daemon's reply in doubt arrives meanwhile: dropped, ours is the reply
+    d, props, body = in_doubt_delivery(master, replymod.dumps(replymod.error_reply("r1", "x")))
+    master.settle_in_doubt(d, props, body)
+    assert b.published == [("client.q", mine)] and 9 in b.acked
+    b.run()  # the commit-ok
+    assert key in master.committed and not master.committing
+    # a lost connection forgets commits in flight (they are void or in doubt now)
+    master.answer(key, "r1", "reply-2", mine, [Delivery(1, 8, "client.q", REQUEST, tx=True)])
+    assert master.committing[key] == 1
+    master.on_connection_lost()
+    assert not master.committing
+
+
+def test_in_doubt_over_the_broker_limit_replays_the_reply_itself(master: Any) -> None:
+    b = ScriptedBroker(lambda _n, _t: "ok")
+    master.broker = b
+    key = master.store.key_for("r1", REQUEST)
+    reply = replymod.dumps(replymod.error_reply("r1", "x"))
+    d = Delivery(1, 7, "client.q", REQUEST, queue="in.p03", tx=True)
+    master.answer(key, "r1", "reply-1", reply, [d])
+    [make] = b.in_doubt
+    b.max_message_size = len(REQUEST) + len(reply) - 1  # learned from the broker
+    [(exchange, target, msg, _props)] = make()
+    assert (exchange, target, msg) == ("", "client.q", reply)
+    b.max_message_size = None
+    [(_x, queue, msg, _props)] = make()
+    assert queue == "in.p03" and msg == REQUEST + reply

@@ -95,3 +95,15 @@ def test_a_real_connection_still_talks() -> None:
         assert got == [body + bytes([i]) for i in range(20)]
     finally:
         conn.close()
+
+
+def test_tls_transport_keeps_pikas_own_loop() -> None:
+    """After a would-block OpenSSL wants the same buffer again: no joining under TLS."""
+    chunks = [b"method", b"header", b"body"]
+    sock = CountingSocket()
+    t = object.__new__(io_services_utils._AsyncSSLTransport)
+    t._sock = sock
+    t._tx_buffers = collections.deque(chunks)
+    t._tx_buffered_byte_count = sum(map(len, chunks))
+    io_services_utils._AsyncTransportBase._produce(t)
+    assert sock.sends == chunks

@@ -115,6 +115,7 @@ class Broker:
         self.tx = amqp.TxTracker()
         #: messages of commits in doubt, published again on the next connection
         self.replay: list[tuple[str, str, bytes, Any]] = []
+        self.replaying: dict[int, tuple[str, str, bytes, Any]] = {}  # sent, not confirmed
         self.consumers_made = 0  # for consumer tags of our own on the tx channel
         self.declaring: Optional[tuple[str, str, Optional[dict]]] = None
         self.channel_error: Optional[BaseException] = None
@@ -326,14 +327,20 @@ class Broker:
         pending, self.replay = self.replay, []
         for item in pending:
             exchange, key, body, props = item
+            self.replaying[id(item)] = item  # until confirmed: a lost connection keeps it
+
+            def confirmed(item: tuple = item) -> None:
+                self.replaying.pop(id(item), None)
 
             def failed(kind: str, item: tuple = item) -> None:
+                self.replaying.pop(id(item), None)
                 if kind == "returned":  # its queue is gone: nobody can take it
                     self.log.error("replay_returned", message_id=item[3].message_id)
                 else:
                     self.replay.append(item)  # the next connection tries again
 
-            if not self.publish(exchange, key, body, props, lambda: None, failed):
+            if not self.publish(exchange, key, body, props, confirmed, failed):
+                self.replaying.pop(id(item), None)
                 self.replay.append(item)
         if pending:
             self.metrics.replies_replayed.inc(len(pending))
@@ -466,6 +473,9 @@ class Broker:
         self.redeclaring.clear()  # their deliveries are void now
         self.gen += 1
         left = self.confirms.reset()
+        if self.replaying:  # in-doubt messages sent but not confirmed: the next connection
+            self.replay.extend(self.replaying.values())
+            self.replaying.clear()
         doubt = self.tx.in_doubt()
         if doubt:
             # the commit may have settled the acks and lost the publishes, or rolled both

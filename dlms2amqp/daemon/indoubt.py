@@ -17,18 +17,28 @@ queue.  Whoever owns the partition then takes it *after* the redelivered request
 (c) (a requeued message goes back to the head of the queue, this one comes later, on a new
 connection), and decides with what it knows:
 
-- the request is being read here, or was answered here (its reply store has it): drop it,
-  the reply of that read is the only one (c);
+- the request is being read here, or its reply is in a commit in flight here, or was
+  committed here lately (``Master.committed``): drop it, the reply of that read is the
+  only one (c).  This is checked first, even while the daemon stops or hands the
+  partition over (both requeue, and the next owner would not know);
 - else: store that reply and publish it, with the ack of this message, in one commit (a);
   in case (b) the client gets the same bytes twice, the duplicate RabbitMQ allows anyway.
   If the redelivered request reaches this daemon later after all, it is answered from the
-  store, the same bytes again.
+  reply store (``ReplyStoreSize`` > 0), the same bytes again.
+
+A reply to a request out of ``<InQueue>.serial.expired`` (which every daemon consumes)
+goes back there, and a serial port's copy that waits longer than ``SerialPortWait`` ends
+there too: whichever daemon takes it settles it the same way.  If request + reply would
+exceed the broker's ``max_message_size`` (once learned), the reply's own messages are
+published again instead, straight to the client.
 
 The message: body = request bytes + reply bytes; headers ``x-dlms2amqp-in-doubt`` (the
 reply id) and ``x-dlms2amqp-request-bytes``; ``user_id`` = the daemon's broker user,
 which RabbitMQ checks against the connection's login.  A message with those headers and
 another (or no) ``user_id`` is not ours: it is dead-lettered, never published as a
 reply.  The InQueue mover drops both headers, so they cannot be smuggled in a request.
+A client that logs in as the daemons' broker user could still forge one: give clients a
+user of their own (README, "Several gateway hosts").
 """
 
 from __future__ import annotations

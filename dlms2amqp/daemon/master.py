@@ -29,6 +29,7 @@ import os
 import signal
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -118,6 +119,7 @@ class Master:
         # partitions: request keys whose reply we committed lately (oldest first), to
         # settle the commits in doubt of other daemons (daemon/indoubt.py)
         self.committed: dict[str, None] = {}
+        self.committing: Counter[str] = Counter()  # replies sent, their commit not yet ok
         self.next_job = 1
         self.signals: list[int] = []
         self.started_consuming = False
@@ -171,6 +173,9 @@ class Master:
         """One delivery from InQueue: ask the intake, do what it decided."""
         if method.redelivered:
             self.metrics.redeliveries.inc()
+        doubt = d.tx and indoubt.is_in_doubt(props)
+        if doubt and self.settle_known(d, props, body):
+            return  # dropped even while stopping or handing the partition over
         if self.stopping:
             self.broker.requeue(d)
             return
@@ -178,7 +183,10 @@ class Master:
             self.broker.ack(d)  # nothing belongs here; someone published by mistake
             return
         if self.mover is not None and d.queue == partitions.expired_name(self.cfg):
-            self.serial_expired(d, props, body)
+            if doubt:  # out of a serial port's queue unsettled within SerialPortWait
+                self.settle_in_doubt(d, props, body)
+            else:
+                self.serial_expired(d, props, body)
             return
         if self.balancer is not None and self.balancer.on_delivery(d.queue, d, method, props, body):
             return  # held: this partition is being given to another daemon
@@ -187,7 +195,7 @@ class Master:
             if self.mover is not None and d.queue == self.cfg.InQueue:
                 self.mover.move(d, props, body)  # to its partition; read when it comes back
                 return
-            if d.tx and indoubt.is_in_doubt(props):
+            if doubt:
                 self.settle_in_doubt(d, props, body)
                 return
             parsed = self.mover.parsed_for(body) if self.mover is not None else None
@@ -243,30 +251,49 @@ class Master:
                 d, body, f"internal error in the gateway ({type(e).__name__})", "internal"
             )
 
+    def _answered_here(self, key: str) -> Optional[str]:
+        """Why a commit in doubt of this request is settled here already, if it is: being
+        read, its reply in a commit in flight, or committed lately."""
+        if key in self.by_key:
+            return "being_read"
+        if key in self.committing:
+            return "committing"
+        return "answered" if key in self.committed else None
+
+    def settle_known(self, d: Delivery, props: Any, body: bytes) -> bool:
+        """Drop (ack) a commit in doubt whose request this daemon read or answered."""
+        doubt, _why = indoubt.parse(self.cfg.UserName, props, body)
+        if doubt is None:
+            return False
+        data = _json_object(doubt.request)
+        msg_id = msg_id_of(data) if data is not None else None
+        if msg_id is None:
+            return False
+        outcome = self._answered_here(self.store.key_for(msg_id, doubt.request))
+        if outcome is None:
+            return False
+        self.metrics.in_doubt.labels(outcome=outcome).inc()
+        self.log.info("in_doubt_dropped", msg_id=msg_id, reply_id=doubt.reply_id, why=outcome)
+        self.broker.ack(d)
+        return True
+
     def settle_in_doubt(self, d: Delivery, props: Any, body: bytes) -> None:
         """A reply whose commit ended in doubt at some daemon (daemon/indoubt.py): drop it
         if its request is read or answered here, else publish it (and keep it)."""
+        if self.settle_known(d, props, body):
+            return
         doubt, why = indoubt.parse(self.cfg.UserName, props, body)
         if doubt is None:
             self.metrics.in_doubt.labels(outcome="refused").inc()
             self.broker.dead_letter(d, body, why, "in_doubt_refused")
             return
-        try:
-            data = orjson.loads(doubt.request)
-        except orjson.JSONDecodeError:
-            data = None
-        msg_id = msg_id_of(data) if isinstance(data, dict) else None
+        data = _json_object(doubt.request)
+        msg_id = msg_id_of(data) if data is not None else None
         if data is None or msg_id is None:
             self.metrics.in_doubt.labels(outcome="refused").inc()
             self.broker.dead_letter(d, body, "an in-doubt reply without MsgID", "in_doubt_refused")
             return
         key = self.store.key_for(msg_id, doubt.request)
-        if key in self.by_key or key in self.committed:
-            outcome = "being_read" if key in self.by_key else "answered"
-            self.metrics.in_doubt.labels(outcome=outcome).inc()
-            self.log.info("in_doubt_dropped", msg_id=msg_id, reply_id=doubt.reply_id, why=outcome)
-            self.broker.ack(d)
-            return
         self.metrics.in_doubt.labels(outcome="published").inc()
         self.log.warning("in_doubt_published", msg_id=msg_id, reply_id=doubt.reply_id)
         reply_id, reply = self.store.put(key, doubt.reply_id, doubt.reply)
@@ -457,6 +484,9 @@ class Master:
 
         def done(returned: set[str]) -> None:
             self._committed(key)
+            self.committing[key] -= 1
+            if self.committing[key] <= 0:
+                del self.committing[key]
             if not returned:
                 if on_acked is not None:
                     on_acked()
@@ -500,9 +530,15 @@ class Master:
             user, reply_id, reply = self.cfg.UserName, kept[0], kept[1]
 
             def settle() -> list[tuple[str, str, bytes, Any]]:
+                limit = self.broker.max_message_size
+                if limit is not None and len(d.body) + len(reply) > limit:
+                    # request + whole reply over the broker's limit: the reply's own
+                    # messages go again, straight to the client (a duplicate at best)
+                    return [("", target, b, p) for b, p in messages_out]
                 return [indoubt.message(user, d.queue, d.reply_to, d.body, reply_id, reply)]
 
-        self.broker.publish_ack(d, "", target, messages_out, done, settle)
+        if self.broker.publish_ack(d, "", target, messages_out, done, settle):
+            self.committing[key] += 1
 
     def _committed(self, key: str) -> None:
         """A reply of ours is committed: a commit in doubt of its request is settled here."""
@@ -512,6 +548,7 @@ class Master:
 
     def on_connection_lost(self) -> None:
         """The broker will redeliver: the waiting deliveries' tags are void."""
+        self.committing.clear()  # rolled back, committed or in doubt: not in flight now
         for job in self.jobs.values():
             job.deliveries.clear()
         if self.balancer is not None:
@@ -653,6 +690,9 @@ class Master:
         left = list(self.jobs.values())
         if left:
             self.log.warning("requeued_at_stop", requests=len(left))
+        unsent = len(self.broker.replay) + len(self.broker.replaying)
+        if unsent:  # no connection again to send them on: those replies may be lost
+            self.log.error("commit_in_doubt_not_sent", messages=unsent)
         self.broker.close([d for job in left for d in job.deliveries])
 
     # --- main loop -----------------------------------------------------------------------
@@ -708,6 +748,14 @@ class Master:
             raise self.fatal
         self.log.info("stopped")
         return 0
+
+
+def _json_object(raw: bytes) -> Optional[dict]:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _noop() -> None:

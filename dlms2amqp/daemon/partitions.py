@@ -74,6 +74,7 @@ POOL_CLOSE_SECONDS = 1.5
 #: before reading, so that the old owner has dropped its sessions (Master.drop_jobs)
 TAKEOVER_GRACE_SECONDS = 2.0  # workers handle ClosePool within one heartbeat (1 s)
 PARSED_KEPT = 4096  # Mover.parsed: requests moved and not yet back (prefetch-bounded)
+PARSED_BYTES = 4 << 20  # and their bodies, 4 MiB at most
 
 Step = tuple[str, str, Optional[dict]]
 
@@ -570,10 +571,14 @@ class Mover:
         #: body -> its connection settings as parsed here, for this daemon's intake when
         #: the partition brings the request back to us (``parsed``): one parse, not two
         self.parsed: dict[bytes, ConnSettings] = {}
+        self.parsed_bytes = 0  # of the bodies kept as keys
 
     def parsed_for(self, body: bytes) -> Optional[ConnSettings]:
         """The settings parsed when ``body`` was moved (once: the entry is taken)."""
-        return self.parsed.pop(body, None) if self.parsed else None
+        got = self.parsed.pop(body, None) if self.parsed else None
+        if got is not None:
+            self.parsed_bytes -= len(body)
+        return got
 
     def move(self, d: Any, props: Any, body: bytes) -> None:
         target = target_of(body, self.cfg.MaxBodyBytes)
@@ -582,8 +587,12 @@ class Mover:
             return
         # the same object: the move is published before the partition can bring it back,
         # and only then does the target check write into it (targets.prepare)
+        if body not in self.parsed:
+            self.parsed_bytes += len(body)
         self.parsed[body] = target
-        if len(self.parsed) > PARSED_KEPT:  # moved to partitions other daemons own
+        # moved to partitions other daemons own never come back here: oldest out first
+        while len(self.parsed) > PARSED_KEPT or self.parsed_bytes > PARSED_BYTES:
+            self.parsed_bytes -= len(next(iter(self.parsed)))
             del self.parsed[next(iter(self.parsed))]
         if self.lookup is not None and targets.needs_lookup(target):
             assert target.host is not None and target.port is not None

@@ -14,7 +14,9 @@ propagates to pika's handler).
 Applied at import of ``daemon.amqp``, only to the pika versions it was read against
 (``pika >= 1.3, < 1.5``: ``_AsyncTransportBase._produce`` with ``_tx_buffers``,
 ``_tx_buffered_byte_count`` and ``_sigint_safe_send``); any other pika is left alone.  The
-TLS transport has its own ``_produce`` and is not touched.
+TLS transport's ``_produce`` calls the base one; for it pika's own loop runs unchanged
+(after a would-block, OpenSSL wants the write retried with the same buffer, which a
+join with the chunks queued since would change).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ _VERSIONS = ("1.3.", "1.4.")
 
 def _produce(self: Any) -> None:
     """pika's ``_AsyncTransportBase._produce``, one send for many chunks."""
+    if isinstance(self, _SSL):
+        _ORIGINAL(self)
+        return
     bufs = self._tx_buffers
     while bufs:
         if len(bufs) > 1 and len(bufs[0]) < COALESCE_BYTES:
@@ -44,6 +49,11 @@ def _produce(self: Any) -> None:
         if sent < len(chunk):
             bufs.appendleft(chunk[sent:])
         self._tx_buffered_byte_count -= sent
+        assert self._tx_buffered_byte_count >= 0, "tx buffer size underflow"
+
+
+_SSL: Any = getattr(io_services_utils, "_AsyncSSLTransport", ())
+_ORIGINAL: Any = getattr(getattr(io_services_utils, "_AsyncTransportBase", None), "_produce", None)
 
 
 def install() -> bool:
