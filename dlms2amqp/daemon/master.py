@@ -18,7 +18,8 @@ are one sender per worker (see ``workers``).  Signal handlers only queue the sig
 tick handles it (gunicorn style).
 
 Over 500 lines because the reply path (store, size check, parts, publish, ack, dead-letter
-the request when a reply cannot be routed) and the stop sequence share the job table;
+the request when a reply cannot be routed, the settling of commits in doubt with
+partitions) and the stop sequence share the job table;
 the pure decisions are already out (``intake``, ``replysize``), next to move out is the
 reply path (with the commands beyond READ).
 """
