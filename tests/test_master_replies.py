@@ -279,13 +279,19 @@ def test_in_doubt_unknown_here_is_published_stored_and_acked_in_one_commit(maste
     assert key in master.committed and not b.dead
 
 
-def test_in_doubt_answered_or_being_read_here_is_dropped(master: Any) -> None:
-    # Given a request whose reply this daemon committed (it got the redelivery first)
+def answered_here(master: Any) -> tuple[ScriptedBroker, str, bytes]:
+    """This daemon answers the request r1 itself (tag 7, tx): its broker, key and reply."""
     b = ScriptedBroker(lambda _n, _t: "ok")
     master.broker = b
     key = master.store.key_for("r1", REQUEST)
     mine = replymod.dumps(replymod.error_reply("r1", "read here"))
     master.answer(key, "r1", "reply-2", mine, [Delivery(1, 7, "client.q", REQUEST, tx=True)])
+    return b, key, mine
+
+
+def test_in_doubt_answered_or_being_read_here_is_dropped(master: Any) -> None:
+    # Given a request whose reply this daemon committed (it got the redelivery first)
+    b, key, mine = answered_here(master)
     b.run()
     assert b.published == [("client.q", mine)]
     # When another daemon's reply in doubt for it arrives
@@ -448,11 +454,7 @@ def indoubt_message(master: Any, request: bytes) -> tuple:
 
 def test_in_doubt_while_our_own_reply_is_being_committed_is_dropped(master: Any) -> None:
     # Given our reply to the request sent in a commit not yet ok (the broker answers later)
-    b = ScriptedBroker(lambda _n, _t: "ok")
-    master.broker = b
-    key = master.store.key_for("r1", REQUEST)
-    mine = replymod.dumps(replymod.error_reply("r1", "read here"))
-    master.answer(key, "r1", "reply-2", mine, [Delivery(1, 7, "client.q", REQUEST, tx=True)])
+    b, key, mine = answered_here(master)
     assert master.committing[key] == 1 and key not in master.committed
     # When another daemon's reply in doubt arrives meanwhile: dropped, ours is the reply
     d, props, body = in_doubt_delivery(master, replymod.dumps(replymod.error_reply("r1", "x")))
