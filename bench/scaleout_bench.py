@@ -123,7 +123,13 @@ def run(
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-N", type=int, default=10000, help="meters (one read each)")
-    ap.add_argument("-P", type=int, default=12, help="Partitions")
+    ap.add_argument(
+        "-P",
+        type=int,
+        default=4,
+        help="Partitions (default 4: two per daemon; each is a quorum queue on the 3 nodes, "
+        "so more cost the cluster CPU per request)",
+    )
     ap.add_argument("--procs", type=int, default=2, help="simulator processes")
     ap.add_argument(
         "--rate",
