@@ -347,6 +347,11 @@ class Config:
         self.path = path
         self.password = password
         self.given = given  # the keys the file sets (the others have their defaults)
+        # the values as plain attributes too: read on every request, and an attribute
+        # found in __dict__ costs a fraction of a trip through __getattr__
+        for name, value in values.items():
+            if name not in self.__dict__ and not hasattr(type(self), name):
+                self.__dict__[name] = value
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -115,6 +115,7 @@ class Master:
         self.resolver = targets.AsyncResolver(
             self.ioloop.add_callback_threadsafe, self.ioloop.call_later
         )
+        self.counters: dict[tuple[str, str], Any] = {}  # requests_total's children
         self.jobs: dict[int, Job] = {}
         self.by_key: dict[str, int] = {}  # request key -> job id
         # partitions: request keys whose reply we committed lately (oldest first), to
@@ -130,6 +131,9 @@ class Master:
         self.stop_deadline = 0.0
         self.fatal: Optional[GatewayError] = None
         # scale-out hooks (daemon/partitions.py)
+        self.in_queue = cfg.InQueue
+        self.presence_queue = partitions.presence_queue(cfg)  # compared on every delivery
+        self.expired_queue = partitions.expired_name(cfg)
         self.mover: Optional[partitions.Mover] = None
         self.balancer: Optional[partitions.Balancer] = None
         self.inqueue_watch: Optional[partitions.InQueueWatch] = None
@@ -180,10 +184,10 @@ class Master:
         if self.stopping:
             self.broker.requeue(d)
             return
-        if self.mover is not None and d.queue == partitions.presence_queue(self.cfg):
+        if self.mover is not None and d.queue == self.presence_queue:
             self.broker.ack(d)  # nothing belongs here; someone published by mistake
             return
-        if self.mover is not None and d.queue == partitions.expired_name(self.cfg):
+        if self.mover is not None and d.queue == self.expired_queue:
             if doubt:  # out of a serial port's queue unsettled within SerialPortWait
                 self.settle_in_doubt(d, props, body)
             else:
@@ -193,7 +197,7 @@ class Master:
             return  # held: this partition is being given to another daemon
         t0 = time.monotonic()
         try:
-            if self.mover is not None and d.queue == self.cfg.InQueue:
+            if self.mover is not None and d.queue == self.in_queue:
                 self.mover.move(d, props, body)  # to its partition; read when it comes back
                 return
             if doubt:
@@ -655,7 +659,12 @@ class Master:
         self.complete(job, rep["MsgID"], replymod.dumps(rep), "notok", 0, message)
 
     def _count(self, cmd: str, status: str, t0: float) -> None:
-        self.metrics.requests.labels(cmd=cmd, status=status).inc()
+        counter = self.counters.get((cmd, status))
+        if counter is None:  # a few (command, status) pairs: labels() once for each
+            counter = self.counters[(cmd, status)] = self.metrics.requests.labels(
+                cmd=cmd, status=status
+            )
+        counter.inc()
         self.metrics.request_duration.observe(time.monotonic() - t0)
 
     def _on_error(self, e: BaseException) -> None:
