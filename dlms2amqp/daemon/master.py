@@ -72,6 +72,16 @@ class Job:
         return ipc.Job(self.job_id, self.request, self.settings)
 
 
+@dataclass(frozen=True)
+class _Doubt:
+    """A commit in doubt as read here: its request's MsgID and key (daemon/indoubt.py)."""
+
+    doubt: indoubt.InDoubt
+    msg_id: str
+    key: str
+    split: bool  # the request asked for a reply in parts
+
+
 #: how many committed request keys a daemon remembers to settle commits in doubt: one
 #: lands within seconds (the reconnect) of its reply's commit
 COMMITTED_KEPT = 100_000
@@ -178,9 +188,11 @@ class Master:
         """One delivery from InQueue: ask the intake, do what it decided."""
         if method.redelivered:
             self.metrics.redeliveries.inc()
-        doubt = d.tx and indoubt.is_in_doubt(props)
-        if doubt and self.settle_known(d, props, body):
-            return  # dropped even while stopping or handing the partition over
+        # a commit in doubt (daemon/indoubt.py), read once; dropped at once when known here,
+        # even while stopping or handing the partition over (both would requeue it)
+        doubt = self._read_doubt(props, body) if d.tx and indoubt.is_in_doubt(props) else None
+        if doubt is not None and doubt[0] is not None and self._drop_known(d, doubt[0]):
+            return
         if self.stopping:
             self.broker.requeue(d)
             return
@@ -188,8 +200,8 @@ class Master:
             self.broker.ack(d)  # nothing belongs here; someone published by mistake
             return
         if self.mover is not None and d.queue == self.expired_queue:
-            if doubt:  # out of a serial port's queue unsettled within SerialPortWait
-                self.settle_in_doubt(d, props, body)
+            if doubt is not None:  # out of a serial port's queue, unsettled in SerialPortWait
+                self._settle(d, body, *doubt)
             else:
                 self.serial_expired(d, props, body)
             return
@@ -200,8 +212,8 @@ class Master:
             if self.mover is not None and d.queue == self.in_queue:
                 self.mover.move(d, props, body)  # to its partition; read when it comes back
                 return
-            if doubt:
-                self.settle_in_doubt(d, props, body)
+            if doubt is not None:
+                self._settle(d, body, *doubt)
                 return
             parsed = self.mover.parsed_for(body) if self.mover is not None else None
             decision = self.intake.decide(
@@ -265,46 +277,48 @@ class Master:
             return "committing"
         return "answered" if key in self.committed else None
 
-    def settle_known(self, d: Delivery, props: Any, body: bytes) -> bool:
-        """Drop (ack) a commit in doubt whose request this daemon read or answered."""
-        doubt, _why = indoubt.parse(self.cfg.UserName, props, body)
+    def _read_doubt(self, props: Any, body: bytes) -> tuple[Optional[_Doubt], str]:
+        """A commit in doubt and its request's key, or (None, why it is refused)."""
+        doubt, why = indoubt.parse(self.cfg.UserName, props, body)
         if doubt is None:
-            return False
+            return None, why
         data = _json_object(doubt.request)
         msg_id = msg_id_of(data) if data is not None else None
-        if msg_id is None:
-            return False
-        outcome = self._answered_here(self.store.key_for(msg_id, doubt.request))
+        if data is None or msg_id is None:
+            return None, "an in-doubt reply without MsgID"
+        key = self.store.key_for(msg_id, doubt.request)
+        return _Doubt(doubt, msg_id, key, data.get(SPLIT_FIELD) is True), ""
+
+    def _drop_known(self, d: Delivery, found: _Doubt) -> bool:
+        """Drop (ack) a commit in doubt whose request this daemon read or answered."""
+        outcome = self._answered_here(found.key)
         if outcome is None:
             return False
         self.metrics.in_doubt.labels(outcome=outcome).inc()
-        self.log.info("in_doubt_dropped", msg_id=msg_id, reply_id=doubt.reply_id, why=outcome)
+        self.log.info(
+            "in_doubt_dropped", msg_id=found.msg_id, reply_id=found.doubt.reply_id, why=outcome
+        )
         self.broker.ack(d)
         return True
 
     def settle_in_doubt(self, d: Delivery, props: Any, body: bytes) -> None:
         """A reply whose commit ended in doubt at some daemon (daemon/indoubt.py): drop it
         if its request is read or answered here, else publish it (and keep it)."""
-        if self.settle_known(d, props, body):
-            return
-        doubt, why = indoubt.parse(self.cfg.UserName, props, body)
-        if doubt is None:
+        self._settle(d, body, *self._read_doubt(props, body))
+
+    def _settle(self, d: Delivery, body: bytes, found: Optional[_Doubt], why: str) -> None:
+        if found is None:
             self.metrics.in_doubt.labels(outcome="refused").inc()
             self.broker.dead_letter(d, body, why, "in_doubt_refused")
             return
-        data = _json_object(doubt.request)
-        msg_id = msg_id_of(data) if data is not None else None
-        if data is None or msg_id is None:
-            self.metrics.in_doubt.labels(outcome="refused").inc()
-            self.broker.dead_letter(d, body, "an in-doubt reply without MsgID", "in_doubt_refused")
+        if self._drop_known(d, found):
             return
-        key = self.store.key_for(msg_id, doubt.request)
+        doubt, key = found.doubt, found.key
         self.metrics.in_doubt.labels(outcome="published").inc()
-        self.log.warning("in_doubt_published", msg_id=msg_id, reply_id=doubt.reply_id)
+        self.log.warning("in_doubt_published", msg_id=found.msg_id, reply_id=doubt.reply_id)
         reply_id, reply = self.store.put(key, doubt.reply_id, doubt.reply)
         request_d = replace(d, body=doubt.request)  # a copy in doubt: the request
-        split = data.get(SPLIT_FIELD) is True
-        self.answer(key, msg_id, reply_id, reply, [request_d], split=split, stored=True)
+        self.answer(key, found.msg_id, reply_id, reply, [request_d], split=found.split, stored=True)
 
     def dispatch(self, dec: Dispatch, d: Delivery, t0: float) -> None:
         """Fix the target (a host name is resolved first, off the loop), then route it."""

@@ -592,8 +592,9 @@ class Mover:
         self.parsed[body] = target
         # moved to partitions other daemons own never come back here: oldest out first
         while len(self.parsed) > PARSED_KEPT or self.parsed_bytes > PARSED_BYTES:
-            self.parsed_bytes -= len(next(iter(self.parsed)))
-            del self.parsed[next(iter(self.parsed))]
+            oldest = next(iter(self.parsed))
+            self.parsed_bytes -= len(oldest)
+            del self.parsed[oldest]
         if self.lookup is not None and targets.needs_lookup(target):
             assert target.host is not None and target.port is not None
             self.lookup(
