@@ -229,8 +229,7 @@ class Broker:
                 # starts the generation after this channel opened
                 if self.txch is ch and ch.is_open:
                     raw_reject(delivery_tag, requeue=requeue)
-                    self.tx.dirty = True
-                    self._commit()
+                    self._sent_on_tx()
 
             self._on_tx(op)
 
@@ -620,6 +619,10 @@ class Broker:
         if not self.current(d):
             return  # void: the broker rolled back or redelivers
         send(self.txch)
+        self._sent_on_tx()
+
+    def _sent_on_tx(self) -> None:
+        """Something went out on the tx channel: it belongs to the next commit."""
         self.tx.dirty = True
         self._commit()
 
