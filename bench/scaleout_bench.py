@@ -22,8 +22,14 @@ when it runs slower on a busy machine (fewer requests per wake-up, more cache mi
 Then (``--rate``, default 400/s) the same read is offered at one rate to all three: the
 difference is then the work of the hop itself.
 
-    .venv/bin/python bench/scaleout_bench.py            # 10,000 meters
-    .venv/bin/python bench/scaleout_bench.py -N 200 --rate 100   # a quick proof of it
+Two runs of one set-up on this machine differ by up to 15 % (its neighbours), so each
+round runs the three set-ups ``--repeat`` times, interleaved (direct, 1, 2, direct, 1,
+2, ...), every queue of a set-up deleted after it (an idle quorum queue keeps costing the
+cluster CPU); the overhead is computed against the direct run of the same repetition,
+and the median of the repetitions is the figure.
+
+    .venv/bin/python bench/scaleout_bench.py            # 10,000 meters, 3 repetitions
+    .venv/bin/python bench/scaleout_bench.py -N 200 --rate 100 --repeat 1   # a quick proof
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -50,6 +57,7 @@ from testing.scaleout import LOW, ScaleLab, replies_by_id  # noqa: E402
 from testing.simulator import running_simulator  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
+WARM = 200  # requests before each measurement
 
 
 def cpu_seconds(pid: int, children: bool = True) -> float:
@@ -89,6 +97,15 @@ def run(
         col = lab.collector()
         if not col.ready.wait(60):
             raise SystemExit("collector did not start")
+        # a warm-up, not measured, in every set-up: the first daemon takes every partition
+        # and gives the excess away once requests flow (Balancer); measured after that,
+        # the run holds no hand-over
+        warm = [(f"w{k}", lab.request(f"w{k}", sim.port + k, LOW)) for k in range(min(n, WARM))]
+        lab.publish(warm)
+        if not col.wait_ids({m for m, _ in warm}, timeout=120):
+            raise SystemExit("the warm-up got no replies")
+        if partitions:
+            lab.wait_balanced()
         reqs = [(f"b{k}", lab.request(f"b{k}", sim.port + k, LOW)) for k in range(n)]
         ids = {m for m, _ in reqs}
         nodes = [loadlib.find_listener_pid(n.port) for n in cluster.nodes]
@@ -118,6 +135,7 @@ def run(
         }
     finally:
         lab.stop_all()
+        lab.delete_queues()  # idle quorum queues cost the cluster CPU in the next set-up
 
 
 def main() -> int:
@@ -138,13 +156,19 @@ def main() -> int:
         help="requests/s of the second round, offered alike to every set-up (0: no second "
         "round; default 400, under the slowest set-up's saturated rate here)",
     )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="repetitions of the three set-ups in each round, interleaved (median reported)",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="d2a-scalebench-"))
     cluster = Cluster()
     t0 = time.monotonic()
     cluster.start()
     print(f"cluster started in {time.monotonic() - t0:.1f} s", flush=True)
-    results: dict[str, dict] = {}
+    results: dict[str, list[dict]] = {}
     try:
         # 10,000 ports do not fit the harness's default 20000..31000 beside the cluster's
         # ports (and RabbitMQ's 25672): search below the ephemeral range, as bench/load.py
@@ -153,29 +177,49 @@ def main() -> int:
             plan = [("direct", 1, 0), ("1 daemon", 1, args.P), ("2 daemons", 2, args.P)]
             rounds = [0.0] + ([args.rate] if args.rate > 0 else [])
             for rate in rounds:
-                for name, daemons, parts in plan:
-                    label = name if not rate else f"{name} @{rate:g}/s"
-                    results[label] = r = run(
-                        cluster, sim, args.N, daemons, parts, work / label, rate
-                    )
-                    print(
-                        f"{label:<18} {args.N} reads: {r['reads_per_s']:8.1f} reads/s, "
-                        f"{r['cpu_ms_per_read']:6.2f} ms CPU per read (masters "
-                        f"{r['master_ms_per_read']:.2f}; the 3 broker nodes "
-                        f"{r['cluster_ms_per_read']:.2f}) ({r['wall_s']:.1f} s)",
-                        flush=True,
-                    )
+                for k in range(args.repeat):
+                    for name, daemons, parts in plan:
+                        label = name if not rate else f"{name} @{rate:g}/s"
+                        r = run(cluster, sim, args.N, daemons, parts, work / f"{label}.{k}", rate)
+                        results.setdefault(label, []).append(r)
+                        print(
+                            f"{label:<18} #{k + 1} {args.N} reads: "
+                            f"{r['reads_per_s']:8.1f} reads/s, "
+                            f"{r['cpu_ms_per_read']:6.2f} ms CPU per read (masters "
+                            f"{r['master_ms_per_read']:.2f}; the 3 broker nodes "
+                            f"{r['cluster_ms_per_read']:.2f}) ({r['wall_s']:.1f} s)",
+                            flush=True,
+                        )
     finally:
         with contextlib.suppress(Exception):
             cluster.destroy()
+    summary: dict[str, Any] = {}
+    for label, runs in results.items():
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        print(
+            f"median {label:<18} {med['reads_per_s']:8.1f} reads/s, {med['cpu_ms_per_read']:.2f} "
+            f"ms CPU per read (masters {med['master_ms_per_read']:.2f}; the 3 broker nodes "
+            f"{med['cluster_ms_per_read']:.2f})"
+        )
     for rate in rounds:
         tail = "" if not rate else f" @{rate:g}/s"
         what = "as fast as each goes" if not rate else f"{rate:g} requests/s offered to each"
-        base = results["direct" + tail]["cpu_ms_per_read"]
+        base = [r["cpu_ms_per_read"] for r in results["direct" + tail]]
         for name in ("1 daemon", "2 daemons"):
-            extra = results[name + tail]["cpu_ms_per_read"] / base - 1
-            print(f"partition hop overhead, {name}, {what}: {100 * extra:+.1f} % CPU per read")
-    print(json.dumps({"meters": args.N, "partitions": args.P, **results}, indent=2))
+            runs = [r["cpu_ms_per_read"] for r in results[name + tail]]
+            extra = [100 * (c / b - 1) for c, b in zip(runs, base)]
+            summary[name + tail] = {"overhead_pct": extra, "median_pct": statistics.median(extra)}
+            each = ", ".join(f"{e:+.1f}" for e in extra)
+            print(
+                f"partition hop overhead, {name}, {what}: {statistics.median(extra):+.1f} % CPU "
+                f"per read (median; each repetition against its direct run: {each} %)"
+            )
+    print(
+        json.dumps(
+            {"meters": args.N, "partitions": args.P, "runs": results, "overhead": summary},
+            indent=2,
+        )
+    )
     return 0
 
 

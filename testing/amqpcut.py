@@ -11,9 +11,11 @@ the connection (closes both sockets) at the next commit:
 - ``"after"``: the ``tx.commit`` reaches the broker but its ``tx.commit-ok`` is not
   forwarded: the broker committed, the daemon does not know.
 
-Each connection gets two relay threads; frames are forwarded whole, so a cut falls between
-two frames.  Everything before the commit frame (the publishes and the ack of the
-transaction) is forwarded first.
+``arm(mode, routing_key)`` cuts only the commit of a transaction that published with that
+routing key (a reply to OutQueue, not a move of a request to its partition, which commits
+on the same channel).  Each connection gets two relay threads; frames are forwarded whole,
+so a cut falls between two frames.  Everything before the commit frame (the publishes and
+the ack of the transaction) is forwarded first.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ FRAME_METHOD = 1
 TX_CLASS = 90
 TX_COMMIT = 20
 TX_COMMIT_OK = 21
+BASIC_CLASS = 60
+BASIC_PUBLISH = 40
 
 
 class AmqpCut:
@@ -37,17 +41,24 @@ class AmqpCut:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.mode: Optional[str] = None  # armed: "before" | "after"
+        self.routing_key: Optional[str] = None  # armed for a transaction publishing to it
+        self.matched: set[int] = set()  # connections (id of their pair) whose open
+        #: transaction published with that key; "after": whose commit went to the broker
+        self.committed: set[int] = set()
         self.cuts: list[str] = []  # the modes of the cuts made
         self.lock = threading.Lock()
         self.socks: list[socket.socket] = []
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def arm(self, mode: str) -> None:
-        """Cut the next commit seen on any connection (once)."""
+    def arm(self, mode: str, routing_key: Optional[str] = None) -> None:
+        """Cut the next commit seen on any connection (once); with ``routing_key``, the next
+        commit of a transaction that published with that key."""
         assert mode in ("before", "after")
         with self.lock:
-            self.mode = mode
+            self.mode, self.routing_key = mode, routing_key
+            self.matched.clear()
+            self.committed.clear()
 
     def close(self) -> None:
         self.closed = True
@@ -101,7 +112,7 @@ class AmqpCut:
                         break
                     frame = bytes(buf[: 8 + size])
                     del buf[: 8 + size]
-                    if self._cut_here(frame, from_client):
+                    if self._cut_here(frame, from_client, id(pair)):
                         self._cut(pair)
                         return
                     dst.sendall(frame)
@@ -109,19 +120,34 @@ class AmqpCut:
             pass
         self._cut(pair)
 
-    def _cut_here(self, frame: bytes, from_client: bool) -> bool:
+    def _cut_here(self, frame: bytes, from_client: bool, conn: int) -> bool:
         if frame[0] != FRAME_METHOD or len(frame) < 11:
             return False
         cls, method = struct.unpack_from(">HH", frame, 7)
-        if cls != TX_CLASS:
-            return False
         with self.lock:
-            want = (TX_COMMIT, True) if self.mode == "before" else (TX_COMMIT_OK, False)
-            if self.mode is None or (method, from_client) != want:
+            if self.mode is None:
                 return False
-            self.cuts.append(self.mode)
-            self.mode = None
-            return True
+            if (cls, method, from_client) == (BASIC_CLASS, BASIC_PUBLISH, True):
+                if self.routing_key is not None and _publish_key(frame) == self.routing_key:
+                    self.matched.add(conn)
+                return False
+            if cls != TX_CLASS:
+                return False
+            wanted = self.routing_key is None or conn in self.matched
+            if method == TX_COMMIT and from_client:
+                self.matched.discard(conn)
+                if wanted and self.mode == "after":
+                    self.committed.add(conn)
+                cut = wanted and self.mode == "before"
+            elif method == TX_COMMIT_OK and not from_client:
+                cut = self.mode == "after" and (self.routing_key is None or conn in self.committed)
+                self.committed.discard(conn)
+            else:
+                return False
+            if cut:
+                self.cuts.append(self.mode)
+                self.mode = None
+            return cut
 
     def _cut(self, pair: tuple) -> None:
         for s in pair:
@@ -129,3 +155,10 @@ class AmqpCut:
                 s.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 s.close()
+
+
+def _publish_key(frame: bytes) -> str:
+    """The routing key of a basic.publish method frame (after reserved-1 and the exchange)."""
+    at = 13  # 7 bytes of frame header, class and method ids, the reserved short
+    at += 1 + frame[at]  # exchange (short string)
+    return frame[at + 1 : at + 1 + frame[at]].decode("utf-8", "replace")

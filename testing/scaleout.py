@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import time
 import uuid
 from pathlib import Path
@@ -136,6 +137,47 @@ class ScaleLab:
                 return
             time.sleep(0.3)
         raise AssertionError(f"{last} consumers on the partitions, expected {n}")
+
+    def wait_balanced(self, timeout: float = 60.0) -> list[float]:
+        """After some requests: until the first daemon has given away what is over its share.
+
+        The first daemon takes every partition; the others get theirs when it gives the
+        excess away (``Balancer``, every 2 s, once requests flow): a measurement started
+        before that would include hand-overs.  (A daemon counts a partition as active from
+        its first delivery on: those handed over show only once requests come.)  Returns
+        each daemon's ``partitions_active``.
+        """
+        share = math.ceil(self.partitions / max(1, len(self.daemons)))
+        deadline = time.monotonic() + timeout
+        active: list[float] = []
+        while len(self.daemons) > 1 and time.monotonic() < deadline:
+            active = [d.metric("dlms2amqp_partitions_active") for d in self.daemons]
+            given = sum(d.metric("dlms2amqp_partition_handovers_total") for d in self.daemons)
+            if max(active) <= share and given >= self.partitions - share:
+                return active
+            time.sleep(0.3)
+        if len(self.daemons) > 1:
+            raise AssertionError(f"partitions active per daemon {active}, share {share}")
+        return active
+
+    def delete_queues(self) -> list[str]:
+        """Delete every queue of this lab (names under its InQueue and OutQueue).
+
+        Each quorum queue is a Raft group on the 3 nodes that keeps ticking while idle: a
+        benchmark running set-ups one after the other would otherwise charge the later ones
+        with the earlier ones' queues.  Returns the names deleted.
+        """
+        cp = self.cluster.nodes[0].ctl("list_queues", "-q", "--no-table-headers", "name")
+        names = [
+            n
+            for n in (line.strip() for line in cp.stdout.splitlines())
+            if n == self.out_queue or n == self.in_queue or n.startswith(self.in_queue + ".")
+        ]
+        with contextlib.closing(self.cluster.connect()) as conn:
+            ch = conn.channel()
+            for name in names:
+                ch.queue_delete(name)
+        return names
 
     def stop_all(self) -> None:
         for d in self.daemons:

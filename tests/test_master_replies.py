@@ -483,3 +483,49 @@ def test_in_doubt_over_the_broker_limit_replays_the_reply_itself(master: Any) ->
     b.max_message_size = None
     [(_x, queue, msg, _props)] = make()
     assert queue == "in.p03" and msg == REQUEST + reply
+
+
+def test_confirm_tracker_multiple_ack_settles_up_to_its_tag_only() -> None:
+    import pika
+
+    from dlms2amqp.daemon.amqp import ConfirmTracker
+
+    t: ConfirmTracker[str] = ConfirmTracker()
+    for name in "abcde":
+        t.published("id-" + name, name)
+    t.on_return("id-b")
+    got = t.on_confirm(pika.spec.Basic.Ack(delivery_tag=3, multiple=True))
+    assert got == [("a", "ok"), ("b", "returned"), ("c", "ok")]
+    assert t.on_confirm(pika.spec.Basic.Nack(delivery_tag=5, multiple=False)) == [("e", "nacked")]
+    assert len(t) == 1  # d: not confirmed yet
+    assert t.on_confirm(pika.spec.Basic.Ack(delivery_tag=5, multiple=True)) == [("d", "ok")]
+    assert t.reset() == []
+
+
+def test_in_doubt_headers_on_inqueue_are_moved_not_settled(tmp_path: Path) -> None:
+    """InQueue is consumed on the tx channel with partitions; a sender's message with the
+    in-doubt headers there is a request to move like any other, never settled or dropped
+    (only daemons send those, into a partition)."""
+    import pika
+
+    from dlms2amqp.daemon import indoubt
+
+    cfg = build_config(
+        {"StateDir": str(tmp_path / "s"), "Workers": 1, "MetricsPort": 0, "Partitions": 2}
+    )
+    m = Master(cfg)
+    try:
+        b = ScriptedBroker(lambda _n, _t: "ok")
+        m.broker = b
+        moved: list[bytes] = []
+        assert m.mover is not None
+        m.mover.move = lambda d, props, body: moved.append(body)  # type: ignore[method-assign]
+        _x, _q, body, props = indoubt.message(
+            cfg.UserName, "in.p0", "client.q", REQUEST, "reply-1", b"{}"
+        )
+        m.committed[m.store.key_for("r1", REQUEST)] = None  # known: a partition would drop it
+        d = Delivery(1, 5, None, body, queue=cfg.InQueue, tx=True)
+        m.on_delivery(d, pika.spec.Basic.Deliver(delivery_tag=5), props, body)
+        assert moved == [body] and b.acked == [] and b.published == []
+    finally:
+        m.store.close()

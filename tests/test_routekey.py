@@ -115,6 +115,18 @@ class Metrics:
         self.requests_moved = Counter()
 
 
+class D(str):
+    """A delivery of the confirm channel, named for the asserts."""
+
+    tx = False
+
+
+class TxD(D):
+    """A delivery of the transactional channel (InQueue with partitions)."""
+
+    tx = True
+
+
 class Broker:
     """Records publishes; confirms them at once."""
 
@@ -164,13 +176,13 @@ def test_mover_resolves_a_name_before_publishing(tmp_path: Any) -> None:
     mover = partitions.Mover(
         _cfg(tmp_path), broker, Log(), metrics, lambda n, p, done: pending.append((n, p, done))
     )
-    mover.move("d1", Props(), _body("localhost"))
+    mover.move(D("d1"), Props(), _body("localhost"))
     assert broker.published == [] and [(n, p) for n, p, _ in pending] == [("localhost", 4059)]
     pending[0][2]("127.0.0.1")
     assert broker.published == [("rk.in.partitions", LOCAL)]
     assert broker.acked == ["d1"] and metrics.requests_moved.n == 1
     # a literal needs no lookup: same key at once
-    mover.move("d2", Props(), _body("127.000.000.001"))
+    mover.move(D("d2"), Props(), _body("127.000.000.001"))
     assert len(pending) == 1 and broker.published[-1] == ("rk.in.partitions", LOCAL)
 
 
@@ -180,15 +192,64 @@ def test_mover_unresolved_name_moved_by_name_and_void_delivery_dropped(tmp_path:
     mover = partitions.Mover(
         _cfg(tmp_path), broker, log, Metrics(), lambda n, p, done: pending.append(done)
     )
-    mover.move("d1", Props(), _body("nosuch.invalid"))
+    mover.move(D("d1"), Props(), _body("nosuch.invalid"))
     pending[0](MeterConnectionError("cannot resolve host name nosuch.invalid"))
     assert broker.published == [("rk.in.partitions", "tcp:nosuch.invalid:4059")]
     assert ("move_unresolved", {"host": "nosuch.invalid"}) in log.events
     # the channel went away while resolving: the broker redelivers it, nothing is published
-    mover.move("d2", Props(), _body("localhost"))
+    mover.move(D("d2"), Props(), _body("localhost"))
     broker.void.add("d2")
     pending[1]("127.0.0.1")
     assert len(broker.published) == 1 and broker.acked == ["d1"]
+
+
+class TxBroker(Broker):
+    """The transactional channel: publishes wait for ``commit()``, as do acks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[tuple[str, Any]] = []  # what the next commit carries
+        self.commits: list[list[str]] = []
+        self.returned: set[Any] = set()
+
+    def publish_ack(
+        self, d: Any, exchange: str, key: str, messages: Any, on_done: Any, ack: bool = True
+    ) -> bool:
+        assert not ack  # a move never acks in the commit of its publish
+        self.published.append((exchange, key))
+        self.open.append(("publish " + d, lambda: on_done({"m"} if d in self.returned else set())))
+        return True
+
+    def ack(self, d: Any) -> None:
+        self.open.append(("ack " + d, lambda: self.acked.append(d)))
+
+    def dead_letter(self, d: Any, body: bytes, reason: str, kind: str) -> None:
+        self.open.append(("dead-letter " + d, lambda: self.acked.append(d)))
+
+    def commit(self) -> None:
+        batch, self.open = self.open, []
+        self.commits.append([what for what, _ in batch])
+        for _what, done in batch:
+            done()
+
+
+def test_mover_on_the_tx_channel_acks_in_the_commit_after_its_publish(tmp_path: Any) -> None:
+    broker, metrics = TxBroker(), Metrics()
+    mover = partitions.Mover(_cfg(tmp_path), broker, Log(), metrics)
+    mover.move(TxD("d1"), Props(), _body("127.0.0.1"))
+    mover.move(TxD("d2"), Props(), _body("127.0.0.2"))
+    broker.commit()
+    assert broker.acked == [] and metrics.requests_moved.n == 2  # published, not acked yet
+    mover.move(TxD("d3"), Props(), _body("127.0.0.3"))
+    broker.returned.add("d3")  # no partition bound: returned before the commit-ok
+    broker.commit()
+    broker.commit()
+    assert broker.commits == [
+        ["publish d1", "publish d2"],
+        ["ack d1", "ack d2", "publish d3"],
+        ["dead-letter d3"],
+    ]
+    assert broker.acked == ["d1", "d2", "d3"] and metrics.requests_moved.n == 2
 
 
 def test_mover_with_the_async_resolver_and_its_cache(tmp_path: Any) -> None:
@@ -211,12 +272,12 @@ def test_mover_with_the_async_resolver_and_its_cache(tmp_path: Any) -> None:
     broker = Broker()
     mover = partitions.Mover(_cfg(tmp_path), broker, Log(), Metrics(), resolver.lookup)
     try:
-        mover.move("d1", Props(), _body("localhost"))
+        mover.move(D("d1"), Props(), _body("localhost"))
         assert posted.wait(10)
         assert broker.published == []  # not before the loop runs the answer
         callbacks.pop()()
-        mover.move("d2", Props(), _body("localhost"))  # cached: published at once
-        mover.move("d3", Props(), _body("127.0.0.1"))
+        mover.move(D("d2"), Props(), _body("localhost"))  # cached: published at once
+        mover.move(D("d3"), Props(), _body("127.0.0.1"))
     finally:
         resolver.close()
     assert calls == ["localhost"]

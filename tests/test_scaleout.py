@@ -322,7 +322,7 @@ def test_commit_in_doubt_is_settled_by_the_partition_owner(
         lab.wait_subscribed(2)
         col = lab.collector()
         assert col.ready.wait(30)
-        relay.arm(cut)
+        relay.arm(cut, lab.out_queue)  # the reply's commit, not the move's
         lab.publish([("doubt-1", lab.request("doubt-1", sim.port, LOW))])
         assert col.wait_ids({"doubt-1"}, timeout=60), col.error
         # the in-doubt message reaches the partition's owner, who settles it
@@ -354,6 +354,44 @@ def test_commit_in_doubt_is_settled_by_the_partition_owner(
             # partition's next owner - the same bytes, a duplicate at most
             assert readers == [first]
             assert [e["event"] for e in settled] == ["in_doubt_published"]
+        col.stop()
+    finally:
+        lab.stop_all()
+        relay.close()
+
+
+@pytest.mark.parametrize("cut", ["before", "after"])
+def test_move_commit_in_doubt_loses_no_request(
+    cluster: Cluster, tmp_path: Path, meters: tuple[Any, TcpProxy], cut: str
+) -> None:
+    """A request's move from InQueue to its partition publishes in one commit and acks in
+    the next.  The relay cuts the connection at the publish's commit (the broker rolls it
+    back) or at its commit-ok (committed, the daemon does not know): either way the ack was
+    not sent, InQueue redelivers the request, it is moved again, read once and answered;
+    a second copy in the partition gets the same bytes."""
+    sim, proxy = meters
+    lab = ScaleLab(cluster, tmp_path, proxy, partitions=1)
+    relay = AmqpCut(cluster.nodes[0].port)
+    try:
+        only = lab.start_daemon(Port=relay.port, ClusterHosts=[])
+        lab.wait_subscribed(1)
+        col = lab.collector()
+        assert col.ready.wait(30)
+        key = f"tcp:127.0.0.1:{lab.meter_port(sim.port)}"  # the move's routing key
+        relay.arm(cut, key)
+        lab.publish([("move-1", lab.request("move-1", sim.port, LOW))])
+        assert col.wait_ids({"move-1"}, timeout=60), col.error
+        time.sleep(2)  # a second reply (to a second copy of the move) would come by now
+        assert relay.cuts == [cut]
+        assert only.events("broker_connection_lost")
+        assert not only.events("commit_in_doubt")  # nothing to settle: the ack never went
+        replies = replies_by_id(col.snapshot(), lab.out_queue)["move-1"]
+        assert len({json.dumps(r, sort_keys=True) for r in replies}) == 1, replies
+        assert replies[0]["Status"] == "ok"
+        # rolled back: one copy; committed: the moved copy and the redelivered one's move
+        assert len(replies) == 1 if cut == "before" else 1 <= len(replies) <= 2, replies
+        reads = only.events("request")
+        assert len(reads) == 1, reads  # one meter session: a second copy is answered stored
         col.stop()
     finally:
         lab.stop_all()

@@ -281,7 +281,13 @@ class ConfirmTracker(Generic[T]):
         """Outcomes of a Basic.Ack/Basic.Nack: (payload, "ok" | "nacked" | "returned")."""
         ok = isinstance(method, pika.spec.Basic.Ack)
         if method.multiple:
-            seqs = [s for s in self.pending if s <= method.delivery_tag]
+            # published in order, kept in order (a dict keeps insertion order): the
+            # entries up to the tag are the first ones, no need to look at the rest
+            seqs = []
+            for s in self.pending:
+                if s > method.delivery_tag:
+                    break
+                seqs.append(s)
         else:
             seqs = [method.delivery_tag]
         out: list[tuple[T, str]] = []

@@ -14,9 +14,10 @@ up by a slow or silent broker.
 Delivery tags belong to one channel: each new channel starts a new *generation*, and a
 ``Delivery`` of an older one is void (the broker redelivers it; the reply store answers).
 
-With ``Partitions`` > 0 a second channel, in transaction mode, consumes the queues whose
-requests are read here (partitions, serial ports, expired serial requests): a reply and
-the ack of its request are one ``tx_commit`` (``publish_ack``), so a kill or a lost
+With ``Partitions`` > 0 a second channel, in transaction mode, consumes InQueue (each
+request moved to its partition: publish in one commit, ack in the next) and the queues
+whose requests are read here (partitions, serial ports, expired serial requests): a reply
+and the ack of its request are one ``tx_commit`` (``publish_ack``), so a kill or a lost
 connection never leaves a reply out with its request redelivered to another daemon.
 Both channels share one generation: either one closing closes the connection.
 
@@ -207,9 +208,11 @@ class Broker:
 
         Replies and the ack of their request go out on it and are committed together
         (``publish_ack``): a kill or a lost connection before the commit rolls both back
-        (the request is redelivered, nobody saw a reply), after it both hold.  Confirms
-        and transactions exclude each other on one channel, so the InQueue mover keeps
-        the confirm channel.
+        (the request is redelivered, nobody saw a reply), after it both hold.  InQueue
+        is consumed here too: a move publishes in one commit and acks in the next
+        (``publish_ack(ack=False)``, ``partitions.Mover``).  Confirms and transactions
+        exclude each other on one channel: dead letters, the presence queue and the
+        in-doubt messages keep the confirm channel.
         """
         if self.conn is None or not self.conn.is_open or self.stopping:
             return
@@ -261,10 +264,7 @@ class Broker:
 
     def _channel_for(self, queue: str) -> Any:
         """The channel a queue is consumed on: partitions' reads on the tx channel."""
-        if self.txch is not None and queue not in (
-            self.cfg.InQueue,
-            partitions.presence_queue(self.cfg),
-        ):
+        if self.txch is not None and queue != partitions.presence_queue(self.cfg):
             return self.txch
         return self.ch
 
@@ -275,9 +275,18 @@ class Broker:
         self.tx.reset()
         self.gen += 1
         self.tags = {}
-        self.consumer_tag = self.ch.basic_consume(
-            self.cfg.InQueue, self.guard(self._on_message), callback=self._on_consume_ok
-        )
+        if self.txch is None:
+            self.consumer_tag = self.ch.basic_consume(
+                self.cfg.InQueue, self.guard(self._on_message), callback=self._on_consume_ok
+            )
+        else:  # partitions: a move is a publish and an ack in one commit (partitions.Mover)
+            self.consumer_tag = f"tx{self.gen}.in"
+            self.txch.basic_consume(
+                self.cfg.InQueue,
+                self.guard(self._on_message),
+                consumer_tag=self.consumer_tag,
+                callback=self._on_consume_ok,
+            )
         self.tags[self.consumer_tag] = self.cfg.InQueue
         for q in partitions.consumed_queues(self.cfg)[1:]:
             self.consume_queue(q)
@@ -579,8 +588,14 @@ class Broker:
         messages: list[tuple[bytes, pika.BasicProperties]],
         on_done: Callable[[set[str]], None],
         in_doubt: Optional[Callable[[], list[tuple[str, str, bytes, Any]]]] = None,
+        ack: bool = True,
     ) -> bool:
         """Publish ``messages`` and ack ``d`` in one transaction of the tx channel.
+
+        ``ack`` False: only publish (in ``d``'s name); the caller acks ``d`` in a later
+        transaction, once ``on_done`` said this one committed (a request's move:
+        ``partitions.Mover``), so nothing goes in doubt - a commit that may have lost
+        the publish has not settled the ack.
 
         ``in_doubt``: makes what to publish, with confirms, on the next connection if this
         one closes while the commit is in flight (default: ``messages`` again; a reply
@@ -594,12 +609,16 @@ class Broker:
         """
         if not d.tx or not self.current(d):
             return False
-        self.unacked -= 1
-        self.metrics.in_flight.set(self.unacked)
+        if ack:
+            self.unacked -= 1
+            self.metrics.in_flight.set(self.unacked)
 
         def send(ch: Any) -> None:
             for body, props in messages:
                 ch.basic_publish(exchange, routing_key, body, props, mandatory=True)
+            if not ack:  # in doubt: the request is redelivered, as it is not acked
+                self.tx.add([(p.message_id, routing_key) for _b, p in messages], on_done)
+                return
             ch.basic_ack(d.tag)
             again = in_doubt or (lambda: [(exchange, routing_key, b, p) for b, p in messages])
             self.tx.add([(p.message_id, routing_key) for _b, p in messages], on_done, again)

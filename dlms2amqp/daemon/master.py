@@ -189,8 +189,14 @@ class Master:
         if method.redelivered:
             self.metrics.redeliveries.inc()
         # a commit in doubt (daemon/indoubt.py), read once; dropped at once when known here,
-        # even while stopping or handing the partition over (both would requeue it)
-        doubt = self._read_doubt(props, body) if d.tx and indoubt.is_in_doubt(props) else None
+        # even while stopping or handing the partition over (both would requeue it).  Only
+        # from the queues a daemon sends them to: InQueue is the senders' (its consumer is
+        # on the tx channel too) and the mover strips the headers
+        doubt = (
+            self._read_doubt(props, body)
+            if d.tx and d.queue != self.in_queue and indoubt.is_in_doubt(props)
+            else None
+        )
         if doubt is not None and doubt[0] is not None and self._drop_known(d, doubt[0]):
             return
         if self.stopping:

@@ -14,8 +14,9 @@ The pieces here, called from small hooks in ``broker`` and ``master``:
 - ``topology``/``describe``: what is declared (also shown by ``--check-config``);
 - ``key_of``/``route_of``/``routing_key``: the partition key of a request, the meter key
   its worker will use (a host name keyed by its resolved address);
-- ``Mover``: a delivery from InQueue is published to the exchange with a confirm, then
-  acked (at-least-once; the reply store absorbs a duplicate); a host name is resolved
+- ``Mover``: a delivery from InQueue (consumed on the transactional channel) is published
+  to the exchange in one commit and acked in the next (at-least-once; the reply store
+  absorbs a duplicate); a host name is resolved
   (the master's resolver, off the loop) before the publish;
 - ``Balancer``: single-active-consumer never moves a partition from a living consumer,
   so a daemon that holds more than its share (N / consumers, rounded up) gives partitions
@@ -259,7 +260,7 @@ def describe(cfg: Config) -> dict[str, Any]:
             f"{cfg.SerialPortWait:g} s to {expired_name(cfg)}, answered notok by any daemon",
         }
         out["Flow"] = (
-            f"{cfg.InQueue} -> (daemon, confirm then ack) -> {exchange_name(cfg)} -> "
+            f"{cfg.InQueue} -> (daemon: publish, commit, then ack) -> {exchange_name(cfg)} -> "
             "one partition per meter -> the one daemon active on it"
         )
     out["BrokerNodes"] = [f"{h}:{p}" for h, p in broker_addresses(cfg)]
@@ -542,7 +543,7 @@ class InQueueWatch:
 
 
 class Mover:
-    """InQueue -> partition exchange: publish with a confirm, then ack the original.
+    """InQueue -> partition exchange: publish, and once the broker has it, ack the original.
 
     A request for a host name is moved once ``lookup`` (the master's ``AsyncResolver``,
     off the loop, through its cache) resolved it, with the resolved address in the key,
@@ -627,6 +628,14 @@ class Mover:
                 )
 
     def _publish(self, d: Any, props: Any, body: bytes, key: str) -> None:
+        """Publish the request to its partition; ack it once the broker has it.
+
+        With partitions the daemon consumes InQueue on its transactional channel: the
+        publish goes in one commit, the ack in the next (``publish_ack(ack=False)``), so
+        a commit in doubt never holds an ack whose publish may be lost, and the acks of
+        many moves settle in one broker command.  (A delivery from the confirm channel -
+        none today - would take a confirm, then its ack.)
+        """
         exchange = serial_exchange(self.cfg) if key.startswith("serial:") else self.exchange
         out = moved_properties(props)
         if out.message_id is None:
@@ -648,7 +657,16 @@ class Mover:
                 self.log.warning("move_not_confirmed", kind=kind)
                 self.broker.requeue(d)
 
-        if not self.broker.publish(exchange, key, body, out, ok, failed):
+        def committed(returned: set[str]) -> None:
+            if returned:
+                failed("returned")
+            else:
+                ok()
+
+        if d.tx:
+            # False: the tag is void (channel gone): the broker redelivers the request
+            self.broker.publish_ack(d, exchange, key, [(body, out)], committed, ack=False)
+        elif not self.broker.publish(exchange, key, body, out, ok, failed):
             self.broker.requeue(d)
 
 
