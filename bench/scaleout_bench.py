@@ -7,7 +7,13 @@ one READ per meter three times over unique queues:
 
 - ``direct``: one daemon, Partitions 0 (the seed's path, the baseline);
 - ``1 daemon``: one daemon, Partitions P (every request makes the partition hop);
+- ``2 direct``: two daemons, Partitions 0, both consuming InQueue (safe here only because
+  every request reads a meter of its own: it is what scale-out prevents);
 - ``2 daemons``: two daemons, Partitions P.
+
+The hop of two daemons is compared with both: ``direct`` (what one host would cost) and
+``2 direct`` (the same load split over two process trees, without the hop: the hop alone;
+two processes at half the rate each pay their per-wake-up costs over fewer requests).
 
 For each it prints reads/s (first publish to last reply) and the CPU time per read of
 the daemons' processes (masters and workers, from /proc; the masters alone in brackets),
@@ -94,6 +100,12 @@ def run(
             started.append(lab.start_daemon(**over))
         if partitions:
             lab.wait_subscribed(daemons)
+        else:  # each start waited for a consumer on InQueue: the first one's, for the second
+            deadline = time.monotonic() + 60
+            while lab.consumers(lab.in_queue) < daemons:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"fewer than {daemons} consumers on {lab.in_queue}")
+                time.sleep(0.2)
         col = lab.collector()
         if not col.ready.wait(60):
             raise SystemExit("collector did not start")
@@ -174,7 +186,12 @@ def main() -> int:
         # ports (and RabbitMQ's 25672): search below the ephemeral range, as bench/load.py
         first = free_port_range(args.N, low=1025, high=32000)
         with running_simulator(args.N, "--procs", str(args.procs), port=first, timeout=300) as sim:
-            plan = [("direct", 1, 0), ("1 daemon", 1, args.P), ("2 daemons", 2, args.P)]
+            plan = [
+                ("direct", 1, 0),
+                ("1 daemon", 1, args.P),
+                ("2 direct", 2, 0),
+                ("2 daemons", 2, args.P),
+            ]
             rounds = [0.0] + ([args.rate] if args.rate > 0 else [])
             for rate in rounds:
                 for k in range(args.repeat):
@@ -204,15 +221,23 @@ def main() -> int:
     for rate in rounds:
         tail = "" if not rate else f" @{rate:g}/s"
         what = "as fast as each goes" if not rate else f"{rate:g} requests/s offered to each"
-        base = [r["cpu_ms_per_read"] for r in results["direct" + tail]]
-        for name in ("1 daemon", "2 daemons"):
+        for name, against in (
+            ("1 daemon", "direct"),
+            ("2 daemons", "direct"),
+            ("2 daemons", "2 direct"),
+        ):
+            base = [r["cpu_ms_per_read"] for r in results[against + tail]]
             runs = [r["cpu_ms_per_read"] for r in results[name + tail]]
             extra = [100 * (c / b - 1) for c, b in zip(runs, base)]
-            summary[name + tail] = {"overhead_pct": extra, "median_pct": statistics.median(extra)}
+            summary[f"{name} vs {against}{tail}"] = {
+                "overhead_pct": extra,
+                "median_pct": statistics.median(extra),
+            }
             each = ", ".join(f"{e:+.1f}" for e in extra)
             print(
-                f"partition hop overhead, {name}, {what}: {statistics.median(extra):+.1f} % CPU "
-                f"per read (median; each repetition against its direct run: {each} %)"
+                f"partition hop overhead, {name} vs {against}, {what}: "
+                f"{statistics.median(extra):+.1f} % CPU per read (median; each repetition "
+                f"against its {against} run: {each} %)"
             )
     print(
         json.dumps(
