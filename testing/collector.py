@@ -32,12 +32,25 @@ class AmqpClient:
         return pika.BlockingConnection(self.params_factory())
 
     def publish(
-        self, queue: str, bodies: list[tuple[str, bytes]], reply_to: str = "", rate: float = 0.0
+        self,
+        queue: str,
+        bodies: list[tuple[str, bytes]],
+        reply_to: str = "",
+        rate: float = 0.0,
+        routes: Optional[list[tuple[str, str]]] = None,
     ) -> None:
         """Publish persistent, mandatory, confirmed messages; raises if one is not confirmed.
 
-        ``rate``: messages per second (0: as fast as the confirms come back)."""
-        publish(self.params_factory(), queue, bodies, reply_to=reply_to or None, rate=rate)
+        ``rate``: messages per second (0: as fast as the confirms come back); ``routes``:
+        (exchange, routing key) of each message instead of ``queue``."""
+        publish(
+            self.params_factory(),
+            queue,
+            bodies,
+            reply_to=reply_to or None,
+            rate=rate,
+            routes=routes,
+        )
 
     def queue_depth(self, queue: str) -> tuple[int, int] | None:
         """(messages ready, consumers) of ``queue`` or None if it does not exist."""

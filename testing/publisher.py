@@ -35,9 +35,11 @@ class Publisher:
         rate: float = 0.0,
         reply_to: Optional[str] = None,
         headers: Optional[dict[str, Any]] = None,
+        routes: Optional[Sequence[tuple[str, str]]] = None,
     ):
         self.params = params
         self.queue = queue
+        self.routes = routes  # (exchange, routing key) of each message; default: to queue
         self.messages = messages
         self.on_sent = on_sent
         self.window = window
@@ -109,12 +111,13 @@ class Publisher:
                         )
                     return
             mid, body = self.messages[self.next]
+            exchange, key = self.routes[self.next] if self.routes else ("", self.queue)
             self.next += 1
             if self.on_sent is not None:
                 self.on_sent(mid, time.monotonic())
             self._ch.basic_publish(
-                "",
-                self.queue,
+                exchange,
+                key,
                 body,
                 pika.BasicProperties(
                     delivery_mode=2,
@@ -163,13 +166,16 @@ def publish(
     headers: Optional[dict[str, Any]] = None,
     timeout: float = 120.0,
     rate: float = 0.0,
+    routes: Optional[Sequence[tuple[str, str]]] = None,
 ) -> None:
     """Publish and wait until the broker confirmed every message; raises RuntimeError if not.
 
     ``rate``: messages per second (0: as fast as the confirms come back)."""
     if rate > 0:
         timeout += len(messages) / rate
-    p = Publisher(params, queue, messages, reply_to=reply_to, headers=headers, rate=rate).start()
+    p = Publisher(
+        params, queue, messages, reply_to=reply_to, headers=headers, rate=rate, routes=routes
+    ).start()
     p.thread.join(timeout)
     if p.thread.is_alive():
         p.abort()

@@ -209,8 +209,14 @@ class ScaleLab:
         c = Collector(self.client, [self.out_queue, self.in_queue + ".dead"]).start()
         return c
 
-    def publish(self, bodies: list[tuple[str, bytes]], rate: float = 0.0) -> None:
-        self.client.publish(self.in_queue, bodies, rate=rate)
+    def publish(
+        self,
+        bodies: list[tuple[str, bytes]],
+        rate: float = 0.0,
+        routes: Optional[list[tuple[str, str]]] = None,
+    ) -> None:
+        """To InQueue, or with ``routes`` (dlms2amqp-send's ``partition_routes``) to those."""
+        self.client.publish(self.in_queue, bodies, rate=rate, routes=routes)
 
 
 def replies_by_id(items: list[Any], out_queue: str) -> dict[str, list[dict]]:

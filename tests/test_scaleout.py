@@ -398,6 +398,50 @@ def test_move_commit_in_doubt_loses_no_request(
         relay.close()
 
 
+def test_send_publishes_straight_to_the_partition_exchange(
+    cluster: Cluster, tmp_path: Path, meters: tuple[Any, TcpProxy]
+) -> None:
+    """dlms2amqp-send with Partitions: each request goes to the exchange, keyed as the
+    mover keys it (a host name resolved first), so the daemon moves none; ``--inqueue``
+    sends them to InQueue, and the daemon moves them."""
+    sim, proxy = meters
+    lab = ScaleLab(cluster, tmp_path, proxy, partitions=2)
+    try:
+        daemon = lab.start_daemon()
+        lab.wait_subscribed(1)
+        col = lab.collector()
+        assert col.ready.wait(30)
+        cfg = lab.daemon_config(9)
+        cfgfile = tmp_path / "send.json"
+        cfgfile.write_text(json.dumps(cfg))
+        files = []
+        for k, host in enumerate(["127.0.0.1", "localhost", "127.0.0.1"]):
+            f = tmp_path / f"r{k}.json"
+            f.write_bytes(lab.request(f"send-{k}", sim.port + k, LOW, host=host))
+            files.append(str(f))
+        send = [sys.executable, "-m", "dlms2amqp.cli.send", "-c", str(cfgfile)]
+        cp = subprocess.run(send + files, capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert cp.returncode == 0, cp.stderr
+        assert f"3 sent to {lab.in_queue}.partitions" in cp.stderr
+        assert col.wait_ids({"send-0", "send-1", "send-2"}, timeout=60), col.error
+        assert daemon.metric("dlms2amqp_requests_moved_total") == 0
+        # the same meters again, through InQueue: now the daemon moves them
+        for k, f in enumerate(files):
+            Path(f).write_bytes(lab.request(f"again-{k}", sim.port + k, LOW))
+        cp = subprocess.run(
+            send + ["--inqueue", *files], capture_output=True, text=True, cwd=ROOT, timeout=60
+        )
+        assert cp.returncode == 0 and f"3 sent to {lab.in_queue}," in cp.stderr, cp.stderr
+        assert col.wait_ids({"again-0", "again-1", "again-2"}, timeout=60), col.error
+        assert daemon.metric("dlms2amqp_requests_moved_total") == 3
+        got = replies_by_id(col.snapshot(), lab.out_queue)
+        assert all(r[0]["Status"] == "ok" for r in got.values()), got
+        assert all(s.max_open <= 1 for s in proxy.stats.values())
+        col.stop()
+    finally:
+        lab.stop_all()
+
+
 def test_check_config_shows_topology(tmp_path: Path) -> None:
     cfgfile = tmp_path / "c.json"
     cfgfile.write_text(json.dumps({"Partitions": 3, "InQueue": "IN", "ClusterHosts": ["b:5673"]}))

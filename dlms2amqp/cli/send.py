@@ -4,6 +4,11 @@
 The proof of concept opened one connection per file; here all files go over one
 connection with pipelined publisher confirms, so 10,000 files take seconds.  A file that
 is not a valid request is reported with its name and reason and not sent.
+
+With ``Partitions`` > 0 in the configuration the requests go straight to the partition
+exchange, keyed as a daemon's mover keys them (``partitions.route_of``, host names
+resolved here), which saves the daemons the move from InQueue; ``--inqueue`` sends them
+to InQueue all the same, and so does a broker where no daemon declared the exchange yet.
 """
 
 from __future__ import annotations
@@ -12,10 +17,14 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from ..daemon import amqp
-from ..errors import BrokerError, ConfigError, GatewayError
+import pika.exceptions as pex
+
+from ..config import Config
+from ..daemon import amqp, partitions
+from ..errors import BrokerError, ConfigError, GatewayError, MeterConnectionError
+from ..meter import targets
 from .common import (
     EXIT_CONFIG,
     EXIT_NOTOK,
@@ -64,6 +73,47 @@ def collect(names: list[str], max_bytes: int) -> tuple[list[tuple[str, bytes]], 
     return good, errors
 
 
+def _exchange_exists(conn: Any, cfg: Config) -> bool:
+    """The partition exchange is declared (a daemon with Partitions ran on this broker)."""
+    ch = conn.channel()
+    try:
+        ch.exchange_declare(partitions.exchange_name(cfg), passive=True)
+    except pex.ChannelClosedByBroker as e:
+        if e.reply_code == 404:
+            return False
+        raise amqp.broker_error(cfg, e) from e
+    ch.close()
+    return True
+
+
+def partition_routes(cfg: Config, good: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
+    """(exchange, routing key) of each request, as a daemon's mover would route it.
+
+    A host name is resolved here (once per name) so that ``-h localhost`` and
+    ``-h 127.0.0.1`` land in one partition; a name that does not resolve is keyed by the
+    name, as the mover does (the daemon that reads it answers notok).
+    """
+    resolver = targets.Resolver()
+    out = []
+    for _name, body in good:
+        target = partitions.target_of(body, cfg.MaxBodyBytes)
+        if isinstance(target, str):
+            key = target
+        else:
+            address = None
+            if targets.needs_lookup(target):
+                assert target.host is not None and target.port is not None
+                try:
+                    address = resolver.resolve(target.host, target.port)
+                except MeterConnectionError:
+                    address = None
+            key = partitions.key_of(target, address)
+        serial = key.startswith("serial:")
+        exchange = partitions.serial_exchange(cfg) if serial else partitions.exchange_name(cfg)
+        out.append((exchange, key))
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="dlms2amqp-send",
@@ -72,6 +122,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_config_option(p)
     p.add_argument("files", nargs="+", metavar="FILE", help="request files, or - for stdin")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, errors only")
+    p.add_argument(
+        "--inqueue",
+        action="store_true",
+        help="with Partitions > 0: send to InQueue (the daemons move each request to its "
+        "partition) instead of straight to the partition exchange",
+    )
     args = p.parse_args(argv)
     cfg = load_or_report("dlms2amqp-send", args.config)
     if cfg is None:
@@ -92,11 +148,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"\rdlms2amqp-send: {done}/{total} confirmed", end=end, file=sys.stderr)
 
     sent = 0
+    where, routes = cfg.InQueue, None
     if good:
         try:
             conn = amqp.connect(cfg)
             try:
                 amqp.declare_queue(conn, cfg, cfg.InQueue, amqp.queue_arguments(cfg))
+                if cfg.Partitions > 0 and not args.inqueue and _exchange_exists(conn, cfg):
+                    where, routes = partitions.exchange_name(cfg), partition_routes(cfg, good)
             finally:
                 conn.close()
         except ConfigError as e:
@@ -105,7 +164,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         except BrokerError as e:
             print(f"dlms2amqp-send: {e}; nothing was sent", file=sys.stderr)
             return EXIT_UNAVAILABLE
-        pub = amqp.PipelinedPublisher(cfg, cfg.InQueue, good, on_progress=progress)
+        pub = amqp.PipelinedPublisher(cfg, cfg.InQueue, good, on_progress=progress, routes=routes)
         try:
             pub.run()
         except BrokerError as e:
@@ -121,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         errors.extend(pub.failed.values())
     if not args.quiet:
         print(
-            f"dlms2amqp-send: {sent} sent to {cfg.InQueue}, {len(errors)} not sent, "
+            f"dlms2amqp-send: {sent} sent to {where}, {len(errors)} not sent, "
             f"{time.monotonic() - t0:.2f} s",
             file=sys.stderr,
         )

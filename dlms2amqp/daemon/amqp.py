@@ -421,10 +421,13 @@ class PipelinedPublisher:
         messages: list[tuple[str, bytes]],
         window: int = 256,
         on_progress: Optional[Any] = None,
+        routes: Optional[list[tuple[str, str]]] = None,
     ):
         self.cfg = cfg
         self.queue = queue
         self.messages = messages  # (name, body)
+        #: (exchange, routing key) of each message; default: the default exchange to queue
+        self.routes = routes
         self.window = window
         self.on_progress = on_progress
         self.next = 0
@@ -480,7 +483,8 @@ class PipelinedPublisher:
             props = pika.BasicProperties(
                 content_type=JSON, delivery_mode=PERSISTENT, message_id=mid
             )
-            self._ch.basic_publish("", self.queue, self.messages[i][1], props, mandatory=True)
+            exchange, key = self.routes[i] if self.routes is not None else ("", self.queue)
+            self._ch.basic_publish(exchange, key, self.messages[i][1], props, mandatory=True)
             self.confirms.published(mid, i)
         if self.next >= len(self.messages) and not self.confirms:
             self._conn.close()
@@ -489,6 +493,9 @@ class PipelinedPublisher:
         for i, outcome in self.confirms.on_confirm(frame.method):
             if outcome == "nacked":
                 self.failed[i] = "refused by the broker (nack)"
+            elif outcome == "returned" and self.routes is not None:
+                exchange, key = self.routes[i]
+                self.failed[i] = f"no queue bound to exchange {exchange} for {key} (returned)"
             elif outcome == "returned":
                 self.failed[i] = f"queue {self.queue} does not exist (returned)"
             else:
