@@ -282,3 +282,25 @@ def test_mover_with_the_async_resolver_and_its_cache(tmp_path: Any) -> None:
         resolver.close()
     assert calls == ["localhost"]
     assert broker.published == [("rk.in.partitions", LOCAL)] * 3
+
+
+def test_send_routes_as_the_mover_does(tmp_path: Any) -> None:
+    """dlms2amqp-send's straight-to-the-exchange keys are the mover's: a host name
+    resolved, a serial port to the serial exchange, a body that is no request keyed by
+    its hash."""
+    from dlms2amqp.cli.send import partition_routes
+
+    cfg = _cfg(tmp_path)
+    serial = json.dumps(
+        {"MsgID": "s", "Cmd": "READ", "ConnectionString": "-S /dev/ttyUSB0 -i HDLC"}
+    ).encode()
+    bodies = [_body("localhost"), _body("127.0.0.1", 4061), serial, b"{not json"]
+    broker = Broker()
+    mover = partitions.Mover(cfg, broker, Log(), Metrics(), lambda n, p, done: done("127.0.0.1"))
+    for k, body in enumerate(bodies):
+        mover.move(D(f"d{k}"), Props(), body)
+    sent = partition_routes(cfg, [(f"f{k}", b) for k, b in enumerate(bodies)])
+    assert sent == broker.published
+    assert sent[0] == ("rk.in.partitions", LOCAL)
+    assert sent[2] == ("rk.in.serial", "serial:/dev/ttyUSB0")
+    assert sent[3][1].startswith("invalid:")

@@ -213,3 +213,51 @@ def test_broker_errors_in_words_not_exception_names() -> None:
     assert refused.endswith("connection refused: nothing listens there; check HostName and Port")
     for text in (dns, refused):
         assert "Error" not in text and "BrokerCanary42" not in text
+
+
+def test_send_with_partitions_falls_back_to_inqueue(tmp_path: Path, broker: Broker) -> None:
+    """With Partitions the requests go straight to the partition exchange, but only where
+    daemons serve it (a consumer on the presence queue), and not for a broker user who may
+    write to InQueue only (403): there they go to InQueue, which the daemons move from."""
+    cfg = daemon_config(tmp_path, broker, Partitions=2)
+    inq = cfg["InQueue"]
+    f = tmp_path / "req.json"
+    f.write_text(json.dumps(request("p1")))
+    # no daemon ever ran: no exchange -> InQueue
+    cp = run("send", "-c", str(write_config(tmp_path, cfg)), str(f))
+    assert cp.returncode == 0, cp.stderr
+    assert f"1 sent to {inq}," in cp.stderr.decode()
+    # an exchange and a presence queue with a consumer, as a daemon leaves them (a direct
+    # exchange stands for the consistent-hash one here), and a sender allowed InQueue only
+    conn = broker.connection()
+    ch = conn.channel()
+    ch.exchange_declare(inq + ".partitions", "direct", durable=True)
+    broker.exchanges.append(inq + ".partitions")
+    ch.queue_declare(inq + ".daemons", durable=True)
+    broker.created.append(inq + ".daemons")
+    ch.basic_consume(inq + ".daemons", lambda *_a: None)
+    user = "d2a-sender-" + inq.split(".")[1]
+    ctl = ["rabbitmqctl", "-q"]
+    subprocess.run([*ctl, "add_user", user, "SenderPw55"], check=True, capture_output=True)
+    try:
+        name = inq.replace(".", r"\.")
+        perms = [f"^{name}(\\.daemons|\\.partitions)?$", f"^({name}|amq\\.default)$", "^$"]
+        subprocess.run([*ctl, "set_permissions", "-p", "/", user, *perms], check=True)
+        restricted = write_config(
+            tmp_path, {**cfg, "UserName": user, "Password": "", "PasswordEnv": "D2A_SENDER_PW"}
+        )
+        cp = subprocess.run(
+            [sys.executable, "-m", "dlms2amqp.cli.send", "-c", str(restricted), str(f)],
+            capture_output=True,
+            timeout=60,
+            cwd=ROOT,
+            env={**os.environ, "D2A_SENDER_PW": "SenderPw55"},
+        )
+        err = cp.stderr.decode()
+        assert cp.returncode == 0, err
+        assert "403" in err and f"sending to {inq} instead" in err and "SenderPw55" not in err
+        assert f"1 sent to {inq}," in err
+        assert broker.count(inq) == 2  # both sends are in InQueue, for the daemons to move
+    finally:
+        subprocess.run([*ctl, "delete_user", user], capture_output=True)
+        conn.close()

@@ -7,13 +7,15 @@ is not a valid request is reported with its name and reason and not sent.
 
 With ``Partitions`` > 0 in the configuration the requests go straight to the partition
 exchange, keyed as a daemon's mover keys them (``partitions.route_of``, host names
-resolved here), which saves the daemons the move from InQueue; ``--inqueue`` sends them
-to InQueue all the same, and so does a broker where no daemon declared the exchange yet.
+resolved here), which saves the daemons the move from InQueue.  Only while daemons with
+partitions serve the broker (a consumer on the presence queue): else, with ``--inqueue``,
+or when the broker refuses this user to write to the exchange (403), to InQueue.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -73,17 +75,41 @@ def collect(names: list[str], max_bytes: int) -> tuple[list[tuple[str, bytes]], 
     return good, errors
 
 
-def _exchange_exists(conn: Any, cfg: Config) -> bool:
-    """The partition exchange is declared (a daemon with Partitions ran on this broker)."""
-    ch = conn.channel()
+def _partitions_served(conn: Any, cfg: Config) -> bool:
+    """A daemon with Partitions serves this broker now: the partition exchange exists and
+    the presence queue has a consumer (every such daemon holds one).  Exchange and queues
+    are durable: left behind by daemons gone back to Partitions 0 (or by a sender whose
+    configuration disagrees with the daemons'), they would keep requests nobody reads."""
+    for declare in (
+        lambda ch: ch.exchange_declare(partitions.exchange_name(cfg), passive=True),
+        lambda ch: ch.queue_declare(partitions.presence_queue(cfg), passive=True),
+    ):
+        try:
+            ch = conn.channel()
+            ok = declare(ch)
+        except pex.ChannelClosedByBroker as e:
+            if e.reply_code == 404:
+                return False
+            raise amqp.broker_error(cfg, e) from e
+        except amqp.CONNECTION_ERRORS as e:
+            raise amqp.broker_error(cfg, e) from e
+        with contextlib.suppress(*amqp.CONNECTION_ERRORS):
+            ch.close()
+    return int(ok.method.consumer_count) > 0
+
+
+def _send(
+    cfg: Config,
+    good: list[tuple[str, bytes]],
+    progress: Any,
+    routes: Optional[list[tuple[str, str]]],
+) -> tuple[amqp.PipelinedPublisher, Optional[BrokerError]]:
+    pub = amqp.PipelinedPublisher(cfg, cfg.InQueue, good, on_progress=progress, routes=routes)
     try:
-        ch.exchange_declare(partitions.exchange_name(cfg), passive=True)
-    except pex.ChannelClosedByBroker as e:
-        if e.reply_code == 404:
-            return False
-        raise amqp.broker_error(cfg, e) from e
-    ch.close()
-    return True
+        pub.run()
+    except BrokerError as e:
+        return pub, e
+    return pub, None
 
 
 def partition_routes(cfg: Config, good: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
@@ -150,26 +176,36 @@ def main(argv: Optional[list[str]] = None) -> int:
     sent = 0
     where, routes = cfg.InQueue, None
     if good:
+        straight = False
         try:
             conn = amqp.connect(cfg)
             try:
                 amqp.declare_queue(conn, cfg, cfg.InQueue, amqp.queue_arguments(cfg))
-                if cfg.Partitions > 0 and not args.inqueue and _exchange_exists(conn, cfg):
-                    where, routes = partitions.exchange_name(cfg), partition_routes(cfg, good)
+                straight = cfg.Partitions > 0 and not args.inqueue and _partitions_served(conn, cfg)
             finally:
-                conn.close()
+                with contextlib.suppress(*amqp.CONNECTION_ERRORS):
+                    conn.close()
         except ConfigError as e:
             print(f"dlms2amqp-send: {e}", file=sys.stderr)
             return EXIT_CONFIG
         except BrokerError as e:
             print(f"dlms2amqp-send: {e}; nothing was sent", file=sys.stderr)
             return EXIT_UNAVAILABLE
-        pub = amqp.PipelinedPublisher(cfg, cfg.InQueue, good, on_progress=progress, routes=routes)
-        try:
-            pub.run()
-        except BrokerError as e:
+        if straight:  # host names resolved with no connection open (no heartbeat to miss)
+            where, routes = partitions.exchange_name(cfg), partition_routes(cfg, good)
+        pub, err = _send(cfg, good, progress, routes)
+        if err is not None and routes is not None and pub.refused and not pub.confirmed:
+            # the sender's broker user may write to InQueue only: the daemons move them
             print(
-                f"dlms2amqp-send: {e}; {len(pub.confirmed)} of {len(good)} were confirmed "
+                f"dlms2amqp-send: {err}; sending to {cfg.InQueue} instead (allow this user "
+                f"to write to {where}, or use --inqueue)",
+                file=sys.stderr,
+            )
+            where = cfg.InQueue
+            pub, err = _send(cfg, good, progress, None)
+        if err is not None:
+            print(
+                f"dlms2amqp-send: {err}; {len(pub.confirmed)} of {len(good)} were confirmed "
                 "before the failure, the others may or may not have been sent",
                 file=sys.stderr,
             )

@@ -435,6 +435,7 @@ class PipelinedPublisher:
         self.confirmed: list[int] = []
         self.failed: dict[int, str] = {}  # message index -> reason
         self.error: Optional[BrokerError] = None
+        self.refused = False  # the broker closed the channel with 403 (access refused)
         self._conn: Any = None
         self._ch: Any = None
 
@@ -472,6 +473,7 @@ class PipelinedPublisher:
     def _on_channel_closed(self, _ch: Any, reason: BaseException) -> None:
         if self.error is None and (self.next < len(self.messages) or self.confirms):
             self.error = broker_error(self.cfg, reason)
+            self.refused = getattr(reason, "reply_code", None) == 403
         if self._conn.is_open:
             self._conn.close()
 

@@ -211,8 +211,9 @@ class Broker:
         (the request is redelivered, nobody saw a reply), after it both hold.  InQueue
         is consumed here too: a move publishes in one commit and acks in the next
         (``publish_ack(ack=False)``, ``partitions.Mover``).  Confirms and transactions
-        exclude each other on one channel: dead letters, the presence queue and the
-        in-doubt messages keep the confirm channel.
+        exclude each other on one channel: the presence queue, the in-doubt messages and
+        the dead letters of a request already acked (``dead_letter_body``) keep the
+        confirm channel; a delivery of this channel is dead-lettered on it.
         """
         if self.conn is None or not self.conn.is_open or self.stopping:
             return
@@ -665,7 +666,13 @@ class Broker:
         self.tx.flushing = True
         try:
             for op in backlog:
-                op()
+                try:
+                    op()
+                except amqp.CONNECTION_ERRORS:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the callbacks below must still run:
+                    # they ack the moves this commit published (else stuck until reconnect)
+                    self.log.exception("commit_backlog_failed", error=type(e).__name__)
             for on_done, returned in done:
                 try:
                     on_done(returned)
@@ -843,7 +850,11 @@ class Broker:
                     else:
                         ch.basic_cancel(tag)
             elif self.consumer_tag:
-                self.ch.basic_cancel(self.consumer_tag)
+                ch = self._channel_for(self.cfg.InQueue)
+                if ch is self.txch:
+                    self._on_tx(partial(ch.basic_cancel, self.consumer_tag))
+                else:
+                    ch.basic_cancel(self.consumer_tag)
 
     def close(self, requeue: list[Delivery]) -> None:
         """Requeue what is left, close the connection; the loop stops once it is closed."""
