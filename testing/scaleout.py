@@ -124,7 +124,15 @@ class ScaleLab:
         self.daemons.append(d)
         d.start()
         if wait:
-            d.wait_consuming(self.consumers, self.in_queue, timeout=90)
+            # its own "consuming", not a consumer on InQueue: the others' would do for a
+            # daemon that has exited meanwhile (a config error, say)
+            deadline = time.monotonic() + 90
+            while not d.events("consuming"):
+                if not d.alive():
+                    raise AssertionError(f"daemon d{i} exited:\n{d.output(40)[-6000:]}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"daemon d{i} not consuming after 90 s")
+                time.sleep(0.2)
         return d
 
     def wait_subscribed(self, n: int, timeout: float = 60.0) -> None:
