@@ -129,14 +129,10 @@ def partition_routes(cfg: Config, good: list[tuple[str, bytes]]) -> list[tuple[s
             address = None
             if targets.needs_lookup(target):
                 assert target.host is not None and target.port is not None
-                try:
+                with contextlib.suppress(MeterConnectionError):
                     address = resolver.resolve(target.host, target.port)
-                except MeterConnectionError:
-                    address = None
             key = partitions.key_of(target, address)
-        serial = key.startswith("serial:")
-        exchange = partitions.serial_exchange(cfg) if serial else partitions.exchange_name(cfg)
-        out.append((exchange, key))
+        out.append((partitions.exchange_for(cfg, key), key))
     return out
 
 

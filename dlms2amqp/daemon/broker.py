@@ -617,12 +617,13 @@ class Broker:
         def send(ch: Any) -> None:
             for body, props in messages:
                 ch.basic_publish(exchange, routing_key, body, props, mandatory=True)
+            sent = [(p.message_id, routing_key) for _b, p in messages]
             if not ack:  # in doubt: the request is redelivered, as it is not acked
-                self.tx.add([(p.message_id, routing_key) for _b, p in messages], on_done)
+                self.tx.add(sent, on_done)
                 return
             ch.basic_ack(d.tag)
             again = in_doubt or (lambda: [(exchange, routing_key, b, p) for b, p in messages])
-            self.tx.add([(p.message_id, routing_key) for _b, p in messages], on_done, again)
+            self.tx.add(sent, on_done, again)
 
         self._on_tx(lambda: self._tx_send(d, send))
         return True
@@ -842,19 +843,15 @@ class Broker:
             self.ioloop.remove_timeout(self.reconnect_timer)
             self.reconnect_timer = None
         if self.ch is not None:
-            if self.tags:
-                for tag, queue in list(self.tags.items()):
-                    ch = self._channel_for(queue)
-                    if ch is self.txch:
-                        self._on_tx(partial(ch.basic_cancel, tag))
-                    else:
-                        ch.basic_cancel(tag)
-            elif self.consumer_tag:
-                ch = self._channel_for(self.cfg.InQueue)
+            consumers = list(self.tags.items())
+            if not consumers and self.consumer_tag:
+                consumers = [(self.consumer_tag, self.cfg.InQueue)]
+            for tag, queue in consumers:
+                ch = self._channel_for(queue)
                 if ch is self.txch:
-                    self._on_tx(partial(ch.basic_cancel, self.consumer_tag))
+                    self._on_tx(partial(ch.basic_cancel, tag))
                 else:
-                    ch.basic_cancel(self.consumer_tag)
+                    ch.basic_cancel(tag)
 
     def close(self, requeue: list[Delivery]) -> None:
         """Requeue what is left, close the connection; the loop stops once it is closed."""

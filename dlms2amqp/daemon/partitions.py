@@ -282,6 +282,11 @@ def pick_address(cfg: Config, failures: int) -> tuple[str, int]:
     return nodes[failures % len(nodes)]
 
 
+def exchange_for(cfg: Config, key: str) -> str:
+    """Where a request with this routing key goes: serial ports to their owner's exchange."""
+    return serial_exchange(cfg) if key.startswith("serial:") else exchange_name(cfg)
+
+
 def routing_key(meter_key: str) -> str:
     """The meter key as routing key (a short string: a very long one is hashed)."""
     if len(meter_key.encode()) <= 255:
@@ -636,7 +641,7 @@ class Mover:
         many moves settle in one broker command.  (A delivery from the confirm channel -
         none today - would take a confirm, then its ack.)
         """
-        exchange = serial_exchange(self.cfg) if key.startswith("serial:") else self.exchange
+        exchange = exchange_for(self.cfg, key)
         out = moved_properties(props)
         if out.message_id is None:
             out.message_id = "moved-" + hashlib.sha256(body).hexdigest()[:24]
